@@ -1,0 +1,248 @@
+"""The ``lesionlocator`` command.
+
+``lesionlocator segment`` takes the same flags, inputs and output names as
+upstream's ``LesionLocator_segment`` (so switching is a change of command name),
+plus ``--world`` (our LPS world-coordinate prompt JSON), ``--save-probabilities``
+and ``--device auto``. ``lesionlocator prompts`` turns label images into prompt
+JSON like upstream's ``LesionLocator_create_prompt_json``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def _strip_ending(name: str) -> str:
+    for e in IMAGE_ENDINGS + (".json",):
+        if name.endswith(e):
+            return name[: -len(e)]
+    return name
+
+
+def _list_images(folder: Path) -> list:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(IMAGE_ENDINGS))
+
+
+class UsageError(ValueError):
+    """A command line that cannot be run (mismatched inputs, missing files)."""
+
+
+def pair_inputs(image_arg: str, prompt_arg: str) -> list:
+    """(image path, prompt path) pairs: one file each, or two folders matched by name."""
+    img, prm = Path(image_arg), Path(prompt_arg)
+    if not img.exists():
+        raise FileNotFoundError(f"input not found: {img}")
+    if not prm.exists():
+        raise FileNotFoundError(f"prompt not found: {prm}")
+    if img.is_file():
+        if prm.is_dir():
+            raise UsageError("if -i is a file then -p must be a file too, not a folder")
+        return [(img, prm)]
+    if not prm.is_dir():
+        raise UsageError("if -i is a folder then -p must be a folder of prompts named like the images")
+    images = {_strip_ending(p.name): p for p in _list_images(img)}
+    if not images:
+        raise UsageError(f"no images ({', '.join(IMAGE_ENDINGS)}) in {img}")
+    prompts = {_strip_ending(p.name): p for p in sorted(prm.iterdir())
+               if p.is_file() and p.name.endswith(IMAGE_ENDINGS + (".json",))}
+    orphans = sorted(set(prompts) - set(images))
+    if orphans:
+        raise UsageError(f"prompt file(s) with no image of the same name in {img}: "
+                         + ", ".join(prompts[o].name for o in orphans))
+    missing = sorted(set(images) - set(prompts))
+    if missing:
+        raise UsageError(f"image(s) with no prompt file of the same name in {prm}: "
+                         + ", ".join(images[m].name for m in missing))
+    return [(images[k], prompts[k]) for k in sorted(images)]
+
+
+def load_prompts(path: Path, prompt_type: str, world: bool):
+    """Prompts from a JSON file, or derived from a label image (instance or binary)."""
+    from .image import read_image
+    from .prompts import prompts_from_labels, read_prompt_file
+
+    if path.name.endswith(".json"):
+        return read_prompt_file(path, world=world or None)
+    labels = read_image(path).array
+    label_type = "semantic" if set(np.unique(labels)) <= {0, 1} else "instance"
+    return prompts_from_labels(labels, prompt_type, label_type)
+
+
+def _progress_bar(enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, desc=desc, disable=not enabled, unit="%", leave=False)
+
+    def update(fraction: float, message: str) -> None:
+        bar.n = int(round(100 * fraction))
+        bar.set_postfix_str(message)
+        bar.refresh()
+    return bar, update
+
+
+def cmd_segment(args) -> int:
+    from .image import read_image, write_image
+    from .model import load_model
+    from .predict import segment
+
+    pairs = pair_inputs(args.i, args.p)
+    out = Path(args.o)
+    out.mkdir(parents=True, exist_ok=True)
+    folds = None if args.f is None else [f if f == "all" else int(f) for f in args.f]
+    tta = False if args.disable_tta else (True if args.enable_tta else None)
+    model = load_model(_resolve_model(args.m), args.t, folds=folds, device=args.device, tta=tta)
+    print(f"model: {model.folder} (folds {model.folds}, device {model.device}, "
+          f"test-time mirroring {'on' if model.use_tta else 'off'})", file=sys.stderr)
+    for image_path, prompt_path in pairs:
+        case = _strip_ending(image_path.name)
+        ending = next(e for e in IMAGE_ENDINGS if image_path.name.endswith(e))
+        final = out / f"{case}_lesions{ending}"
+        if args.continue_prediction and final.exists():
+            print(f"{case}: already predicted, skipping (--continue_prediction)", file=sys.stderr)
+            continue
+        image = read_image(image_path)
+        prompts = load_prompts(prompt_path, args.t, args.world)
+        bar, update = _progress_bar(not args.disable_progress_bar, case)
+        try:
+            result = segment(image, prompts, model, progress=update, step_size=args.step_size)
+        finally:
+            bar.close()
+        for pid, mask in result.masks.items():
+            write_image(image.with_array(mask.astype(np.uint8)), out / f"{case}_lesion_{pid}{ending}")
+            if args.save_probabilities:
+                _save_npz(out / f"{case}_lesion_{pid}.npz", result.probabilities[pid])
+        write_image(result.labels, final)
+        sizes = ", ".join(f"{pid}: {int(m.sum())} voxels" for pid, m in result.masks.items())
+        print(f"{case}: {len(result.masks)} lesion(s) -> {final} ({sizes})")
+    return 0
+
+
+def _save_npz(path: Path, probabilities: np.ndarray) -> None:
+    import os
+    import tempfile
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    np.savez_compressed(tmp, probabilities=probabilities.astype(np.float16))
+    os.replace(tmp, path)
+
+
+def _resolve_model(name_or_path):
+    try:
+        from .zoo import resolve_model
+    except ImportError:
+        if name_or_path is None:
+            raise UsageError("no model given: pass -m MODEL_FOLDER") from None
+        return Path(name_or_path)
+    return resolve_model(name_or_path)
+
+
+def cmd_prompts(args) -> int:
+    from .image import read_image
+    from .prompts import prompts_from_labels, write_upstream_json, write_world_json, Point, Box
+
+    src = Path(args.i)
+    files = _list_images(src) if src.is_dir() else [src]
+    if not files:
+        raise UsageError(f"no label images in {src}")
+    out = Path(args.o)
+    for f in files:
+        img = read_image(f)
+        name = _strip_ending(f.name) + ".json"
+        for kind, sub in (("point", "points"), ("box", "boxes")):
+            vps = prompts_from_labels(img.array, kind, args.label_type)
+            if args.world:
+                world = []
+                for vp in vps:
+                    if kind == "point":
+                        world.append(Point(vp.id, tuple(img.index_to_world(vp.coords))))
+                    else:
+                        c = np.asarray(vp.coords, float).reshape(3, 2)
+                        corners = [c[:, 0], c[:, 1] - 1]
+                        world.append(Box.from_points(vp.id, img.index_to_world(np.array(corners))))
+                write_world_json(world, out / sub / name)
+            else:
+                write_upstream_json(vps, out / sub / name)
+        print(f"{f.name}: {len(vps)} lesion(s) -> {out / 'points' / name}, {out / 'boxes' / name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lesionlocator", description="Promptable lesion segmentation and tracking "
+                                 "in CT (LesionLocator, CVPR 2025). World coordinates are LPS mm.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("segment", help="segment lesions from point or box prompts (upstream LesionLocator_segment)")
+    s.add_argument("-i", required=True, help="input image file or folder (.nii.gz, .nii, .nrrd, .mha)")
+    s.add_argument("-o", required=True, help="output folder (created if missing)")
+    s.add_argument("-p", required=True, help="prompt file or folder: upstream JSON (voxel z,y,x), our world JSON, "
+                   "or an instance/binary label image; files named like their images")
+    s.add_argument("-t", required=True, choices=["point", "box"], help="prompt type")
+    s.add_argument("-m", default=None, help="model: a LesionLocatorCheckpoint folder or a model name")
+    s.add_argument("-f", nargs="+", default=None, help="folds to use (default: all present)")
+    s.add_argument("-step_size", "--step_size", type=float, default=0.5, help="sliding-window step (fraction of patch)")
+    s.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
+    s.add_argument("--enable_tta", action="store_true", help="mirroring test-time augmentation also on CPU")
+    s.add_argument("--continue_prediction", "--c", action="store_true", help="skip cases already predicted")
+    s.add_argument("-device", "--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps")
+    s.add_argument("--world", action="store_true", help="prompt JSON is in LPS world millimetres")
+    s.add_argument("--save-probabilities", "--save_probabilities", dest="save_probabilities", action="store_true",
+                   help="also write each lesion's probability map (.npz)")
+    s.add_argument("--disable_progress_bar", action="store_true")
+    s.add_argument("--verbose", action="store_true")
+    s.add_argument("-npp", type=int, default=None, help="accepted for upstream compatibility; unused")
+    s.add_argument("-nps", type=int, default=None, help="accepted for upstream compatibility; unused")
+    s.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("prompts", help="label image(s) -> point and box prompt JSON (upstream format)")
+    p.add_argument("-i", required=True, help="label image or folder of label images")
+    p.add_argument("-o", required=True, help="output folder; writes points/ and boxes/")
+    p.add_argument("-label_type", "--label_type", choices=["instance", "semantic"], default="instance")
+    p.add_argument("--world", action="store_true", help="write our LPS world JSON instead of voxel JSON")
+    p.set_defaults(func=cmd_prompts)
+
+    for register in _extra_commands():
+        register(sub)
+    return ap
+
+
+def _extra_commands() -> list:
+    """Subcommands contributed by other modules (download/models, synth, evaluate, ...)."""
+    out = []
+    try:
+        from .zoo import add_cli_commands
+        out.append(add_cli_commands)
+    except ImportError:
+        pass
+    return out
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .image import ImageError
+    from .model import CheckpointError, ModelLayoutError
+    from .predict import Cancelled
+    from .prompts import PromptError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            return args.func(args)
+    except (UsageError, PromptError, ImageError, ModelLayoutError, CheckpointError, FileNotFoundError,
+            RuntimeError, MemoryError) as e:
+        print(f"lesionlocator {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Cancelled:
+        print(f"lesionlocator {args.command}: cancelled; nothing was written for the current case", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"\nlesionlocator {args.command}: interrupted; outputs written so far are complete", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Load LesionLocator checkpoints in the official nnU-Net v2 folder layout.
+
+Official layout (``LesionLocatorCheckpoint`` is the *model root*)::
+
+    LesionLocatorCheckpoint/
+      LesionLocatorSeg/point_optimized/{plans.json, dataset.json, fold_N/checkpoint_final.pth}
+      LesionLocatorSeg/bbox_optimized/{...}
+      LesionLocatorTrack/{plans.json, dataset.json, fold_N/checkpoint_final.pth}
+
+A checkpoint is a dict with ``network_weights``, ``trainer_name``, ``init_args``
+(holding the configuration name) and ``inference_allowed_mirroring_axes``. It is
+loaded with ``torch.load(weights_only=True)``; the only extra globals allowed are
+the numpy scalar/dtype types that nnU-Net's training log stores.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import pickle
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SEG_SUBFOLDERS = {"point": "point_optimized", "box": "bbox_optimized"}
+CHECKPOINT_NAME = "checkpoint_final.pth"
+
+
+class ModelLayoutError(ValueError):
+    """A model folder that is not in the official LesionLocator / nnU-Net v2 layout."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, corrupt or not plain data."""
+
+
+EXPECTED_LAYOUT = (
+    "expected a LesionLocator model root such as 'LesionLocatorCheckpoint/' holding\n"
+    "  LesionLocatorSeg/point_optimized/{plans.json, dataset.json, fold_0/checkpoint_final.pth, ...}\n"
+    "  LesionLocatorSeg/bbox_optimized/{plans.json, dataset.json, fold_0/checkpoint_final.pth, ...}\n"
+    "  LesionLocatorTrack/{plans.json, dataset.json, fold_0/checkpoint_final.pth, ...} (for tracking)\n"
+    "or a single trained-model folder with plans.json, dataset.json and fold_N/checkpoint_final.pth")
+
+
+def _is_model_folder(path: Path) -> bool:
+    return (path / "plans.json").is_file() and (path / "dataset.json").is_file() and any(
+        (f / CHECKPOINT_NAME).is_file() for f in path.glob("fold_*"))
+
+
+def check_model_root(path) -> None:
+    """Raise :class:`ModelLayoutError` unless ``path`` is an official-layout model root
+    (at least one of the segmentation models present, each complete)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ModelLayoutError(f"model folder not found: {root}\n{EXPECTED_LAYOUT}")
+    if (root / "LesionLocatorCheckpoint").is_dir():
+        root = root / "LesionLocatorCheckpoint"
+    seg = [root / "LesionLocatorSeg" / s for s in SEG_SUBFOLDERS.values()]
+    present = [s for s in seg if s.exists()]
+    if not present:
+        raise ModelLayoutError(f"{root} has no LesionLocatorSeg/point_optimized or bbox_optimized\n{EXPECTED_LAYOUT}")
+    for folder in present + ([root / "LesionLocatorTrack"] if (root / "LesionLocatorTrack").exists() else []):
+        if not _is_model_folder(folder):
+            raise ModelLayoutError(f"{folder} is incomplete (needs plans.json, dataset.json and "
+                                   f"fold_N/{CHECKPOINT_NAME})\n{EXPECTED_LAYOUT}")
+
+
+def find_model_folder(path, prompt_type: str) -> Path:
+    """The trained-model folder for a prompt type ('point', 'box', 'prev_mask').
+
+    ``path`` may be a model root, its parent, or a trained-model folder itself.
+    """
+    p = Path(path)
+    if _is_model_folder(p):
+        return p
+    if (p / "LesionLocatorCheckpoint").is_dir():
+        p = p / "LesionLocatorCheckpoint"
+    if prompt_type == "prev_mask":
+        candidate = p / "LesionLocatorTrack"
+    elif prompt_type in SEG_SUBFOLDERS:
+        candidate = p / "LesionLocatorSeg" / SEG_SUBFOLDERS[prompt_type]
+    else:
+        raise ValueError(f"prompt type must be one of point, box, prev_mask; got {prompt_type!r}")
+    if not _is_model_folder(candidate):
+        if not p.exists():
+            raise ModelLayoutError(f"model folder not found: {p}\n{EXPECTED_LAYOUT}")
+        raise ModelLayoutError(f"no '{prompt_type}' model in {p}: {candidate} is missing or incomplete\n"
+                               f"{EXPECTED_LAYOUT}")
+    return candidate
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _safe_globals() -> list:
+    """The non-tensor globals nnU-Net checkpoints contain: numpy scalars and dtypes
+    in the training log (names of numpy 1.x and 2.x)."""
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    allowed = [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype]
+    for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType"):
+        if hasattr(np, "dtypes") and hasattr(np.dtypes, name):
+            allowed.append(getattr(np.dtypes, name))
+    return allowed
+
+
+def load_checkpoint(path) -> dict:
+    """``torch.load(path, weights_only=True)`` with nnU-Net's numpy globals allowed.
+
+    Raises :class:`CheckpointError` for a missing, truncated/corrupt, or
+    non-plain-data file (the reason names the refused global).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        import re
+        found = re.search(r"GLOBAL ([\w.]+)", msg)
+        reason = (f"It asks for the Python global '{found.group(1)}', which is not allowed." if found else
+                  next((ln.strip() for ln in msg.splitlines() if "Unsupported" in ln), ""))
+        if "Weights only load failed" in msg:
+            raise CheckpointError(f"refused to load {path}: it is not plain data (tensors, numbers, strings) "
+                                  f"and loading it could run code. {reason}") from None
+        raise CheckpointError(f"corrupt checkpoint {path}: {reason}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"corrupt or truncated checkpoint {path}: {str(e).strip().splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
+        raise CheckpointError(f"{path} is not an nnU-Net checkpoint (no 'network_weights' entry)")
+    return ckpt
+
+
+# --------------------------------------------------------------------------- devices
+def select_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then MPS, then CPU; an explicit device must be available."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine "
+                           f"(use --device cpu or auto)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise RuntimeError("device 'mps' requested but Apple MPS is not available (use --device cpu or auto)")
+    if not (name == "cpu" or name == "mps" or name.startswith("cuda")):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------- model
+@dataclass
+class LoadedModel:
+    """A network with its plans, ready for inference.
+
+    ``spacing_zyx`` (mm) and ``patch_size`` (voxels) are in array order (z, y, x).
+    """
+    folder: Path
+    network: torch.nn.Module
+    fold_weights: list
+    folds: list
+    plans: dict
+    configuration: dict
+    configuration_name: str
+    dataset_json: dict
+    trainer_name: str
+    mirror_axes: tuple | None
+    device: torch.device
+    use_tta: bool
+    intensity_properties: dict = field(default_factory=dict)
+
+    @property
+    def patch_size(self) -> tuple:
+        return tuple(int(v) for v in self.configuration["patch_size"])
+
+    @property
+    def spacing_zyx(self) -> tuple:
+        return tuple(float(v) for v in self.configuration["spacing"])
+
+    @property
+    def normalization(self) -> str:
+        return self.configuration["normalization_schemes"][0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C, z, y, x) float32 on CPU for an input batch (B, 2, *patch):
+        averaged over folds and, if ``use_tta``, over the allowed mirrorings."""
+        x = x.to(self.device)
+        total = None
+        for weights in self.fold_weights:
+            if len(self.fold_weights) > 1 or total is None:
+                self.network.load_state_dict(weights)
+            out = self._forward_one(x)
+            total = out if total is None else total + out
+        return (total / len(self.fold_weights)).float().cpu()
+
+    @torch.inference_mode()
+    def _forward_one(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else _nullcontext()
+        with ctx:
+            pred = self.network(x).float()
+            if self.use_tta and self.mirror_axes:
+                axes = [a + 2 for a in self.mirror_axes]
+                combos = [c for n in range(1, len(axes) + 1) for c in itertools.combinations(axes, n)]
+                for dims in combos:
+                    pred += torch.flip(self.network(torch.flip(x, dims)), dims).float()
+                pred /= len(combos) + 1
+        return pred
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def available_folds(folder: Path) -> list:
+    folds = []
+    for f in sorted(folder.glob("fold_*")):
+        suffix = f.name[len("fold_"):]
+        if (f / CHECKPOINT_NAME).is_file():
+            folds.append(suffix if suffix == "all" else int(suffix))
+    return sorted(folds, key=str)
+
+
+def build_network(plans: dict, configuration_name: str, dataset_json: dict) -> torch.nn.Module:
+    """The network the plans describe, with one extra input channel for the prompt."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(configuration_name)
+    n_in = len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": "CT"}))) + 1
+    n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
+    return get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                  cm.network_arch_init_kwargs_req_import, n_in, n_out,
+                                  allow_init=True, deep_supervision=False)
+
+
+def load_model(path, prompt_type: str = "point", folds=None, device: str = "auto", tta: bool | None = None,
+               checkpoint_name: str = CHECKPOINT_NAME) -> LoadedModel:
+    """Load the model for ``prompt_type`` from a model root or trained-model folder.
+
+    ``folds``: list of fold numbers (or 'all'); None uses every fold present.
+    ``tta``: mirroring test-time augmentation; None = on for GPU, off for CPU.
+    """
+    folder = find_model_folder(path, prompt_type)
+    try:
+        plans = json.loads((folder / "plans.json").read_text())
+        dataset_json = json.loads((folder / "dataset.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLayoutError(f"{folder}: plans.json or dataset.json is not valid JSON ({e})") from None
+    present = available_folds(folder)
+    if folds is None:
+        folds = present
+    folds = [f if f == "all" else int(f) for f in folds]
+    missing = [f for f in folds if f not in present]
+    if missing:
+        raise ModelLayoutError(f"fold(s) {missing} not found in {folder}; available: {present}")
+    dev = select_device(device)
+    weights, trainer, config_name, mirror = [], None, None, None
+    for f in folds:
+        ckpt = load_checkpoint(folder / f"fold_{f}" / checkpoint_name)
+        if trainer is None:
+            trainer = ckpt.get("trainer_name", "")
+            init_args = ckpt.get("init_args") or {}
+            config_name = init_args.get("configuration", "3d_fullres")
+            mirror = ckpt.get("inference_allowed_mirroring_axes")
+        weights.append(_network_state(ckpt["network_weights"]))
+    if config_name not in plans.get("configurations", {}):
+        raise ModelLayoutError(f"{folder}/plans.json has no configuration {config_name!r} "
+                               f"(checkpoint asks for it); has {list(plans.get('configurations', {}))}")
+    network = build_network(plans, config_name, dataset_json)
+    try:
+        network.load_state_dict(weights[0])
+    except RuntimeError as e:
+        raise CheckpointError(f"{folder}: the weights do not fit the architecture in plans.json: "
+                              f"{str(e).splitlines()[0]}") from None
+    network.to(dev).eval()
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    config = PlansManager(plans).get_configuration(config_name).configuration
+    use_tta = (dev.type != "cpu") if tta is None else bool(tta)
+    intensity = plans.get("foreground_intensity_properties_per_channel", {}).get("0", {})
+    return LoadedModel(folder, network, weights, folds, plans, config, config_name, dataset_json, trainer,
+                       tuple(mirror) if mirror is not None else None, dev, use_tta, intensity)
+
+
+def _network_state(weights: dict) -> dict:
+    """Strip a torch.compile prefix ('_orig_mod.') if the checkpoint has one."""
+    if any(k.startswith("_orig_mod.") for k in weights):
+        return {k.replace("_orig_mod.", "", 1): v for k, v in weights.items()}
+    return weights
+
+
+def warn_if_not_ct(array: np.ndarray) -> None:
+    """Warn when the intensities do not look like CT in Hounsfield units."""
+    sample = np.asarray(array).ravel()[:: max(1, array.size // 200000)]
+    lo, hi = np.percentile(sample, [1, 99])
+    if lo > -300 or hi < 0 or hi > 5000:
+        warnings.warn(f"the image does not look like CT in Hounsfield units (1st/99th percentile "
+                      f"{lo:.0f}/{hi:.0f}); LesionLocator was trained on CT", stacklevel=2)

@@ -1,0 +1,271 @@
+"""Prompt -> mask: segment lesions around prompts at the input's full resolution.
+
+For each prompt only the region the network sees is preprocessed: the patch (or
+the sliding-window tiles) that upstream LesionLocator would place around the
+prompt on the whole-volume model grid is computed piecewise by
+:class:`~LesionLocatorLib.modelgrid.ModelGrid`, run through the network (several
+prompts in one batch), and the logits are resampled back onto the original voxels
+they cover. Results match whole-volume preprocessing.
+
+Arrays are (z, y, x); prompts are world (LPS mm) or voxel prompts, see
+:mod:`LesionLocatorLib.prompts`.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .image import Image, nonzero_bbox
+from .model import LoadedModel, warn_if_not_ct
+from .modelgrid import ModelGrid, UnsupportedPlansError, ct_normalizer
+from .prompts import PromptError, box_to_model_grid, paint_prompt, point_to_model_grid, to_voxel_prompt
+
+
+class Cancelled(Exception):
+    """Raised when a :class:`CancelToken` was cancelled; nothing is written."""
+
+
+class CancelToken:
+    """Thread-safe cancellation flag checked between network batches."""
+
+    def __init__(self):
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("cancelled by the user")
+
+
+@dataclass
+class SegmentationResult:
+    """Per-prompt masks on the input grid plus an instance label image.
+
+    ``masks[id]``: bool (z, y, x); ``probabilities[id]``: float32 lesion probability
+    (0 outside the predicted region); ``labels``: uint16 Image, label = prompt ID,
+    overlaps given to the prompt with the highest probability; ``overlaps``:
+    {(id_a, id_b): voxels} where two masks overlapped; ``empty``: IDs with an empty mask.
+    """
+    masks: dict
+    probabilities: dict
+    labels: Image
+    overlaps: dict = field(default_factory=dict)
+    empty: list = field(default_factory=list)
+
+
+@dataclass
+class _Tile:
+    prompt_index: int
+    lo: tuple  # padded model-grid start (z, y, x)
+
+
+def _normalizer(model: LoadedModel):
+    scheme = model.normalization
+    if scheme == "CTNormalization":
+        return ct_normalizer(model.intensity_properties)
+    if scheme == "NoNormalization":
+        return lambda block: block
+    raise UnsupportedPlansError(f"normalisation {scheme!r} needs whole-image statistics and is not supported; "
+                                f"supported: CTNormalization, NoNormalization")
+
+
+def _encode(vp, grid: ModelGrid):
+    """(kind, model-grid coords) of a voxel prompt, and its inclusive extent [lo, hi] in the model grid."""
+    shape = np.asarray(grid.model_shape)
+    if vp.kind == "point":
+        c = point_to_model_grid(vp.coords, grid.crop_lo, grid.cropped_shape, grid.model_shape)
+        return ("point", c), np.maximum(c - 5, 0), np.minimum(c + 5, shape - 1)
+    if vp.kind == "box":
+        b = box_to_model_grid(vp.coords, grid.crop_lo, grid.cropped_shape, grid.model_shape).reshape(3, 2)
+        if np.any(b[:, 1] <= b[:, 0]):
+            raise PromptError(f"prompt {vp.id}: box {vp.coords} is empty after mapping to the model grid")
+        return ("box", b.ravel()), b[:, 0], b[:, 1] - 1
+    raise PromptError(f"prompt {vp.id}: kind {vp.kind!r} is not supported by segment(); use track() for masks")
+
+
+def _tiles(grid: ModelGrid, ext_lo, ext_hi, step: float) -> list:
+    """Upstream's tile placement around a prompt with inclusive extent [ext_lo, ext_hi]."""
+    patch, size = np.asarray(grid.patch_size), np.asarray(grid.padded_shape)
+    if np.all(ext_hi - ext_lo < patch):
+        lo = []
+        for a in range(3):
+            start = int((ext_lo[a] + ext_hi[a] - patch[a]) / 2)
+            start = min(max(start, 0), size[a] - patch[a])
+            lo.append(start)
+        return [tuple(lo)]
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+    steps = compute_steps_for_sliding_window(tuple(size), tuple(patch), step)
+    keep = [[s for s in steps[a] if ext_lo[a] < s + patch[a] and ext_hi[a] > s] for a in range(3)]
+    return [(z, y, x) for z in keep[0] for y in keep[1] for x in keep[2]]
+
+
+def segment(image: Image, prompts, model: LoadedModel, progress=None, cancel: CancelToken | None = None,
+            batch_size: int | None = None, step_size: float = 0.5, check_intensities: bool = True
+            ) -> SegmentationResult:
+    """Segment one lesion per prompt in ``image``.
+
+    ``prompts``: Point/Box (LPS mm) or VoxelPrompt objects, each with a unique ``id``.
+    ``progress(fraction, message)`` is called as work advances; ``cancel`` stops
+    between network batches by raising :class:`Cancelled`.
+    ``batch_size``: prompt patches per forward pass (default: 2 on CPU, 4 on GPU).
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise PromptError("no prompts given")
+    ids = [p.id for p in prompts]
+    if len(set(ids)) != len(ids):
+        raise PromptError(f"prompt IDs must be unique, got {ids}")
+    voxel_prompts = [to_voxel_prompt(p, image) for p in prompts]
+    report = progress or (lambda f, m: None)
+    if check_intensities:
+        warn_if_not_ct(image.array)
+
+    grid = ModelGrid.for_image(image.array, nonzero_bbox(image.array), image.spacing_zyx, model.configuration)
+    normalize = _normalizer(model)
+    encoded, tiles = [], []
+    for i, vp in enumerate(voxel_prompts):
+        enc, ext_lo, ext_hi = _encode(vp, grid)
+        encoded.append(enc)
+        tiles += [_Tile(i, t) for t in _tiles(grid, ext_lo, ext_hi, step_size)]
+
+    patch = grid.patch_size
+    gaussian = None
+    if any(sum(t.prompt_index == i for t in tiles) > 1 for i in range(len(prompts))):
+        from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+        gaussian = compute_gaussian(tuple(patch), sigma_scale=1. / 8, value_scaling_factor=10,
+                                    dtype=torch.float32, device=torch.device("cpu"))
+    if batch_size is None:
+        batch_size = 2 if model.device.type == "cpu" else 4
+
+    tile_logits = [[] for _ in prompts]  # per prompt: [(padded start, logits (C, *patch))]
+    done = 0
+    report(0.0, f"segmenting {len(prompts)} lesion(s): {len(tiles)} patch(es)")
+    for start in range(0, len(tiles), batch_size):
+        if cancel is not None:
+            cancel.check()
+        batch = tiles[start:start + batch_size]
+        x = np.zeros((len(batch), 2) + patch, dtype=np.float32)
+        for b, t in enumerate(batch):
+            hi = tuple(l_ + p for l_, p in zip(t.lo, patch))
+            x[b, 0] = grid.extract(image.array, t.lo, hi, normalize)
+            kind, coords = encoded[t.prompt_index]
+            offset = tuple(l_ - p for l_, p in zip(t.lo, grid.pad_lo))
+            paint_prompt(x[b, 1], kind, coords, offset)
+            # the prompt is drawn on the unpadded model grid; padding stays 0
+            _zero_padding(x[b, 1], t.lo, grid)
+        logits = _run_with_fallback(model, torch.from_numpy(x))
+        for b, t in enumerate(batch):
+            tile_logits[t.prompt_index].append((t.lo, logits[b]))
+        done += len(batch)
+        report(done / len(tiles), f"patch {done}/{len(tiles)}")
+
+    masks, probs = {}, {}
+    for i, vp in enumerate(voxel_prompts):
+        lo, block = _blend(tile_logits[i], gaussian, patch)
+        slices, orig = grid.logits_to_original(block, lo)
+        prob = np.zeros(image.shape, dtype=np.float32)
+        if slices is not None:
+            soft = torch.softmax(orig, 0)
+            prob[slices] = (1.0 - soft[0]).numpy()
+            mask = np.zeros(image.shape, dtype=bool)
+            mask[slices] = (torch.argmax(orig, 0) != 0).numpy()
+        else:
+            mask = np.zeros(image.shape, dtype=bool)
+        masks[vp.id], probs[vp.id] = mask, prob
+    labels, overlaps = instance_labels(masks, probs, image)
+    empty = [pid for pid, m in masks.items() if not m.any()]
+    if empty:
+        warnings.warn(f"the network found no lesion at prompt(s) {empty}: their masks are empty", stacklevel=2)
+    report(1.0, "done")
+    return SegmentationResult(masks, probs, labels, overlaps, empty)
+
+
+def _zero_padding(channel: np.ndarray, lo, grid: ModelGrid) -> None:
+    for a in range(3):
+        n0 = max(grid.pad_lo[a] - lo[a], 0)
+        n1 = max(lo[a] + channel.shape[a] - (grid.pad_lo[a] + grid.model_shape[a]), 0)
+        idx = [slice(None)] * 3
+        if n0:
+            idx[a] = slice(0, n0)
+            channel[tuple(idx)] = 0
+        if n1:
+            idx[a] = slice(channel.shape[a] - n1, None)
+            channel[tuple(idx)] = 0
+
+
+def _blend(tiles, gaussian, patch) -> tuple:
+    """(start, logits) of one prompt's tiles: the tile itself, or upstream's
+    Gaussian-weighted average over the union of several tiles."""
+    if len(tiles) == 1:
+        return tiles[0]
+    lo = tuple(min(t[0][a] for t in tiles) for a in range(3))
+    hi = tuple(max(t[0][a] + patch[a] for t in tiles) for a in range(3))
+    shape = tuple(h - l_ for l_, h in zip(lo, hi))
+    total = torch.zeros((tiles[0][1].shape[0],) + shape)
+    weight = torch.zeros(shape)
+    for start, logits in tiles:
+        sl = tuple(slice(a - b, a - b + p) for a, b, p in zip(start, lo, patch))
+        total[(slice(None),) + sl] += logits * gaussian
+        weight[sl] += gaussian
+    return lo, total / weight
+
+
+def _run_with_fallback(model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
+    """Forward pass; on CUDA out-of-memory retry with smaller batches, then on CPU."""
+    try:
+        return model.forward(x)
+    except torch.OutOfMemoryError:
+        if model.device.type != "cuda":
+            raise MemoryError("out of memory running the network on the CPU; use a smaller batch_size "
+                              "or a machine with more memory") from None
+        torch.cuda.empty_cache()
+        if x.shape[0] > 1:
+            warnings.warn("CUDA out of memory: retrying with a smaller batch", stacklevel=2)
+            half = x.shape[0] // 2
+            return torch.cat([_run_with_fallback(model, x[:half]), _run_with_fallback(model, x[half:])])
+        warnings.warn("CUDA out of memory even for one patch: running this patch on the CPU", stacklevel=2)
+        device = model.device
+        model.network.to("cpu")
+        model.device = torch.device("cpu")
+        try:
+            return model.forward(x)
+        finally:
+            model.network.to(device)
+            model.device = device
+
+
+def instance_labels(masks: dict, probabilities: dict, reference: Image) -> tuple:
+    """Combine per-prompt masks into one uint16 label image (label = prompt ID).
+
+    Where masks overlap, the prompt with the higher lesion probability wins; the
+    overlaps are returned as {(id_a, id_b): voxel count} and reported in a warning.
+    """
+    labels = np.zeros(reference.shape, dtype=np.uint16)
+    best = np.zeros(reference.shape, dtype=np.float32)
+    overlaps = {}
+    for pid in sorted(masks):
+        m = masks[pid]
+        if not m.any():
+            continue
+        clash = m & (labels > 0)
+        if clash.any():
+            for other in np.unique(labels[clash]):
+                overlaps[(int(other), int(pid))] = int(np.sum(clash & (labels == other)))
+        take = m & ((labels == 0) | (probabilities[pid] > best))
+        labels[take] = pid
+        best[take] = probabilities[pid][take]
+    if overlaps:
+        warnings.warn("overlapping lesion masks resolved by highest probability (ids: voxels) "
+                      + ", ".join(f"{a}/{b}: {n}" for (a, b), n in overlaps.items())
+                      + "; each lesion's own mask is kept whole", stacklevel=2)
+    return reference.with_array(labels), overlaps

@@ -1,0 +1,36 @@
+"""Shared pytest fixtures: tiny random-weight models in the official layout, phantoms."""
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from build_test_models import build_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_root(tmp_path_factory) -> Path:
+    """A tiny model root (point + box, fold 0, nnU-Net's scipy resampling)."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_torch_model_root(tmp_path_factory) -> Path:
+    """The same tiny model with the torch (trilinear) resampling plans."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_torch"), resampling="resample_torch_fornnunet")
+
+
+@pytest.fixture(scope="session")
+def tiny_two_fold_root(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny2"), folds=(0, 1))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_ct_warning():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="the network found no lesion")
+        yield

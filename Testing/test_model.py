@@ -1,0 +1,113 @@
+"""Loading checkpoints in the official layout: folds, devices, safety, errors."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from LesionLocatorLib.model import (CheckpointError, ModelLayoutError, check_model_root, find_model_folder,
+                                    load_checkpoint, load_model, select_device)
+
+
+def test_loads_point_and_box_models_from_the_official_layout(tiny_model_root):
+    check_model_root(tiny_model_root)
+    check_model_root(tiny_model_root.parent)  # the folder holding LesionLocatorCheckpoint also works
+    point = load_model(tiny_model_root, "point", device="cpu")
+    box = load_model(tiny_model_root, "box", device="cpu")
+    assert point.folder.name == "point_optimized" and box.folder.name == "bbox_optimized"
+    assert point.trainer_name == "LesionLocatorTrainerSegment" and point.configuration_name == "3d_fullres"
+    assert point.patch_size == (32, 48, 48) and point.spacing_zyx == (1.0, 0.8, 0.8)
+    assert point.mirror_axes == (0, 1, 2)
+    assert not point.use_tta, "mirroring must be off by default on CPU"
+    assert load_model(tiny_model_root, "point", device="cpu", tta=True).use_tta
+    first = next(iter(point.network.parameters()))
+    assert first.shape[1] == 2, "image + prompt channels"
+
+
+def test_fold_ensemble_is_the_mean_of_single_folds(tiny_two_fold_root):
+    x = torch.randn(1, 2, 32, 48, 48)
+    both = load_model(tiny_two_fold_root, "point", device="cpu").forward(x)
+    f0 = load_model(tiny_two_fold_root, "point", folds=[0], device="cpu").forward(x)
+    f1 = load_model(tiny_two_fold_root, "point", folds=["1"], device="cpu").forward(x)
+    assert not torch.allclose(f0, f1)
+    assert torch.allclose(both, (f0 + f1) / 2, atol=1e-5)
+
+
+def test_mirroring_tta_averages_flipped_predictions(tiny_model_root):
+    m = load_model(tiny_model_root, "point", device="cpu", tta=True)
+    x = torch.randn(1, 2, 32, 48, 48)
+    m.use_tta = False
+    base = m.forward(x)
+    m.use_tta = True
+    tta = m.forward(x)
+    manual = base.clone()
+    m.use_tta = False
+    combos = [(2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
+    for dims in combos:
+        manual += torch.flip(m.forward(torch.flip(x, dims)), dims)
+    assert torch.allclose(tta, manual / 8, atol=1e-5)
+
+
+def test_missing_fold_and_wrong_layout_errors(tiny_model_root, tmp_path):
+    with pytest.raises(ModelLayoutError, match=r"fold\(s\) \[3\] not found in .*point_optimized; available: \[0\]"):
+        load_model(tiny_model_root, "point", folds=[3], device="cpu")
+    with pytest.raises(ModelLayoutError, match=r"(?s)has no LesionLocatorSeg/point_optimized or bbox_optimized.*"
+                                               r"expected a LesionLocator model root"):
+        check_model_root(tmp_path)
+    with pytest.raises(ModelLayoutError, match="model folder not found"):
+        find_model_folder(tmp_path / "nope", "point")
+    with pytest.raises(ModelLayoutError, match=r"no 'prev_mask' model in .*LesionLocatorTrack is missing"):
+        find_model_folder(tiny_model_root, "prev_mask")
+
+
+def test_corrupt_and_truncated_checkpoints(tiny_model_root, tmp_path):
+    root = shutil.copytree(tiny_model_root, tmp_path / "LesionLocatorCheckpoint")
+    ckpt = root / "LesionLocatorSeg" / "point_optimized" / "fold_0" / "checkpoint_final.pth"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated checkpoint"):
+        load_model(root, "point", device="cpu")
+    ckpt.write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(ckpt)
+
+
+class Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("echo pwned",))
+
+
+def test_non_plain_pickle_is_refused_with_the_reason(tmp_path):
+    path = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": {}, "payload": Evil()}, path)
+    with pytest.raises(CheckpointError, match=r"refused to load .*not plain data.*Python global "
+                                              r"'(posix|os)\.system', which is not allowed"):
+        load_checkpoint(path)
+
+
+def test_weights_that_do_not_fit_the_plans(tiny_model_root, tmp_path):
+    root = shutil.copytree(tiny_model_root, tmp_path / "LesionLocatorCheckpoint")
+    ckpt = root / "LesionLocatorSeg" / "point_optimized" / "fold_0" / "checkpoint_final.pth"
+    data = load_checkpoint(ckpt)
+    data["network_weights"] = {k: v for i, (k, v) in enumerate(data["network_weights"].items()) if i > 3}
+    torch.save(data, ckpt)
+    with pytest.raises(CheckpointError, match="the weights do not fit the architecture in plans.json"):
+        load_model(root, "point", device="cpu")
+
+
+def test_device_selection():
+    assert select_device("cpu").type == "cpu"
+    assert select_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device 'cuda' requested but CUDA is not available"):
+            select_device("cuda")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        select_device("tpu")
+
+
+def test_checkpoint_with_numpy_log_loads_safely(tiny_model_root):
+    ckpt = load_checkpoint(tiny_model_root / "LesionLocatorSeg" / "point_optimized" / "fold_0" /
+                           "checkpoint_final.pth")
+    assert isinstance(ckpt["_best_ema"], np.floating)
+    assert ckpt["init_args"]["configuration"] == "3d_fullres"
