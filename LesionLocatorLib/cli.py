@@ -172,6 +172,19 @@ def cmd_prompts(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .metrics import aggregate, evaluate_folders, format_table, write_table
+
+    rows = evaluate_folders(args.pred, args.gt, tolerance_mm=args.tolerance, match_mm=args.match)
+    print(format_table(rows))
+    summary = aggregate(rows)
+    print("\n" + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    out = Path(args.o) if args.o else Path(args.pred) / "evaluation"
+    csv_path, json_path = write_table(rows, out)
+    print(f"wrote {csv_path} and {json_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lesionlocator", description="Promptable lesion segmentation and tracking "
                                  "in CT (LesionLocator, CVPR 2025). World coordinates are LPS mm.")
@@ -205,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-label_type", "--label_type", choices=["instance", "semantic"], default="instance")
     p.add_argument("--world", action="store_true", help="write our LPS world JSON instead of voxel JSON")
     p.set_defaults(func=cmd_prompts)
+
+    e = sub.add_parser("evaluate", help="per-lesion Dice, NSD, CPM@25, MED of label images against ground truth")
+    e.add_argument("--pred", required=True, help="folder of predicted instance label images")
+    e.add_argument("--gt", required=True, help="folder of ground-truth instance label images (same names)")
+    e.add_argument("-o", default=None, help="output prefix for .csv and .json (default: PRED/evaluation)")
+    e.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
+    e.add_argument("--match", type=float, default=25.0, help="centre distance for a hit in mm (default 25)")
+    e.set_defaults(func=cmd_evaluate)
 
     for register in _extra_commands():
         register(sub)

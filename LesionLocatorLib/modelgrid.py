@@ -71,7 +71,12 @@ def axis_weights(n_in: int, n_out: int, method: str) -> tuple:
     """
     if method.startswith("spline"):
         order = int(method[-1])
-        run = lambda v: ndimage.zoom(v, n_out / n_in, order=order, mode="nearest", grid_mode=True)  # noqa: E731
+        # zoomed as a column of a 2-wide image that is zoomed along its other axis too, as in a 3D
+        # resize: scipy copies instead of interpolating when *no* axis changes size, which would hide
+        # the neighbour that an unchanged axis still reads when the others change size.
+        def run(v):
+            two = np.repeat(v[:, None], 2, axis=1)
+            return ndimage.zoom(two, (n_out / n_in, 2.0), order=order, mode="nearest", grid_mode=True)[:, 0]
     elif method.startswith("mapcoord"):
         order = int(method[-1])
         coords = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
