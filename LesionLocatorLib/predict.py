@@ -22,6 +22,7 @@ import torch
 from .image import Image, nonzero_bbox
 from .model import LoadedModel, warn_if_not_ct
 from .modelgrid import ModelGrid, UnsupportedPlansError, ct_normalizer
+from . import prompts as prompt_encoding
 from .prompts import PromptError, box_to_model_grid, paint_prompt, point_to_model_grid, to_voxel_prompt
 
 
@@ -84,13 +85,20 @@ def _encode(vp, grid: ModelGrid):
     shape = np.asarray(grid.model_shape)
     if vp.kind == "point":
         c = point_to_model_grid(vp.coords, grid.crop_lo, grid.cropped_shape, grid.model_shape)
-        return ("point", c), np.maximum(c - 5, 0), np.minimum(c + 5, shape - 1)
+        r = prompt_encoding.BALL_RADIUS_VOXELS
+        return ("point", c), np.maximum(c - r, 0), np.minimum(c + r, shape - 1)
     if vp.kind == "box":
         b = box_to_model_grid(vp.coords, grid.crop_lo, grid.cropped_shape, grid.model_shape).reshape(3, 2)
         if np.any(b[:, 1] <= b[:, 0]):
             raise PromptError(f"prompt {vp.id}: box {vp.coords} is empty after mapping to the model grid")
         return ("box", b.ravel()), b[:, 0], b[:, 1] - 1
-    raise PromptError(f"prompt {vp.id}: kind {vp.kind!r} is not supported by segment(); use track() for masks")
+    if vp.kind == "mask":
+        # like upstream's tracker: one patch centred on the mask's rounded centre of mass
+        from scipy import ndimage
+        centre = np.round(grid.original_to_model(ndimage.center_of_mass(vp.mask))).astype(int)
+        centre = np.clip(centre, 0, shape - 1)
+        return ("mask", vp.mask), centre, centre
+    raise PromptError(f"prompt {vp.id}: unknown prompt kind {vp.kind!r}")
 
 
 def _tiles(grid: ModelGrid, ext_lo, ext_hi, step: float) -> list:
@@ -114,7 +122,9 @@ def segment(image: Image, prompts, model: LoadedModel, progress=None, cancel: Ca
             ) -> SegmentationResult:
     """Segment one lesion per prompt in ``image``.
 
-    ``prompts``: Point/Box (LPS mm) or VoxelPrompt objects, each with a unique ``id``.
+    ``prompts``: Point/Box (LPS mm), MaskPrompt (a previous mask, e.g. warped from the
+    last timepoint) or VoxelPrompt objects, each with a unique ``id``. A mask prompt
+    gets one patch centred on its centre of mass, as upstream's tracker does.
     ``progress(fraction, message)`` is called as work advances; ``cancel`` stops
     between network batches by raising :class:`Cancelled`.
     ``batch_size``: prompt patches per forward pass (default: 2 on CPU, 4 on GPU).
@@ -160,7 +170,10 @@ def segment(image: Image, prompts, model: LoadedModel, progress=None, cancel: Ca
             x[b, 0] = grid.extract(image.array, t.lo, hi, normalize)
             kind, coords = encoded[t.prompt_index]
             offset = tuple(l_ - p for l_, p in zip(t.lo, grid.pad_lo))
-            paint_prompt(x[b, 1], kind, coords, offset)
+            if kind == "mask":
+                x[b, 1] = grid.extract_mask(coords, t.lo, hi)
+            else:
+                paint_prompt(x[b, 1], kind, coords, offset)
             # the prompt is drawn on the unpadded model grid; padding stays 0
             _zero_padding(x[b, 1], t.lo, grid)
         logits = _run_with_fallback(model, torch.from_numpy(x))

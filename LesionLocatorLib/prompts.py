@@ -311,11 +311,13 @@ def prompts_from_labels(labels: np.ndarray, kind: str, label_type: str = "instan
 
 
 # --------------------------------------------------------------------------- encoding
-def ball(radius: int = BALL_RADIUS_VOXELS) -> np.ndarray:
+def ball(radius: int | None = None) -> np.ndarray:
     """Boolean ball of a (2r+1)^3 grid: voxels with squared distance <= (r + 0.5)^2.
 
-    This is ``skimage.morphology.ball(r, strict_radius=False)``, which upstream uses.
+    This is ``skimage.morphology.ball(r, strict_radius=False)``, which upstream uses;
+    ``radius`` defaults to :data:`BALL_RADIUS_VOXELS`.
     """
+    radius = BALL_RADIUS_VOXELS if radius is None else radius
     g = np.arange(-radius, radius + 1)
     d2 = g[:, None, None] ** 2 + g[None, :, None] ** 2 + g[None, None, :] ** 2
     return d2 <= (radius + 0.5) ** 2
@@ -355,7 +357,7 @@ def paint_prompt(channel: np.ndarray, kind: str, model_coords, offset=(0, 0, 0))
     shape = np.asarray(channel.shape)
     if kind == "point":
         b = ball()
-        r = BALL_RADIUS_VOXELS
+        r = (b.shape[0] - 1) // 2
         c = np.asarray(model_coords, int) - off
         lo, hi = c - r, c + r + 1
         clo, chi = np.maximum(lo, 0), np.minimum(hi, shape)
