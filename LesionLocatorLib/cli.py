@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -172,6 +173,119 @@ def cmd_prompts(args) -> int:
     return 0
 
 
+def _scan_date(path: Path) -> str | None:
+    """DICOM acquisition/series/study date+time stored in the file's header, if any."""
+    import SimpleITK as sitk
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    keys = set(reader.GetMetaDataKeys())
+    for date, tm in (("0008|0022", "0008|0032"), ("0008|0021", "0008|0031"), ("0008|0020", "0008|0030")):
+        if date in keys:
+            return reader.GetMetaData(date).strip() + (reader.GetMetaData(tm).strip() if tm in keys else "")
+    return None
+
+
+def _track_prompts(paths, prompt_type: str, baseline, world: bool):
+    from .image import read_image
+    from .prompts import MaskPrompt
+
+    paths = [Path(p) for p in paths]
+    if prompt_type != "prev_mask":
+        if len(paths) != 1:
+            raise UsageError("point/box tracking takes one prompt file (-p)")
+        return load_prompts(paths[0], prompt_type, world)
+    if any(p.name.endswith(".json") for p in paths):
+        raise UsageError("-t prev_mask needs label images as prompts, not JSON")
+    if len(paths) == 1:
+        labels = read_image(paths[0])
+        if set(np.unique(labels.array)) <= {0, 1}:
+            from scipy import ndimage
+            inst, _ = ndimage.label(labels.array > 0, structure=np.ones((3, 3, 3)))
+            labels = labels.with_array(inst.astype(np.uint16))
+        return labels
+    import re
+    natural = sorted(paths, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
+    return [MaskPrompt(i, read_image(p), name=p.name) for i, p in enumerate(natural, start=1)]
+
+
+def _growth_plot(rows, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for pid in sorted({r["lesion_id"] for r in rows}):
+        mine = [r for r in rows if r["lesion_id"] == pid]
+        ax.plot([r["index"] for r in mine], [r["volume_ml"] for r in mine], marker="o", label=f"Lesion {pid}")
+    ax.set_xticks(range(len({r["index"] for r in rows})))
+    ax.set_xticklabels([r["timepoint"] for r in rows if r["lesion_id"] == rows[0]["lesion_id"]], rotation=20)
+    ax.set_ylabel("volume (ml)")
+    ax.set_title("Lesion volume over time")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(".tmp_" + path.name)
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def cmd_track(args) -> int:
+    from .image import ImageError, read_image, write_image
+    from .metrics import format_table, lesion_measurements, write_table
+    from .model import load_model
+    from .track import track
+
+    out = Path(args.o)
+    folds = None if args.f is None else [f if f == "all" else int(f) for f in args.f]
+    baseline = read_image(args.bl)
+    paths, images, failed = [Path(args.bl)], [baseline], []
+    for fu in args.fu:
+        try:
+            images.append(read_image(fu))
+            paths.append(Path(fu))
+        except (ImageError, FileNotFoundError) as e:
+            failed.append(fu)
+            print(f"lesionlocator track: error: follow-up {fu} could not be loaded, skipped: {e}", file=sys.stderr)
+    if len(images) < 2:
+        raise UsageError("no follow-up scan could be loaded; nothing to track")
+    dates = [_scan_date(p) for p in paths]
+    for (p0, d0), (p1, d1) in zip(zip(paths, dates), list(zip(paths, dates))[1:]):
+        if d0 and d1 and d1 < d0:
+            warnings.warn(f"{p1.name} ({d1}) was acquired before {p0.name} ({d0}); tracking follows the order given")
+    prompts = _track_prompts(args.p, args.t, baseline, args.world)
+    model_root = _resolve_model(args.m)
+    seg_model = None if args.t == "prev_mask" else load_model(model_root, args.t, folds=folds, device=args.device)
+    track_model = load_model(model_root, "prev_mask", folds=folds, device=args.device)
+    bar, update = _progress_bar(not args.disable_progress_bar, "tracking")
+    try:
+        result = track(images, prompts, track_model, seg_model=seg_model, registration=args.registration,
+                       progress=update)
+    finally:
+        bar.close()
+    t0 = time.perf_counter()
+    names = [_strip_ending(p.name) for p in paths]
+    for t, (path, name) in enumerate(zip(paths, names)):
+        ending = next(e for e in IMAGE_ENDINGS if path.name.endswith(e))
+        if t == 0 and args.t == "prev_mask":
+            continue  # the baseline masks are the user's input
+        for pid, mask in result.masks[t].items():
+            write_image(images[t].with_array(mask.astype(np.uint8)), out / f"{name}_lesion_{pid}{ending}")
+        write_image(result.labels[t], out / f"{name}_lesions{ending}")
+    rows = lesion_measurements(images, result.masks, result.status, names)
+    write_table(rows, out / "lesions")
+    _growth_plot(rows, out / "growth.png")
+    result.timings["writing"] = time.perf_counter() - t0
+    print(format_table([{k: r[k] for k in ("lesion_id", "timepoint", "status", "volume_ml", "long_axis_mm",
+                                          "short_axis_mm", "volume_change_vs_baseline_pct",
+                                          "recist_information_only")} for r in rows], digits=2))
+    print("time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
+    print(f"wrote {out / 'lesions.csv'}, {out / 'lesions.json'}, {out / 'growth.png'}")
+    return 1 if failed else 0
+
+
 def cmd_evaluate(args) -> int:
     from .metrics import aggregate, evaluate_folders, format_table, write_table
 
@@ -218,6 +332,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-label_type", "--label_type", choices=["instance", "semantic"], default="instance")
     p.add_argument("--world", action="store_true", help="write our LPS world JSON instead of voxel JSON")
     p.set_defaults(func=cmd_prompts)
+
+    t = sub.add_parser("track", help="segment and track lesions through follow-ups (upstream LesionLocator_track)")
+    t.add_argument("-bl", required=True, help="baseline scan")
+    t.add_argument("-fu", required=True, nargs="+", help="follow-up scans, in time order")
+    t.add_argument("-p", required=True, nargs="+", help="baseline prompt JSON (point/box), or for prev_mask one "
+                   "instance label image or several binary masks (one per lesion)")
+    t.add_argument("-t", default="prev_mask", choices=["point", "box", "prev_mask"], help="prompt type")
+    t.add_argument("-o", required=True, help="output folder")
+    t.add_argument("-m", default=None, help="model: a LesionLocatorCheckpoint folder or a model name")
+    t.add_argument("-f", nargs="+", default=None, help="folds (default: all present)")
+    t.add_argument("-device", "--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    t.add_argument("--registration", default="simpleitk", choices=["simpleitk", "greedy", "unigradicon", "none"])
+    t.add_argument("--world", action="store_true", help="prompt JSON is in LPS world millimetres")
+    t.add_argument("--disable_progress_bar", action="store_true")
+    t.set_defaults(func=cmd_track)
 
     e = sub.add_parser("evaluate", help="per-lesion Dice, NSD, CPM@25, MED of label images against ground truth")
     e.add_argument("--pred", required=True, help="folder of predicted instance label images")

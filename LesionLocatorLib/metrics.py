@@ -402,6 +402,51 @@ def recist_category(sum_diameters_by_timepoint):
     return out
 
 
+def lesion_measurements(images, masks_by_timepoint, status=None, names=None) -> list:
+    """One row per lesion and timepoint: volume (ml), RECIST-style long/short axis (mm),
+    change vs baseline and vs nadir (%, volume and long axis), status, and per
+    timepoint the RECIST 1.1 category of the sum of long axes (for information only).
+
+    ``images[t]``: the scan (geometry for world measurements); ``masks_by_timepoint[t]``:
+    {lesion id: bool (z, y, x)}; ``status[id][t]``: optional status strings;
+    ``names[t]``: optional timepoint names.
+    """
+    n = len(images)
+    names = list(names) if names else [f"t{t}" for t in range(n)]
+    ids = sorted({pid for masks in masks_by_timepoint for pid in masks})
+    rows, long_sum = [], [0.0] * n
+    per_lesion = {}
+    for pid in ids:
+        vols, longs, shorts = [], [], []
+        for t in range(n):
+            mask = masks_by_timepoint[t].get(pid)
+            if mask is None or not np.any(mask):
+                vols.append(0.0), longs.append(0.0), shorts.append(0.0)
+                continue
+            vols.append(lesion_volume_ml(mask, images[t].spacing_zyx))
+            long_mm, short_mm, _ = axial_diameters(images[t].with_array(np.asarray(mask, dtype=bool)))
+            longs.append(long_mm), shorts.append(short_mm)
+            long_sum[t] += long_mm
+        per_lesion[pid] = (vols, longs, shorts)
+    recist = recist_category(long_sum) if long_sum[0] > 0 else [None] * n
+    for pid in ids:
+        vols, longs, shorts = per_lesion[pid]
+        vchange, lchange = change_table(vols), change_table(longs)
+        for t in range(n):
+            rows.append({
+                "lesion_id": pid, "timepoint": names[t], "index": t,
+                "status": (status or {}).get(pid, ["-"] * n)[t],
+                "volume_ml": vols[t], "long_axis_mm": longs[t], "short_axis_mm": shorts[t],
+                "volume_change_vs_baseline_pct": vchange[t]["change_vs_baseline_pct"],
+                "volume_change_vs_nadir_pct": vchange[t]["change_vs_nadir_pct"],
+                "long_axis_change_vs_baseline_pct": lchange[t]["change_vs_baseline_pct"],
+                "long_axis_change_vs_nadir_pct": lchange[t]["change_vs_nadir_pct"],
+                "sum_long_axes_mm": long_sum[t],
+                "recist_information_only": recist[t],
+            })
+    return rows
+
+
 # ------------------------------------------------------------------------ tracking
 def _label_array(img: Image, what: str) -> np.ndarray:
     a = img.array

@@ -292,10 +292,23 @@ def load_model(path, prompt_type: str = "point", folds=None, device: str = "auto
 
 
 def _network_state(weights: dict) -> dict:
-    """Strip a torch.compile prefix ('_orig_mod.') if the checkpoint has one."""
+    """The segmentation network's state dict from a checkpoint's ``network_weights``.
+
+    Strips a torch.compile prefix ('_orig_mod.'). Official LesionLocatorTrack
+    checkpoints hold a TrackNet: its U-Net under 'unet.' (used here) and the
+    uniGradICON registration network under 'reg_net.' (see :func:`registration_weights`).
+    """
     if any(k.startswith("_orig_mod.") for k in weights):
-        return {k.replace("_orig_mod.", "", 1): v for k, v in weights.items()}
+        weights = {k.replace("_orig_mod.", "", 1): v for k, v in weights.items()}
+    if any(k.startswith("unet.") for k in weights):
+        weights = {k[len("unet."):]: v for k, v in weights.items() if k.startswith("unet.")}
     return weights
+
+
+def registration_weights(model: "LoadedModel") -> dict:
+    """The 'reg_net.' tensors of a LesionLocatorTrack checkpoint (fold of the first weights), or {}."""
+    ckpt = load_checkpoint(model.folder / f"fold_{model.folds[0]}" / CHECKPOINT_NAME)
+    return {k[len("reg_net."):]: v for k, v in ckpt["network_weights"].items() if k.startswith("reg_net.")}
 
 
 def warn_if_not_ct(array: np.ndarray) -> None:

@@ -244,6 +244,38 @@ class ModelGrid:
         out[dst] = block
         return out
 
+    def mask_weights(self, axis: int):
+        """Like :meth:`data_weights` but linear where the data uses a cubic spline (masks)."""
+        method = self.data_methods[axis]
+        if method.startswith("spline"):
+            method = "spline1"
+        return _weights(self.cropped_shape[axis], self.model_shape[axis], method)
+
+    def extract_mask(self, mask: np.ndarray, lo, hi) -> np.ndarray:
+        """Binary mask (z, y, x, original grid) -> float32 0/1 model-grid block [lo, hi) in padded
+        coordinates: linear interpolation thresholded at 0.5, as nnU-Net resamples segmentations."""
+        out = np.zeros([h - l_ for l_, h in zip(lo, hi)], dtype=np.float32)
+        mlo = [max(l_ - p, 0) for l_, p in zip(lo, self.pad_lo)]
+        mhi = [min(h - p, m) for h, p, m in zip(hi, self.pad_lo, self.model_shape)]
+        if any(b <= a for a, b in zip(mlo, mhi)):
+            return out
+        mats, ranges = {}, []
+        for a in range(3):
+            w = self.mask_weights(a)[0][mlo[a]:mhi[a]]
+            cols = np.flatnonzero(np.any(w != 0, axis=0))
+            ranges.append((int(cols[0]), int(cols[-1]) + 1))
+            mats[a] = w[:, ranges[a][0]:ranges[a][1]]
+        src = mask[tuple(slice(c + r[0], c + r[1]) for c, r in zip(self.crop_lo, ranges))]
+        block = apply_axes(torch.from_numpy(np.ascontiguousarray(src, dtype=np.float32)), {2: mats[2], 1: mats[1], 0: mats[0]})
+        dst = tuple(slice(a - l_ + p, b - l_ + p) for a, b, l_, p in zip(mlo, mhi, lo, self.pad_lo))
+        out[dst] = (block.numpy() >= 0.5).astype(np.float32)
+        return out
+
+    def original_to_model(self, index_zyx) -> np.ndarray:
+        """Continuous original voxel index (z, y, x) -> continuous unpadded model-grid index."""
+        scale = np.asarray(self.model_shape) / np.asarray(self.cropped_shape)
+        return (np.asarray(index_zyx, float) - np.asarray(self.crop_lo) + 0.5) * scale - 0.5
+
     # ----------------------------------------------------------------- backward
     def prob_weights(self, axis: int):
         return _weights(self.model_shape[axis], self.cropped_shape[axis], self.prob_methods[axis])

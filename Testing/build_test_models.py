@@ -115,6 +115,17 @@ def checkpoint_dict(weights: dict, plans: dict, trainer: str = "LesionLocatorTra
     }
 
 
+def track_net_weights(unet_weights: dict, seed: int) -> dict:
+    """A TrackNet state dict as in official LesionLocatorTrack checkpoints: the U-Net under
+    'unet.', a (placeholder, random) registration network under 'reg_net.', and the
+    'unet_patch_size' buffer."""
+    g = torch.Generator().manual_seed(seed)
+    out = {f"unet.{k}": v for k, v in unet_weights.items()}
+    out["reg_net.regis_net.netPhi.down_convs.0.weight"] = torch.randn((16, 2, 3, 3, 3), generator=g) * 0.1
+    out["reg_net.regis_net.netPhi.down_convs.0.bias"] = torch.zeros(16)
+    return out
+
+
 def write_model_folder(folder: Path, plans: dict, folds=(0,), seed: int = 0,
                        trainer: str = "LesionLocatorTrainerSegment") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
@@ -125,6 +136,9 @@ def write_model_folder(folder: Path, plans: dict, folds=(0,), seed: int = 0,
         torch.manual_seed(seed + f)
         net = build_network(plans, "3d_fullres", DATASET_JSON)
         weights = perturb(net, seed + 1000 * f)
+        if trainer == "LesionLocatorTrainerTrack":
+            weights = track_net_weights(weights, seed + f)
+            weights["unet_patch_size"] = torch.tensor(plans["configurations"]["3d_fullres"]["patch_size"])
         (folder / f"fold_{f}").mkdir(exist_ok=True)
         torch.save(checkpoint_dict(weights, plans, trainer, f), folder / f"fold_{f}" / "checkpoint_final.pth")
     return folder
@@ -136,11 +150,14 @@ RESENC_L = dict(features=(32, 64, 128, 256, 320, 320), blocks=(1, 3, 4, 6, 6, 6)
 
 def build_tiny_checkpoint(root: Path, folds=(0,), seed: int = 0, resampling="resample_data_or_seg_to_shape",
                           spacing=(1.0, 0.8, 0.8)) -> Path:
-    """Write a tiny model root ``root/LesionLocatorCheckpoint`` (point + box models) and return it."""
+    """Write a tiny model root ``root/LesionLocatorCheckpoint`` (point, box and Track models)."""
     ckpt = Path(root) / "LesionLocatorCheckpoint"
     plans = make_plans(TINY["features"], TINY["blocks"], TINY["patch"], spacing, resampling)
     for i, sub in enumerate(("point_optimized", "bbox_optimized")):
         write_model_folder(ckpt / "LesionLocatorSeg" / sub, plans, folds, seed + i)
+    track_plans = make_plans(TINY["features"], TINY["blocks"], TINY["patch"], (3.0, 0.84, 0.84), resampling,
+                             name="LesionLocatorTrack")
+    write_model_folder(ckpt / "LesionLocatorTrack", track_plans, folds, seed + 2, trainer="LesionLocatorTrainerTrack")
     return ckpt
 
 

@@ -1,0 +1,188 @@
+"""Autoregressive lesion tracking through follow-up scans.
+
+For timepoints t = 1..N (in the order given): register scan t (fixed) to scan
+t-1 (moving) once, warp every lesion's mask from t-1 onto scan t, and segment
+all lesions of scan t in one batch with the warped masks as prompts. The new
+masks become the prompts for t+1. Lesion identity is the prompt ID throughout.
+
+Each lesion gets a status per timepoint:
+
+* ``tracked``: a non-empty mask was predicted;
+* ``vanished``: the network predicted nothing at the warped location (the mask is
+  empty: never a guess); the warped location keeps being followed, so a lesion
+  that comes back is found again;
+* ``outside``: the warped lesion lies outside the scan's field of view.
+
+Images are :class:`~LesionLocatorLib.image.Image` (arrays (z, y, x), LPS world).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from .image import Image
+from .predict import CancelToken, segment
+from .prompts import MaskPrompt, PromptError
+
+STATUSES = ("tracked", "vanished", "outside")
+
+
+@dataclass
+class TrackResult:
+    """``masks[t][id]``: bool (z, y, x) on scan t; ``labels[t]``: instance label Image;
+    ``status[id][t]``: one of STATUSES; ``transforms[t-1]``: registration of scan t
+    (fixed) to scan t-1 (moving); ``timings``: seconds per stage."""
+    masks: list
+    labels: list
+    status: dict
+    transforms: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def lesion_ids(self) -> list:
+        return sorted(self.status)
+
+
+def _baseline_masks(image: Image, prompts, seg_model, progress, cancel, timings) -> dict:
+    """Baseline masks {id: bool array} from a label Image, MaskPrompts, or point/box prompts."""
+    if isinstance(prompts, Image):
+        if not prompts.same_geometry(image):
+            raise PromptError("the baseline label image does not have the baseline scan's geometry "
+                              "(size, spacing, origin and direction must match)")
+        ids = [int(i) for i in np.unique(prompts.array) if i > 0]
+        if not ids:
+            raise PromptError("the baseline mask is empty: there is no lesion to track")
+        return {i: prompts.array == i for i in ids}
+    prompts = list(prompts)
+    if not prompts:
+        raise PromptError("no baseline prompts given")
+    if all(isinstance(p, MaskPrompt) for p in prompts):
+        masks = {}
+        for p in prompts:
+            m = p.mask.array > 0 if p.mask.same_geometry(image) else None
+            if m is None:
+                raise PromptError(f"lesion {p.id}: the baseline mask does not have the baseline scan's geometry")
+            if not m.any():
+                raise PromptError(f"lesion {p.id}: the baseline mask is empty")
+            masks[p.id] = m
+        _warn_overlaps(masks)
+        return masks
+    if seg_model is None:
+        raise ValueError("point/box baseline prompts need a segmentation model (seg_model)")
+    t0 = time.perf_counter()
+    result = segment(image, prompts, seg_model, progress=progress, cancel=cancel)
+    timings["baseline segmentation"] = time.perf_counter() - t0
+    return result.masks
+
+
+def _warn_overlaps(masks: dict) -> None:
+    ids = sorted(masks)
+    pairs = [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:] if np.any(masks[a] & masks[b])]
+    if pairs:
+        warnings.warn(f"baseline lesions overlap: {pairs}; each is tracked with its own mask", stacklevel=3)
+
+
+def _ball_mask(reference: Image, centre_zyx, radius_mm: float) -> np.ndarray:
+    zz, yy, xx = np.ogrid[tuple(slice(0, n) for n in reference.shape)]
+    sz, sy, sx = reference.spacing_zyx
+    d2 = ((zz - centre_zyx[0]) * sz) ** 2 + ((yy - centre_zyx[1]) * sy) ** 2 + ((xx - centre_zyx[2]) * sx) ** 2
+    return d2 <= radius_mm ** 2
+
+
+def warp_prompt(mask: np.ndarray, moving: Image, fixed: Image, transform) -> np.ndarray | None:
+    """Warp a lesion mask from scan ``moving`` onto scan ``fixed``; None if it leaves the field of view.
+
+    Linear interpolation + threshold 0.5; a lesion that thins out to nothing keeps
+    its mapped centre and equivalent-sphere radius (deterministic, from the transform).
+    """
+    warped = transform.warp_mask(moving.with_array(mask.astype(np.uint8)), fixed, linear=True, threshold=0.5)
+    warped = np.asarray(warped.array) > 0
+    if warped.any():
+        return warped
+    centre = moving.index_to_world(ndimage.center_of_mass(mask))
+    mapped = transform.map_points(np.asarray([centre]))[0]
+    index = fixed.world_to_index(mapped)
+    if not fixed.contains_index(index):
+        return None
+    volume = mask.sum() * np.prod(moving.spacing)
+    radius = max((3 * volume / (4 * np.pi)) ** (1 / 3), max(fixed.spacing))
+    ball = _ball_mask(fixed, index, radius)
+    return ball if ball.any() else None
+
+
+def track(images, prompts, track_model, seg_model=None, registration: str = "simpleitk",
+          registration_options: dict | None = None, progress=None, cancel: CancelToken | None = None
+          ) -> TrackResult:
+    """Track lesions from ``images[0]`` (baseline) through ``images[1:]`` in the given order.
+
+    ``prompts``: a baseline instance label Image, MaskPrompts, or Point/Box prompts
+    (then ``seg_model`` segments the baseline first). ``track_model``: a model that
+    takes previous-mask prompts (LesionLocatorTrack, or any segmentation model).
+    ``registration``: backend name of :func:`LesionLocatorLib.register.register`.
+    """
+    from .register import register
+
+    images = list(images)
+    if len(images) < 2:
+        raise ValueError("tracking needs a baseline and at least one follow-up scan")
+    report = progress or (lambda f, m: None)
+    n_steps = len(images)
+    timings = {"registration": 0.0, "warping": 0.0, "segmentation": 0.0}
+    masks = [_baseline_masks(images[0], prompts, seg_model,
+                             lambda f, m: report(f / n_steps, f"baseline: {m}"), cancel, timings)]
+    status = {pid: ["tracked" if m.any() else "vanished"] for pid, m in masks[0].items()}
+    carried = {pid: m for pid, m in masks[0].items() if m.any()}  # last known location per lesion
+    transforms = []
+    for t in range(1, len(images)):
+        if cancel is not None:
+            cancel.check()
+        fixed, moving = images[t], images[t - 1]
+        report(t / n_steps, f"registering scan {t} to scan {t - 1}")
+        t0 = time.perf_counter()
+        transform = register(fixed, moving, backend=registration, **(registration_options or {}))
+        timings["registration"] += time.perf_counter() - t0
+        transforms.append(transform)
+        t0 = time.perf_counter()
+        prompts_t, next_carried, now = [], {}, {}
+        for pid in sorted(status):
+            if pid not in carried:
+                status[pid].append(status[pid][-1] if status[pid][-1] == "outside" else "vanished")
+                now[pid] = np.zeros(fixed.shape, bool)
+                continue
+            warped = warp_prompt(carried[pid], moving, fixed, transform)
+            if warped is None:
+                status[pid].append("outside")
+                now[pid] = np.zeros(fixed.shape, bool)
+                continue
+            prompts_t.append(MaskPrompt(pid, fixed.with_array(warped)))
+            next_carried[pid] = warped
+        timings["warping"] += time.perf_counter() - t0
+        if prompts_t:
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="the network found no lesion")
+                result = segment(fixed, prompts_t, track_model, cancel=cancel,
+                                 progress=lambda f, m: report((t + f) / n_steps, f"scan {t}: {m}"))
+            timings["segmentation"] += time.perf_counter() - t0
+            for p in prompts_t:
+                mask = result.masks[p.id]
+                now[p.id] = mask
+                status[p.id].append("tracked" if mask.any() else "vanished")
+                if mask.any():
+                    next_carried[p.id] = mask
+        masks.append(now)
+        carried = next_carried
+    labels = [_labels(images[t], masks[t]) for t in range(len(images))]
+    report(1.0, "done")
+    return TrackResult(masks, labels, status, transforms, timings)
+
+
+def _labels(image: Image, masks: dict) -> Image:
+    lab = np.zeros(image.shape, np.uint16)
+    for pid in sorted(masks):
+        lab[masks[pid] & (lab == 0)] = pid
+    return image.with_array(lab)
