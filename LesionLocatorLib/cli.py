@@ -286,6 +286,23 @@ def cmd_track(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_train(args) -> int:
+    import json as _json
+    from .train import find_pairs, make_plans, train
+
+    pairs = find_pairs(args.images, args.labels)
+    val = find_pairs(args.val_images, args.val_labels) if args.val_images else None
+    if args.plans:
+        plans = _json.loads(Path(args.plans).read_text())
+    else:
+        plans = make_plans(args.features, args.blocks, args.patch, args.spacing)
+    root = train(pairs, args.o, plans, epochs=args.epochs, iterations_per_epoch=args.iterations,
+                 batch_size=args.batch_size, initial_lr=args.lr, seed=args.seed, init_from=args.init,
+                 device=args.device, val_pairs=val)
+    print(f"model written to {root} (learning curves: {Path(args.o) / 'progress.png'})")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .metrics import aggregate, evaluate_folders, format_table, write_table
 
@@ -347,6 +364,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--world", action="store_true", help="prompt JSON is in LPS world millimetres")
     t.add_argument("--disable_progress_bar", action="store_true")
     t.set_defaults(func=cmd_track)
+
+    r = sub.add_parser("train", help="train or fine-tune a promptable model; writes the official layout")
+    r.add_argument("--images", required=True, help="folder of CT images")
+    r.add_argument("--labels", required=True, help="folder of instance label images with the same names")
+    r.add_argument("--val-images", "--val_images", dest="val_images", default=None)
+    r.add_argument("--val-labels", "--val_labels", dest="val_labels", default=None)
+    r.add_argument("-o", required=True, help="output folder (resumes if it holds checkpoint_latest.pth)")
+    r.add_argument("--plans", default=None, help="plans.json to use (default: a small ResEnc U-Net from the flags)")
+    r.add_argument("--features", nargs="+", type=int, default=[16, 32, 64, 128])
+    r.add_argument("--blocks", nargs="+", type=int, default=[1, 2, 2, 2])
+    r.add_argument("--patch", nargs=3, type=int, default=[64, 96, 96], help="patch size z y x (voxels)")
+    r.add_argument("--spacing", nargs=3, type=float, default=[2.0, 1.5, 1.5], help="model spacing z y x (mm)")
+    r.add_argument("--epochs", type=int, default=50)
+    r.add_argument("--iterations", type=int, default=50, help="iterations per epoch")
+    r.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=2)
+    r.add_argument("--lr", type=float, default=1e-2)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--init", default=None, help="checkpoint to fine-tune from (same architecture)")
+    r.add_argument("-device", "--device", default="auto")
+    r.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="per-lesion Dice, NSD, CPM@25, MED of label images against ground truth")
     e.add_argument("--pred", required=True, help="folder of predicted instance label images")

@@ -56,8 +56,10 @@ def test_missing_fold_and_wrong_layout_errors(tiny_model_root, tmp_path):
         check_model_root(tmp_path)
     with pytest.raises(ModelLayoutError, match="model folder not found"):
         find_model_folder(tmp_path / "nope", "point")
+    no_track = shutil.copytree(tiny_model_root, tmp_path / "copy" / "LesionLocatorCheckpoint")
+    shutil.rmtree(no_track / "LesionLocatorTrack")
     with pytest.raises(ModelLayoutError, match=r"no 'prev_mask' model in .*LesionLocatorTrack is missing"):
-        find_model_folder(tiny_model_root, "prev_mask")
+        find_model_folder(no_track, "prev_mask")
 
 
 def test_corrupt_and_truncated_checkpoints(tiny_model_root, tmp_path):

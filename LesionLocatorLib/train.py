@@ -1,0 +1,391 @@
+"""Train or fine-tune a promptable lesion segmentation network, nnU-Net style.
+
+Data: pairs of CT images and instance label images (label value = lesion ID),
+matched by file name. Each training sample picks an image, a lesion and a prompt
+type, cuts the patch the network would see at inference (the same model grid as
+:mod:`LesionLocatorLib.predict`, so training and inference see identical inputs)
+and simulates the prompt as the paper describes (section 2.5):
+
+* point: a random voxel of the lesion, drawn as a ball of radius 5 voxels;
+* box: the lesion's bounding box grown by U[0, 10] voxels on each side;
+* mask: the lesion mask, perturbed (shifted, dilated or eroded) as a propagated
+  previous mask would be.
+
+Loss: Dice + cross-entropy with deep supervision; SGD (Nesterov) with a poly
+learning rate; AMP on CUDA. The output is a model root in the official layout
+(``LesionLocatorCheckpoint/LesionLocatorSeg/{point,bbox}_optimized`` and
+``LesionLocatorTrack``, all the same multi-prompt network), so the normal loader
+runs it. Training resumes from ``checkpoint_latest.pth``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .image import Image, nonzero_bbox, read_image
+from .modelgrid import ModelGrid, ct_normalizer
+from .prompts import box_to_model_grid, paint_prompt, point_to_model_grid
+
+DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lesion": 1},
+                "numTraining": 0, "file_ending": ".nii.gz"}
+CT_INTENSITIES = {  # upstream's published LesionLocatorSeg plans
+    "max": 3603.951904296875, "mean": -63.00682013436269, "median": 37.23089790344238,
+    "min": -1411.0, "percentile_00_5": -918.0, "percentile_99_5": 723.0, "std": 282.3602283405916,
+}
+PROMPT_TYPES = ("point", "box", "mask")
+
+
+class TrainingDataError(ValueError):
+    """Training images and labels that do not match."""
+
+
+def make_plans(features, blocks, patch, spacing=(1.0, 0.8, 0.8), resampling="resample_data_or_seg_to_shape",
+               name="LesionLocatorSeg", intensities=None) -> dict:
+    """nnU-Net v2 plans (one '3d_fullres' configuration) for a ResidualEncoderUNet.
+
+    ``features``/``blocks`` per stage; ``patch`` and ``spacing`` (mm) in (z, y, x).
+    """
+    n = len(features)
+    if resampling == "resample_torch_fornnunet":
+        data_kw = {"is_seg": False, "memefficient_seg_resampling": True, "force_separate_z": False}
+        prob_kw = dict(data_kw)
+    else:
+        data_kw = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+        prob_kw = {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None}
+    config = {
+        "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": 2, "patch_size": list(patch), "median_image_size_in_voxels": [310.0, 512.0, 513.0],
+        "spacing": list(spacing), "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
+        "resampling_fn_data": resampling, "resampling_fn_seg": resampling,
+        "resampling_fn_data_kwargs": data_kw, "resampling_fn_seg_kwargs": dict(data_kw, is_seg=True),
+        "resampling_fn_probabilities": resampling, "resampling_fn_probabilities_kwargs": prob_kw,
+        "architecture": {
+            "network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+            "arch_kwargs": {
+                "n_stages": n, "features_per_stage": list(features), "conv_op": "torch.nn.modules.conv.Conv3d",
+                "kernel_sizes": [[3, 3, 3]] * n, "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n - 1),
+                "n_blocks_per_stage": list(blocks), "n_conv_per_stage_decoder": [1] * (n - 1),
+                "conv_bias": True, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+                "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+            },
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+        },
+        "batch_dice": True,
+    }
+    return {
+        "dataset_name": name, "plans_name": "nnUNetResEncUNetLPlans",
+        "original_median_spacing_after_transp": [3.0, 0.7890625, 0.7890625],
+        "original_median_shape_after_transp": [126, 512, 512], "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+        "configurations": {"3d_fullres": config}, "experiment_planner_used": "nnUNetPlannerResEncL",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {"0": dict(intensities or CT_INTENSITIES)},
+    }
+
+
+def checkpoint_dict(weights: dict, plans: dict, trainer: str = "LesionLocatorTrainerSegment", fold: int = 0,
+                    logging: dict | None = None, epoch: int = 0, optimizer_state=None, grad_scaler_state=None) -> dict:
+    """A checkpoint with the entries nnU-Net / LesionLocator training writes."""
+    return {
+        "network_weights": weights,
+        "optimizer_state": optimizer_state if optimizer_state is not None else {"state": {}, "param_groups": []},
+        "grad_scaler_state": grad_scaler_state,
+        "logging": logging if logging is not None else {},
+        "_best_ema": max((logging or {}).get("ema_fg_dice", [0.0]) or [0.0]),
+        "current_epoch": epoch,
+        "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": fold,
+                      "dataset_json": DATASET_JSON, "device": torch.device("cpu")},
+        "trainer_name": trainer,
+        "inference_allowed_mirroring_axes": (0, 1, 2),
+    }
+
+
+def save_atomically(obj, path: Path) -> Path:
+    """torch.save to a temporary file beside ``path``, then rename: a full disk or a crash
+    never leaves a truncated file under ``path`` (the previous version stays)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, f"could not write {path}: {e.strerror or e}; the previous file is unchanged") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+# ------------------------------------------------------------------------------ data
+@dataclass
+class Case:
+    name: str
+    image: Image
+    labels: np.ndarray
+    grid: ModelGrid
+    lesions: dict  # id -> (slices of its bounding box, voxel indices (N, 3))
+
+
+def find_pairs(images_dir, labels_dir) -> list:
+    """(image, label) paths matched by name; clear errors for unmatched files."""
+    images_dir, labels_dir = Path(images_dir), Path(labels_dir)
+    for d in (images_dir, labels_dir):
+        if not d.is_dir():
+            raise TrainingDataError(f"training folder not found: {d}")
+
+    def stem(p: Path) -> str:
+        n = p.name
+        for e in (".nii.gz", ".nii", ".nrrd", ".mha"):
+            if n.endswith(e):
+                return n[: -len(e)]
+        return n
+    imgs = {stem(p): p for p in sorted(images_dir.iterdir()) if stem(p) != p.name}
+    labs = {stem(p): p for p in sorted(labels_dir.iterdir()) if stem(p) != p.name}
+    if not imgs:
+        raise TrainingDataError(f"no images in {images_dir}")
+    if set(imgs) != set(labs):
+        raise TrainingDataError(f"images and labels do not match by name: images without label "
+                                f"{sorted(set(imgs) - set(labs))}, labels without image {sorted(set(labs) - set(imgs))}")
+    return [(imgs[k], labs[k]) for k in sorted(imgs)]
+
+
+def load_case(image_path, label_path, configuration: dict) -> Case:
+    image, labels = read_image(image_path), read_image(label_path)
+    if not image.same_geometry(labels):
+        raise TrainingDataError(f"{label_path} does not have the geometry of {image_path} "
+                                f"(size {labels.shape} vs {image.shape}, spacing {labels.spacing} vs {image.spacing})")
+    lab = np.asarray(labels.array).astype(np.int32)
+    grid = ModelGrid.for_image(image.array, nonzero_bbox(image.array), image.spacing_zyx, configuration)
+    lesions = {}
+    for pid, sl in enumerate(ndimage.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        idx = np.argwhere(lab[sl] == pid) + [s.start for s in sl]
+        lesions[pid] = (sl, idx)
+    if not lesions:
+        raise TrainingDataError(f"{label_path} has no lesion")
+    return Case(Path(image_path).name, image, lab, grid, lesions)
+
+
+def simulate_sample(case: Case, rng: np.random.Generator, patch, normalize, prompt_type: str) -> tuple:
+    """(input (2, *patch) float32, target (1, *patch) float32) for one random lesion of ``case``."""
+    grid = case.grid
+    pid = int(rng.choice(list(case.lesions)))
+    sl, idx = case.lesions[pid]
+    lesion = case.labels == pid
+    voxel = idx[rng.integers(len(idx))]
+    centre = np.round(grid.original_to_model(voxel)).astype(int) + np.asarray(grid.pad_lo)
+    jitter = rng.integers(-np.asarray(patch) // 4, np.asarray(patch) // 4 + 1)
+    lo = np.clip(centre - np.asarray(patch) // 2 + jitter, 0, np.maximum(np.asarray(grid.padded_shape) - patch, 0))
+    hi = lo + np.asarray(patch)
+    x = np.zeros((2,) + tuple(patch), np.float32)
+    x[0] = grid.extract(case.image.array, lo, hi, normalize)
+    y = grid.extract_mask(lesion, lo, hi)[None]
+    offset = tuple(int(a - p) for a, p in zip(lo, grid.pad_lo))
+    if prompt_type == "point":
+        paint_prompt(x[1], "point", point_to_model_grid(voxel, grid.crop_lo, grid.cropped_shape, grid.model_shape),
+                     offset)
+    elif prompt_type == "box":
+        box = box_to_model_grid([v for s in sl for v in (s.start, s.stop)], grid.crop_lo, grid.cropped_shape,
+                                grid.model_shape).reshape(3, 2)
+        grow = rng.integers(0, 11, size=(3, 2))
+        box = np.stack([np.maximum(box[:, 0] - grow[:, 0], 0),
+                        np.minimum(box[:, 1] + grow[:, 1], grid.model_shape)], 1)
+        paint_prompt(x[1], "box", box.ravel(), offset)
+    else:
+        x[1] = grid.extract_mask(perturb_mask(lesion, sl, rng), lo, hi)
+    # mirroring augmentation (the axes test-time augmentation uses) and mild intensity jitter
+    for axis in (1, 2, 3):
+        if rng.random() < 0.5:
+            x, y = np.flip(x, axis), np.flip(y, axis)
+    x[0] = x[0] * rng.uniform(0.9, 1.1) + rng.uniform(-0.1, 0.1)
+    return np.ascontiguousarray(x), np.ascontiguousarray(y)
+
+
+def perturb_mask(mask: np.ndarray, sl, rng: np.random.Generator) -> np.ndarray:
+    """A previous-timepoint-like version of a lesion mask: shifted by up to a fifth of its
+    extent (at most 2 voxels) per axis and dilated or eroded by one voxel (never empty)."""
+    pad = 4
+    box = tuple(slice(max(s.start - pad, 0), s.stop + pad) for s in sl)
+    part = mask[box]
+    limit = np.minimum(2, np.array([(s.stop - s.start) // 5 for s in sl]))
+    shift = rng.integers(-limit, limit + 1)
+    part = ndimage.shift(part.astype(np.uint8), shift, order=0) > 0
+    op = rng.integers(3)
+    if op == 1:
+        part = ndimage.binary_dilation(part)
+    elif op == 2 and ndimage.binary_erosion(part).any():
+        part = ndimage.binary_erosion(part)
+    out = np.zeros_like(mask)
+    out[box] = part if part.any() else mask[box]
+    return out
+
+
+# ------------------------------------------------------------------------------ training
+def _downsample_targets(y: torch.Tensor, n_outputs: int) -> list:
+    out = [y]
+    for _ in range(n_outputs - 1):
+        out.append(torch.nn.functional.max_pool3d(out[-1], 2))
+    return out
+
+
+def _dice(pred: torch.Tensor, y: torch.Tensor) -> float:
+    p, t = pred.bool(), y.bool()
+    denom = p.sum() + t.sum()
+    return 1.0 if denom == 0 else float(2 * (p & t).sum() / denom)
+
+
+def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: int = 50, batch_size: int = 2,
+          initial_lr: float = 1e-2, seed: int = 0, init_from=None, device: str = "auto", val_pairs=None,
+          val_samples: int = 16, prompt_types=PROMPT_TYPES, progress=None, log=print) -> Path:
+    """Train (or fine-tune from ``init_from``, a checkpoint of the same architecture) and write a
+    model root ``out_dir/LesionLocatorCheckpoint``. Resumes from ``out_dir/checkpoint_latest.pth``."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from .model import _network_state, load_checkpoint, select_device
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = select_device(device)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    config = plans["configurations"]["3d_fullres"]
+    patch = tuple(config["patch_size"])
+    normalize = ct_normalizer(plans["foreground_intensity_properties_per_channel"]["0"])
+    cases = [load_case(i, lab, config) for i, lab in pairs]
+    val_cases = [load_case(i, lab, config) for i, lab in (val_pairs or [])] or cases
+    cm = PlansManager(plans).get_configuration("3d_fullres")
+    network = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                     cm.network_arch_init_kwargs_req_import, 2, 2, allow_init=True,
+                                     deep_supervision=True).to(dev)
+    n_out = len(config["architecture"]["arch_kwargs"]["features_per_stage"]) - 1
+    weights = np.array([1 / (2 ** i) for i in range(n_out)])
+    weights[-1] = 0
+    weights = weights / weights.sum()
+    loss_fn = DeepSupervisionWrapper(DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False},
+                                                    {}, weight_ce=1, weight_dice=1,
+                                                    dice_class=MemoryEfficientSoftDiceLoss), weights)
+    optimizer = torch.optim.SGD(network.parameters(), initial_lr, weight_decay=3e-5, momentum=0.99, nesterov=True)
+    scheduler = PolyLRScheduler(optimizer, initial_lr, epochs)
+    scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" else None
+    logging = {"train_losses": [], "val_dice": [], "ema_fg_dice": [], "lrs": [], "epoch_seconds": []}
+    start_epoch = 0
+    latest = out_dir / "checkpoint_latest.pth"
+    if latest.exists():
+        ckpt = load_checkpoint(latest)
+        network.load_state_dict(ckpt["network_weights"])
+        optimizer.load_state_dict(ckpt["optimizer_state"])
+        logging = ckpt["logging"]
+        start_epoch = int(ckpt["current_epoch"])
+        rng = np.random.default_rng([seed, start_epoch])
+        log(f"resuming from {latest} at epoch {start_epoch}")
+    elif init_from is not None:
+        state = _network_state(load_checkpoint(init_from)["network_weights"])
+        missing = network.load_state_dict(state, strict=False)
+        log(f"initialised from {init_from} (missing keys: {len(missing.missing_keys)})")
+    val_rng = np.random.default_rng(seed + 999)
+    val_set = [simulate_sample(val_cases[i % len(val_cases)], val_rng, patch, normalize,
+                               prompt_types[i % len(prompt_types)]) for i in range(val_samples)]
+    from tqdm import tqdm
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        scheduler.step(epoch)
+        network.train()
+        losses = []
+        bar = tqdm(range(iterations_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", leave=False)
+        for _ in bar:
+            samples = [simulate_sample(cases[rng.integers(len(cases))], rng, patch, normalize,
+                                       prompt_types[rng.integers(len(prompt_types))]) for _ in range(batch_size)]
+            x = torch.from_numpy(np.stack([s[0] for s in samples])).to(dev)
+            y = torch.from_numpy(np.stack([s[1] for s in samples])).to(dev)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", enabled=scaler is not None):
+                out = network(x)
+                loss = loss_fn(out, _downsample_targets(y, len(out)))
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+                optimizer.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix_str(f"loss {np.mean(losses):.3f}")
+        network.eval()
+        with torch.no_grad():
+            dices = [_dice(network(torch.from_numpy(x[None]).to(dev))[0].argmax(1), torch.from_numpy(y).to(dev))
+                     for x, y in val_set]
+        val = float(np.mean(dices))
+        logging["train_losses"].append(float(np.mean(losses)))
+        logging["val_dice"].append(val)
+        ema = val if not logging["ema_fg_dice"] else 0.9 * logging["ema_fg_dice"][-1] + 0.1 * val
+        logging["ema_fg_dice"].append(ema)
+        logging["lrs"].append(float(optimizer.param_groups[0]["lr"]))
+        logging["epoch_seconds"].append(time.perf_counter() - t0)
+        log(f"epoch {epoch + 1}/{epochs}: loss {logging['train_losses'][-1]:.4f}, validation Dice {val:.3f}, "
+            f"{logging['epoch_seconds'][-1]:.0f} s")
+        save_atomically(checkpoint_dict(network.state_dict(), plans, logging=logging, epoch=epoch + 1,
+                                        optimizer_state=optimizer.state_dict()), latest)
+        plot_curves(logging, out_dir / "progress.png")
+        if progress:
+            progress((epoch + 1) / epochs, f"epoch {epoch + 1}: validation Dice {val:.3f}")
+    return export_model(network.state_dict(), plans, logging, epochs, out_dir)
+
+
+def export_model(state: dict, plans: dict, logging: dict, epochs: int, out_dir: Path) -> Path:
+    """Write the trained network as a model root in the official layout (one multi-prompt
+    network for point, box and previous-mask prompts)."""
+    root = Path(out_dir) / "LesionLocatorCheckpoint"
+    state = {k: v.detach().cpu() for k, v in state.items()}
+    # the deep-supervision heads are ordinary decoder layers: the keys equal the inference network's
+    for folder, trainer, weights in (
+            (root / "LesionLocatorSeg" / "point_optimized", "LesionLocatorTrainerSegment", state),
+            (root / "LesionLocatorSeg" / "bbox_optimized", "LesionLocatorTrainerSegment", state),
+            (root / "LesionLocatorTrack", "LesionLocatorTrainerTrack", {f"unet.{k}": v for k, v in state.items()})):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "plans.json").write_text(json.dumps(plans, indent=1))
+        (folder / "dataset.json").write_text(json.dumps(DATASET_JSON, indent=1))
+        save_atomically(checkpoint_dict(weights, plans, trainer, logging=logging, epoch=epochs),
+                        folder / "fold_0" / "checkpoint_final.pth")
+    return root
+
+
+def plot_curves(logging: dict, path: Path) -> None:
+    """Training loss, validation Dice and its moving average per epoch, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    epochs = range(1, len(logging["train_losses"]) + 1)
+    ax.plot(epochs, logging["train_losses"], label="training loss")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, logging["val_dice"], color="tab:green", label="validation Dice")
+    ax2.plot(epochs, logging["ema_fg_dice"], color="tab:olive", linestyle="--", label="Dice (moving average)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax2.set_ylabel("Dice")
+    ax2.set_ylim(0, 1)
+    fig.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    tmp = Path(path).with_name(".tmp_" + Path(path).name)
+    fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,107 @@
+"""Training: a few iterations of the tiny network, the official layout, resume, bad data, full disk."""
+import errno
+
+import numpy as np
+import pytest
+import torch
+
+from LesionLocatorLib import train as train_module
+from LesionLocatorLib.image import write_image
+from LesionLocatorLib.model import load_checkpoint, load_model
+from LesionLocatorLib.predict import segment
+from LesionLocatorLib.prompts import MaskPrompt, Point
+from LesionLocatorLib.train import TrainingDataError, find_pairs, make_plans, save_atomically, train
+from phantoms import ct_phantom
+
+PLANS = make_plans((4, 8, 16), (1, 1, 1), (32, 48, 48), spacing=(2.5, 1.5, 1.5))
+
+
+@pytest.fixture()
+def data(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for i, seed in enumerate((1, 2)):
+        img, lab = ct_phantom(shape_zyx=(24, 64, 64), seed=seed,
+                              lesions=[((12, 30, 25), 7.0, 110), ((10, 40, 45), 5.0, -30)])
+        write_image(img, tmp_path / "images" / f"c{i}.nii.gz")
+        write_image(lab, tmp_path / "labels" / f"c{i}.nii.gz")
+    return tmp_path
+
+
+def test_few_iterations_write_a_loadable_model_in_the_official_layout(data):
+    pairs = find_pairs(data / "images", data / "labels")
+    root = train(pairs, data / "run", PLANS, epochs=2, iterations_per_epoch=2, batch_size=2, val_samples=3,
+                 device="cpu", log=lambda m: None)
+    assert (data / "run" / "progress.png").read_bytes()[:4] == b"\x89PNG"
+    for kind in ("point", "box", "prev_mask"):
+        model = load_model(root, kind, device="cpu")
+        assert model.patch_size == (32, 48, 48)
+    ckpt = load_checkpoint(root / "LesionLocatorSeg" / "point_optimized" / "fold_0" / "checkpoint_final.pth")
+    assert set(ckpt) >= {"network_weights", "optimizer_state", "logging", "init_args", "trainer_name",
+                         "inference_allowed_mirroring_axes", "current_epoch"}
+    assert ckpt["init_args"]["configuration"] == "3d_fullres" and ckpt["current_epoch"] == 2
+    assert len(ckpt["logging"]["val_dice"]) == 2
+    img, lab = ct_phantom(shape_zyx=(24, 64, 64), lesions=[((12, 30, 25), 7.0, 110)])
+    seg = segment(img, [Point(1, tuple(img.index_to_world([12, 30, 25])))], load_model(root, "point", device="cpu"))
+    assert seg.labels.same_geometry(img)
+    trk = segment(img, [MaskPrompt(1, lab)], load_model(root, "prev_mask", device="cpu"))
+    assert trk.masks[1].shape == img.shape
+
+
+def test_resume_continues_from_the_last_epoch(data):
+    pairs = find_pairs(data / "images", data / "labels")
+    logs = []
+    train(pairs, data / "run", PLANS, epochs=1, iterations_per_epoch=1, val_samples=2, device="cpu", log=logs.append)
+    logs.clear()
+    train(pairs, data / "run", PLANS, epochs=2, iterations_per_epoch=1, val_samples=2, device="cpu", log=logs.append)
+    assert any("resuming from" in m and "at epoch 1" in m for m in logs)
+    assert sum(m.startswith("epoch ") for m in logs) == 1, "only the missing epoch runs"
+
+
+def test_mismatched_training_folders(data):
+    (data / "labels" / "c1.nii.gz").rename(data / "labels" / "other.nii.gz")
+    with pytest.raises(TrainingDataError, match=r"images and labels do not match by name: images without label "
+                                                r"\['c1'\], labels without image \['other'\]"):
+        find_pairs(data / "images", data / "labels")
+    img, _ = ct_phantom(shape_zyx=(24, 64, 64))
+    _, small = ct_phantom(shape_zyx=(24, 60, 64))
+    write_image(img, data / "images" / "g.nii.gz")
+    write_image(small, data / "labels" / "g.nii.gz")
+    with pytest.raises(TrainingDataError, match="does not have the geometry of"):
+        train_module.load_case(data / "images" / "g.nii.gz", data / "labels" / "g.nii.gz",
+                               PLANS["configurations"]["3d_fullres"])
+
+
+def test_full_disk_leaves_no_truncated_checkpoint(tmp_path, monkeypatch):
+    target = tmp_path / "fold_0" / "checkpoint_final.pth"
+    save_atomically({"network_weights": {"w": torch.ones(3)}}, target)
+    before = target.read_bytes()
+
+    def full_disk(obj, path, *a, **k):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"could not write .*checkpoint_final.pth: No space left on device; the "
+                                      r"previous file is unchanged"):
+        save_atomically({"network_weights": {}}, target)
+    assert target.read_bytes() == before
+    assert [p.name for p in target.parent.iterdir()] == ["checkpoint_final.pth"]
+
+
+def test_prompt_simulation_targets_the_chosen_lesion_only(data):
+    case = train_module.load_case(data / "images" / "c0.nii.gz", data / "labels" / "c0.nii.gz",
+                                  PLANS["configurations"]["3d_fullres"])
+    normalize = train_module.ct_normalizer(PLANS["foreground_intensity_properties_per_channel"]["0"])
+    rng = np.random.default_rng(0)
+    for kind in ("point", "box", "mask"):
+        x, y = train_module.simulate_sample(case, rng, (32, 48, 48), normalize, kind)
+        assert x.shape == (2, 32, 48, 48) and y.shape == (1, 32, 48, 48)
+        assert x[1].any() and y.any(), f"{kind} prompt and target drawn"
+        if kind == "point":  # the click is a voxel of the lesion: the ball overlaps it
+            assert (x[1] * y[0]).sum() > 0
+        elif kind == "box":  # the (grown) box holds the whole target
+            assert (y[0] * (1 - x[1])).sum() == 0
+        else:  # a perturbed copy of the lesion
+            assert (x[1] * y[0]).sum() / x[1].sum() > 0.5
