@@ -134,12 +134,7 @@ def _save_npz(path: Path, probabilities: np.ndarray) -> None:
 
 
 def _resolve_model(name_or_path):
-    try:
-        from .zoo import resolve_model
-    except ImportError:
-        if name_or_path is None:
-            raise UsageError("no model given: pass -m MODEL_FOLDER") from None
-        return Path(name_or_path)
+    from .zoo import resolve_model
     return resolve_model(name_or_path)
 
 
@@ -393,20 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--match", type=float, default=25.0, help="centre distance for a hit in mm (default 25)")
     e.set_defaults(func=cmd_evaluate)
 
-    for register in _extra_commands():
-        register(sub)
+    from .zoo import add_cli_commands
+    add_cli_commands(sub)
     return ap
-
-
-def _extra_commands() -> list:
-    """Subcommands contributed by other modules (download/models, synth, evaluate, ...)."""
-    out = []
-    try:
-        from .zoo import add_cli_commands
-        out.append(add_cli_commands)
-    except ImportError:
-        pass
-    return out
 
 
 def main(argv=None) -> int:
