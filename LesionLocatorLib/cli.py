@@ -125,12 +125,10 @@ def cmd_segment(args) -> int:
 
 
 def _save_npz(path: Path, probabilities: np.ndarray) -> None:
-    import os
-    import tempfile
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    np.savez_compressed(tmp, probabilities=probabilities.astype(np.float16))
-    os.replace(tmp, path)
+    from .files import atomic_output
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, probabilities=probabilities.astype(np.float16))
 
 
 def _resolve_model(name_or_path):
@@ -221,10 +219,10 @@ def _growth_plot(rows, path: Path) -> None:
     ax.set_title("Lesion volume over time")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(".tmp_" + path.name)
-    fig.savefig(tmp, dpi=100, format="png")
+    from .files import atomic_output
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def cmd_track(args) -> int:

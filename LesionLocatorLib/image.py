@@ -12,13 +12,13 @@ Conventions used everywhere in the library:
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from .files import atomic_output
 
 
 class ImageError(ValueError):
@@ -134,19 +134,9 @@ def write_image(image: Image, path, compress: bool = True) -> Path:
 
     A crash or cancellation never leaves a truncated file under ``path``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    name = path.name
-    suffix = ".nii.gz" if name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image.to_sitk(), tmp, compress)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    with atomic_output(path) as tmp:
+        sitk.WriteImage(image.to_sitk(), str(tmp), compress)
+    return Path(path)
 
 
 def nonzero_bbox(array: np.ndarray) -> list:

@@ -41,12 +41,12 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+
+from .files import atomic_write_text
 from scipy.spatial import ConvexHull, QhullError
 
 from .image import Image, read_image
@@ -700,19 +700,6 @@ def _plain(v):
     return v
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_table(rows: list, out_prefix) -> tuple:
     """Write ``rows`` (a list of flat dicts) to ``<out_prefix>.csv`` and ``<out_prefix>.json``.
 
@@ -735,8 +722,8 @@ def write_table(rows: list, out_prefix) -> tuple:
         writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
     csv_path = out_prefix.with_name(out_prefix.name + ".csv")
     json_path = out_prefix.with_name(out_prefix.name + ".json")
-    _atomic_write_text(csv_path, buf.getvalue())
-    _atomic_write_text(json_path, json_text)
+    atomic_write_text(csv_path, buf.getvalue())
+    atomic_write_text(json_path, json_text)
     return csv_path, json_path
 
 

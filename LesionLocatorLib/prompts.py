@@ -22,14 +22,13 @@ network's prompt channel exactly as upstream LesionLocator does at inference.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from .files import atomic_write_text
 from .image import Image
 
 BALL_RADIUS_VOXELS = 5
@@ -249,21 +248,13 @@ def read_prompt_file(path, world: bool | None = None) -> list:
     return parse_upstream_json(data, str(path))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_upstream_json(prompts, path) -> Path:
     """Write VoxelPrompts as upstream prompt JSON (values as strings, 2 decimals, like upstream)."""
     data = {}
     for p in prompts:
         vals = [round(float(v), 2) for v in p.coords]
         data[str(p.id)] = {p.kind: [str(int(v)) if p.kind == "box" else str(v) for v in vals]}
-    _atomic_write_text(Path(path), json.dumps(data, indent=4))
+    atomic_write_text(Path(path), json.dumps(data, indent=4))
     return Path(path)
 
 
@@ -274,7 +265,7 @@ def write_world_json(prompts, path) -> Path:
             entries.append({"id": p.id, "point": [float(v) for v in p.xyz]})
         else:
             entries.append({"id": p.id, "box": [[float(v) for v in p.lower], [float(v) for v in p.upper]]})
-    _atomic_write_text(Path(path), json.dumps({"format": WORLD_FORMAT, "frame": "LPS", "units": "mm",
+    atomic_write_text(Path(path), json.dumps({"format": WORLD_FORMAT, "frame": "LPS", "units": "mm",
                                                "prompts": entries}, indent=2))
     return Path(path)
 

@@ -20,8 +20,6 @@ runs it. Training resumes from ``checkpoint_latest.pth``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .files import atomic_output
 from .image import Image, nonzero_bbox, read_image
 from .modelgrid import ModelGrid, ct_normalizer
 from .prompts import box_to_model_grid, paint_prompt, point_to_model_grid
@@ -113,17 +112,11 @@ def save_atomically(obj, path: Path) -> Path:
     """torch.save to a temporary file beside ``path``, then rename: a full disk or a crash
     never leaves a truncated file under ``path`` (the previous version stays)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=path.parent)
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            torch.save(obj, tmp)
     except OSError as e:
         raise OSError(e.errno, f"could not write {path}: {e.strerror or e}; the previous file is unchanged") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
@@ -385,7 +378,6 @@ def plot_curves(logging: dict, path: Path) -> None:
     ax2.set_ylim(0, 1)
     fig.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    tmp = Path(path).with_name(".tmp_" + Path(path).name)
-    fig.savefig(tmp, dpi=90, format="png")
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
-    os.replace(tmp, path)

@@ -6,7 +6,7 @@ import pytest
 
 from LesionLocatorLib.image import Image, ImageError, read_image, write_image, nonzero_bbox
 from LesionLocatorLib.prompts import (Box, Point, PromptError, VoxelPrompt, ball, box_to_model_grid, paint_prompt,
-                                      parse_upstream_json, point_to_model_grid, prompts_from_labels,
+                                      point_to_model_grid, prompts_from_labels,
                                       read_prompt_file, to_voxel_prompt, write_upstream_json, write_world_json)
 from phantoms import ct_phantom, oblique_direction
 
