@@ -205,30 +205,11 @@ def _track_prompts(paths, prompt_type: str, baseline, world: bool):
     return [MaskPrompt(i, read_image(p), name=p.name) for i, p in enumerate(natural, start=1)]
 
 
-def _growth_plot(rows, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for pid in sorted({r["lesion_id"] for r in rows}):
-        mine = [r for r in rows if r["lesion_id"] == pid]
-        ax.plot([r["index"] for r in mine], [r["volume_ml"] for r in mine], marker="o", label=f"Lesion {pid}")
-    ax.set_xticks(range(len({r["index"] for r in rows})))
-    ax.set_xticklabels([r["timepoint"] for r in rows if r["lesion_id"] == rows[0]["lesion_id"]], rotation=20)
-    ax.set_ylabel("volume (ml)")
-    ax.set_title("Lesion volume over time")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    from .files import atomic_output
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-
-
 def cmd_track(args) -> int:
     from .image import ImageError, read_image, write_image
     from .metrics import format_table, lesion_measurements, write_table
     from .model import load_model
+    from .report import growth_plot
     from .track import track
 
     out = Path(args.o)
@@ -269,7 +250,7 @@ def cmd_track(args) -> int:
         write_image(result.labels[t], out / f"{name}_lesions{ending}")
     rows = lesion_measurements(images, result.masks, result.status, names)
     write_table(rows, out / "lesions")
-    _growth_plot(rows, out / "growth.png")
+    growth_plot(rows, out / "growth.png")
     result.timings["writing"] = time.perf_counter() - t0
     print(format_table([{k: r[k] for k in ("lesion_id", "timepoint", "status", "volume_ml", "long_axis_mm",
                                           "short_axis_mm", "volume_change_vs_baseline_pct",
@@ -293,6 +274,16 @@ def cmd_train(args) -> int:
                  batch_size=args.batch_size, initial_lr=args.lr, seed=args.seed, init_from=args.init,
                  device=args.device, val_pairs=val)
     print(f"model written to {root} (learning curves: {Path(args.o) / 'progress.png'})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    bar, update = _progress_bar(not args.disable_progress_bar, "demo")
+    try:
+        run_demo(args.o, model=args.m, device=args.device, registration=args.registration, progress=update)
+    finally:
+        bar.close()
     return 0
 
 
@@ -377,6 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--init", default=None, help="checkpoint to fine-tune from (same architecture)")
     r.add_argument("-device", "--device", default="auto")
     r.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="segment and track the shipped demo case and report Dice per lesion")
+    d.add_argument("-o", default="demo_output", help="output folder (default: demo_output)")
+    d.add_argument("-m", default=None, help="model (default: the shipped demo model)")
+    d.add_argument("-device", "--device", default="auto")
+    d.add_argument("--registration", default="simpleitk", choices=["simpleitk", "greedy", "unigradicon", "none"])
+    d.add_argument("--disable_progress_bar", action="store_true")
+    d.set_defaults(func=cmd_demo)
 
     e = sub.add_parser("evaluate", help="per-lesion Dice, NSD, CPM@25, MED of label images against ground truth")
     e.add_argument("--pred", required=True, help="folder of predicted instance label images")

@@ -1,0 +1,204 @@
+"""A persistent worker process that serves :mod:`LesionLocatorLib.runner`'s JSON protocol.
+
+Start: ``python -m LesionLocatorLib.worker``. It reads one JSON message per line on stdin
+and writes one per line on stdout (see :mod:`LesionLocatorLib.runner` for the messages).
+Loaded models stay in memory between requests. Requests run one at a time on a work thread;
+the main thread keeps reading stdin, so a ``cancel`` message takes effect at the next
+network batch. Anything else that prints (libraries, warnings) goes to stderr: stdout
+carries only protocol messages.
+
+Files: the request names the input image (any SimpleITK-readable file; the front end
+writes uncompressed NRRD) and ``output``, the ``.npz`` file the masks go to (key
+``"<prompt id>"`` -> uint8 (z, y, x) array on the image's grid), written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+import traceback
+
+PROTOCOL = "lesionlocator-runner/1"
+
+
+class _Channel:
+    """Protocol output on the original stdout; fd 1 then points at stderr."""
+
+    def __init__(self):
+        sys.stdout.flush()
+        self._out = os.fdopen(os.dup(1), "w", buffering=1)
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+        self._lock = threading.Lock()
+
+    def send(self, message: dict) -> None:
+        with self._lock:
+            self._out.write(json.dumps(message) + "\n")
+            self._out.flush()
+
+
+def _image(spec: dict):
+    from .image import Image, read_image
+
+    if "file" in spec:
+        return read_image(spec["file"])
+    if "shm" in spec:
+        import numpy as np
+        from multiprocessing import shared_memory
+
+        shm = shared_memory.SharedMemory(name=spec["shm"])
+        try:
+            array = np.ndarray(tuple(spec["shape"]), dtype=spec["dtype"], buffer=shm.buf).copy()
+        finally:
+            shm.close()
+        return Image(array, spec["spacing"], spec["origin"], np.asarray(spec["direction"], float).reshape(3, 3))
+    raise ValueError("image: give 'file' or 'shm'")
+
+
+def _prompts(entries: list) -> list:
+    from .prompts import Box, Point, PromptError
+
+    out = []
+    for e in entries:
+        if "point" in e:
+            out.append(Point(int(e["id"]), tuple(float(v) for v in e["point"])))
+        elif "box" in e:
+            out.append(Box.from_points(int(e["id"]), e["box"]))
+        else:
+            raise PromptError(f"prompt {e.get('id')}: neither 'point' nor 'box'")
+    return out
+
+
+def _model_spec(spec: dict):
+    from .runner import ModelSpec
+
+    folds = spec.get("folds")
+    return ModelSpec(str(spec["path"]), tuple(folds) if folds is not None else None,
+                     spec.get("device", "auto"), spec.get("tta"))
+
+
+def _write_masks(path: str, masks: dict) -> None:
+    import numpy as np
+
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **{str(k): np.asarray(v, dtype=np.uint8) for k, v in masks.items()})
+    os.replace(tmp, path)
+
+
+class Worker:
+    def __init__(self, channel: _Channel):
+        from .runner import InProcessRunner
+
+        self.channel = channel
+        self.runner = InProcessRunner()
+        self.requests: queue.Queue = queue.Queue()
+        self.tokens: dict = {}  # request id -> CancelToken (queued or running)
+        self.lock = threading.Lock()
+
+    def hello(self) -> dict:
+        from . import __version__
+
+        devices = ["cpu"]
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                devices.append("cuda")
+            if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+                devices.append("mps")
+            torch_version = torch.__version__
+        except ImportError:
+            torch_version = None
+        return {"type": "ready", "protocol": PROTOCOL, "library": __version__, "torch": torch_version,
+                "devices": devices, "pid": os.getpid()}
+
+    def submit(self, message: dict) -> None:
+        from .predict import CancelToken
+
+        with self.lock:
+            self.tokens[message["id"]] = CancelToken()
+        self.requests.put(message)
+
+    def cancel(self, request_id: str) -> None:
+        with self.lock:
+            token = self.tokens.get(request_id)
+        if token is not None:
+            token.cancel()
+
+    def work(self) -> None:
+        while True:
+            message = self.requests.get()
+            if message is None:
+                return
+            self._run(message)
+
+    def _run(self, message: dict) -> None:
+        from .predict import Cancelled
+        from .runner import SegmentationRequest
+
+        rid = message.get("id")
+        with self.lock:
+            token = self.tokens.get(rid)
+        try:
+            if message["type"] == "load":
+                for kind in message.get("prompt_types", ["point"]):
+                    self.runner.model(_model_spec(message["model"]), kind)
+                self.channel.send({"type": "loaded", "id": rid, "loads": self.runner.loads})
+                return
+            token.check()
+            request = SegmentationRequest(_image(message["image"]), _prompts(message["prompts"]),
+                                          _model_spec(message["model"]), rid)
+            response = self.runner.run(
+                request, cancel=token,
+                progress=lambda f, m: self.channel.send({"type": "progress", "id": rid, "fraction": f, "message": m}))
+            _write_masks(message["output"], response.masks)
+            self.channel.send({"type": "result", "id": rid, "masks": {"file": message["output"]},
+                               "empty": response.empty,
+                               "overlaps": [[a, b, n] for (a, b), n in response.overlaps.items()],
+                               "warnings": response.warnings, "seconds": response.seconds,
+                               "loads": self.runner.loads})
+        except Cancelled:
+            self.channel.send({"type": "cancelled", "id": rid})
+        except Exception as e:  # every failure goes back as a message with the library's text
+            traceback.print_exc(file=sys.stderr)
+            self.channel.send({"type": "error", "id": rid, "error": type(e).__name__, "message": str(e)})
+        finally:
+            with self.lock:
+                self.tokens.pop(rid, None)
+
+
+def main() -> int:
+    channel = _Channel()
+    worker = Worker(channel)
+    thread = threading.Thread(target=worker.work, name="lesionlocator-work", daemon=True)
+    thread.start()
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            message = json.loads(line)
+            kind = message.get("type")
+        except (json.JSONDecodeError, AttributeError) as e:
+            channel.send({"type": "error", "id": None, "error": "ProtocolError", "message": f"not JSON: {e}"})
+            continue
+        if kind == "hello":
+            channel.send(worker.hello())
+        elif kind in ("segment", "load"):
+            worker.submit(message)
+        elif kind == "cancel":
+            worker.cancel(message.get("id"))
+        elif kind == "shutdown":
+            break
+        else:
+            channel.send({"type": "error", "id": message.get("id"), "error": "ProtocolError",
+                          "message": f"unknown message type {kind!r}"})
+    worker.requests.put(None)
+    thread.join(timeout=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
