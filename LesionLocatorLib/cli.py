@@ -287,6 +287,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_synth(args) -> int:
+    from .synth import run_synth
+    bar, update = _progress_bar(not args.disable_progress_bar, "synth")
+    try:
+        path = run_synth(args.ct, lesions=args.lesions, followups=args.followups, seed=args.seed, out=args.o,
+                         name=args.name, progress=update)
+    except ValueError as e:  # no body in the CT, too many lesions for it
+        raise UsageError(str(e)) from None
+    finally:
+        bar.close()
+    print(f"wrote {path} and its images/labels in {Path(args.o)}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .metrics import aggregate, evaluate_folders, format_table, write_table
 
@@ -348,6 +362,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--world", action="store_true", help="prompt JSON is in LPS world millimetres")
     t.add_argument("--disable_progress_bar", action="store_true")
     t.set_defaults(func=cmd_track)
+
+    y = sub.add_parser("synth", help="synthetic lesions and follow-ups from a lesion-free CT (supplement sec. 7)")
+    y.add_argument("--ct", required=True, help="lesion-free CT (Hounsfield units)")
+    y.add_argument("--lesions", type=int, default=5)
+    y.add_argument("--followups", type=int, default=2)
+    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--name", default=None, help="case name (default: <ct>_synth_s<seed>)")
+    y.add_argument("-o", required=True, help="output folder")
+    y.add_argument("--disable_progress_bar", action="store_true")
+    y.set_defaults(func=cmd_synth)
 
     r = sub.add_parser("train", help="train or fine-tune a promptable model; writes the official layout")
     r.add_argument("--images", required=True, help="folder of CT images")

@@ -1,0 +1,121 @@
+"""Reproduce the shipped demo model and demo case (CPU, no downloads but PyPI).
+
+Steps (each skipped when its output exists, so an interrupted run resumes):
+
+1. ``data``: fetch the lesion-free CTs from TotalSegmentator's sdist on PyPI
+   (:mod:`registry_ct`); make synthetic training cases with
+   :func:`LesionLocatorLib.synth.make_case` from the **chest** CT only.
+2. ``train``: ``lesionlocator train`` (small ResEnc U-Net, see PLAN below).
+3. ``install``: copy the trained model root to ``Resources/Models/LesionLocatorDemo``.
+4. ``democase``: a baseline and two follow-ups from the **abdomen** CT (never
+   used for training) into ``Resources/Demo`` (+ ground truth, point prompts).
+
+Usage: ``python Testing/build_demo_model.py WORKDIR [--steps data train install democase]``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
+
+PLAN = {
+    "features": [16, 32, 64, 96], "blocks": [1, 2, 2, 2], "patch": [48, 64, 64], "spacing": [2.0, 1.5, 1.5],
+    "epochs": 60, "iterations": 50, "batch_size": 2, "seed": 0,
+    "train_ct": "chest_1p5mm", "train_cases": 10, "lesions_per_case": 8, "followups": 2,
+    "demo_ct": "abdomen_3mm", "demo_seed": 2026, "demo_lesions": 5,
+}
+
+
+def read_ct(path: Path):
+    from LesionLocatorLib.image import Image, read_image
+    if path.is_dir():
+        import SimpleITK as sitk
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
+        return Image.from_sitk(reader.Execute())
+    return read_image(path)
+
+
+def step_data(work: Path) -> None:
+    from registry_ct import fetch_registry_cts
+    from LesionLocatorLib.image import write_image
+    from LesionLocatorLib.synth import make_case
+
+    cts = fetch_registry_cts(work / "ct_cache", [PLAN["train_ct"], PLAN["demo_ct"]])
+    ct = read_ct(Path(cts[PLAN["train_ct"]]))
+    (work / "images").mkdir(parents=True, exist_ok=True)
+    (work / "labels").mkdir(parents=True, exist_ok=True)
+    for seed in range(PLAN["train_cases"]):
+        name = f"chest_s{seed}"
+        if (work / "labels" / f"{name}_t{PLAN['followups']}.nii.gz").exists():
+            continue
+        t0 = time.perf_counter()
+        case = make_case(ct, n_lesions=PLAN["lesions_per_case"], n_followups=PLAN["followups"], seed=seed)
+        for t, (img, lab) in enumerate(zip(case.images, case.labels)):
+            if lab.array.any():
+                write_image(img, work / "images" / f"{name}_t{t}.nii.gz")
+                write_image(lab, work / "labels" / f"{name}_t{t}.nii.gz")
+        print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def step_train(work: Path) -> None:
+    cmd = [sys.executable, "-m", "LesionLocatorLib.cli", "train", "--images", str(work / "images"),
+           "--labels", str(work / "labels"), "-o", str(work / "run"), "--device", "cpu",
+           "--features", *map(str, PLAN["features"]), "--blocks", *map(str, PLAN["blocks"]),
+           "--patch", *map(str, PLAN["patch"]), "--spacing", *map(str, PLAN["spacing"]),
+           "--epochs", str(PLAN["epochs"]), "--iterations", str(PLAN["iterations"]),
+           "--batch-size", str(PLAN["batch_size"]), "--seed", str(PLAN["seed"])]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def step_install(work: Path) -> None:
+    target = REPO / "Resources" / "Models" / "LesionLocatorDemo"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(work / "run" / "LesionLocatorCheckpoint", target)
+    shutil.copy(work / "run" / "progress.png", target / "training_curves.png")
+    print(f"installed {target}")
+
+
+def step_democase(work: Path) -> None:
+    from registry_ct import fetch_registry_cts
+    from LesionLocatorLib.image import write_image
+    from LesionLocatorLib.prompts import prompts_from_labels, write_upstream_json
+    from LesionLocatorLib.synth import make_case
+
+    cts = fetch_registry_cts(work / "ct_cache", [PLAN["demo_ct"]])
+    ct = read_ct(Path(cts[PLAN["demo_ct"]]))
+    case = make_case(ct, n_lesions=PLAN["demo_lesions"], n_followups=2, seed=PLAN["demo_seed"])
+    out = REPO / "Resources" / "Demo"
+    out.mkdir(parents=True, exist_ok=True)
+    for t, (img, lab) in enumerate(zip(case.images, case.labels)):
+        write_image(img, out / f"demo_t{t}.nii.gz")
+        write_image(lab, out / f"demo_t{t}_label.nii.gz")
+    write_upstream_json(prompts_from_labels(case.labels[0].array, "point"), out / "demo_points.json")
+    (out / "demo_case.json").write_text(json.dumps(
+        {"source_ct": PLAN["demo_ct"], "seed": PLAN["demo_seed"],
+         "lesions": [les.to_dict() for les in case.lesions]}, indent=1, default=str))
+    print(f"demo case in {out}")
+
+
+STEPS = {"data": step_data, "train": step_train, "install": step_install, "democase": step_democase}
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("work")
+    ap.add_argument("--steps", nargs="+", default=list(STEPS), choices=list(STEPS))
+    a = ap.parse_args()
+    for s in a.steps:
+        t0 = time.perf_counter()
+        STEPS[s](Path(a.work))
+        print(f"step {s}: {time.perf_counter() - t0:.0f} s", flush=True)

@@ -1,0 +1,251 @@
+"""Synthetic longitudinal data (LesionLocatorLib.synth) on in-memory phantoms (no downloads)."""
+import json
+import re
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from LesionLocatorLib.image import Image, read_image, write_image
+from LesionLocatorLib.synth import (AMPLITUDES, SynthConfig, growth_displacement, make_case,
+                                    run_synth, write_case)
+from phantoms import ct_phantom
+
+SHAPE = (48, 128, 128)
+SPACING = (1.2, 1.2, 2.0)     # x, y, z mm
+
+
+@pytest.fixture(scope="module")
+def ct():
+    img, _ = ct_phantom(shape_zyx=SHAPE, spacing_xyz=SPACING, seed=3)
+    return img
+
+
+@pytest.fixture(scope="module")
+def case(ct):
+    """Default generator (all image-level transforms on), no vanishing, a new lesion at t1."""
+    return make_case(ct, n_lesions=4, n_followups=2, seed=11, p_vanish=0.0, p_new=1.0,
+                     diameter_range_mm=(6.0, 20.0))
+
+
+def _body(array):
+    """Independent body mask: HU > -500, largest 3D component, holes filled per axial slice."""
+    lab, n = ndimage.label(array > -500)
+    assert n > 0
+    big = lab == np.argmax(np.bincount(lab.ravel())[1:]) + 1
+    return np.stack([ndimage.binary_fill_holes(s) for s in big])
+
+
+def _centroid_mm(label, lid, spacing_zyx):
+    idx = np.argwhere(label == lid)
+    return idx.mean(axis=0) * np.asarray(spacing_zyx)
+
+
+# ------------------------------------------------------------------ determinism
+def test_same_seed_same_case_other_seed_differs(ct):
+    a = make_case(ct, 3, 1, seed=5)
+    b = make_case(ct, 3, 1, seed=5)
+    c = make_case(ct, 3, 1, seed=6)
+    for x, y in zip(a.images + a.labels, b.images + b.labels):
+        assert np.array_equal(x.array, y.array)
+    assert [les.to_dict() for les in a.lesions] == [les.to_dict() for les in b.lesions]
+    assert not np.array_equal(a.images[0].array, c.images[0].array)
+    assert not np.array_equal(a.labels[0].array, c.labels[0].array)
+    assert not np.array_equal(a.images[1].array, c.images[1].array)
+
+
+def test_outputs_keep_geometry_and_types(ct, case):
+    assert case.n_timepoints == 3
+    for img, lab in zip(case.images, case.labels):
+        assert img.same_geometry(ct) and lab.same_geometry(ct)
+        assert img.array.dtype == np.int16 and lab.array.dtype == np.uint16
+    assert all(les.amplitude in AMPLITUDES for les in case.lesions)
+    assert {les.kind for les in case.lesions} <= {"ellipsoid", "lobulated", "spiculated"}
+    assert {les.location for les in case.lesions} <= {"lung", "soft_tissue", "wall"}
+    # lesions really change the image: baseline differs from the lesion-free CT inside labels only
+    diff = case.images[0].array.astype(float) - ct.array
+    inside = ndimage.binary_dilation(case.labels[0].array > 0, iterations=3)
+    assert np.abs(diff[~inside]).max() == 0
+    assert np.abs(diff[case.labels[0].array > 0]).mean() > 20
+
+
+# ------------------------------------------------------------------ growth direction
+def _check_direction(c, min_count=4):
+    grow = shrink = 0
+    for les in c.lesions:
+        v = np.asarray(les.volumes_ml)
+        assert les.status == ["present"] * 3, les
+        steps = np.sign(np.diff(v))
+        assert np.all(steps == np.sign(les.amplitude)), (les.id, les.amplitude, v)
+        g = np.asarray(les.growth_volumes_ml)
+        assert np.all(np.sign(np.diff(g)) == np.sign(les.amplitude)), (les.id, les.amplitude, g)
+        grow += les.amplitude > 0
+        shrink += les.amplitude < 0
+    return grow, shrink
+
+
+@pytest.mark.parametrize("spatial", [
+    dict(spatial_transform=False),
+    # rotation + translation only: volume preserving up to nearest-neighbour resampling
+    dict(spatial_transform=True, p_elastic=0.0, p_scaling=0.0),
+])
+def test_volume_moves_in_direction_of_amplitude(ct, spatial):
+    grow = shrink = 0
+    for seed in (1, 2, 4):
+        c = make_case(ct, 5, 2, seed=seed, diameter_range_mm=(10.0, 25.0), p_vanish=0.0,
+                      p_new=0.0, **spatial)
+        g, s = _check_direction(c)
+        grow, shrink = grow + g, shrink + s
+    assert grow >= 2 and shrink >= 2       # both directions were exercised
+
+
+def test_growth_volume_follows_amplitude_with_all_transforms(case):
+    for les in case.lesions:
+        g = np.asarray(les.growth_volumes_ml)
+        first = les.appeared_at
+        assert g[first] > 0
+        assert np.all(np.sign(np.diff(g[first:])) == np.sign(les.amplitude)), (les.id, g)
+
+
+def test_growth_field_points_into_the_lesion():
+    z, y, x = np.mgrid[:40, :40, :40]
+    sphere = ((z - 20) ** 2 + (y - 20) ** 2 + (x - 20) ** 2) <= 8 ** 2
+    rng = np.random.default_rng(0)
+    v = growth_displacement(sphere, (1.0, 1.0, 1.0), 25.0, 4.5, rng)
+    # at the border (radius 8) along +x the field points to -x (back into the lesion)
+    assert v[2, 20, 20, 28] < -0.5 and abs(v[0, 20, 20, 28]) < 0.2
+    assert v[2, 20, 20, 12] > 0.5
+    assert np.abs(v[:, 0, :, :]).max() == 0          # tapered to zero at the crop border
+    shrink = growth_displacement(sphere, (1.0, 1.0, 1.0), -18.0, 4.5, np.random.default_rng(0))
+    assert shrink[2, 20, 20, 28] > 0.5
+
+
+# ------------------------------------------------------------------ identity, vanish, new
+def test_lesion_ids_stable_across_timepoints(case):
+    sp = case.images[0].spacing_zyx
+    base = {les.id: _centroid_mm(case.labels[0].array, les.id, sp)
+            for les in case.lesions if les.appeared_at == 0}
+    assert sorted(base) == [1, 2, 3, 4]
+    known = {les.id for les in case.lesions}
+    for t in (1, 2):
+        lab = case.labels[t].array
+        assert set(np.unique(lab)) - {0} <= known
+        for lid, c0 in base.items():
+            assert case.lesion(lid).status[t] == "present"
+            ct_ = _centroid_mm(lab, lid, sp)
+            dists = {k: np.linalg.norm(ct_ - c) for k, c in base.items()}
+            assert min(dists, key=dists.get) == lid      # nearest baseline lesion is itself
+            assert dists[lid] < 20.0
+
+
+def test_new_lesion_gets_new_id(case):
+    new = [les for les in case.lesions if les.appeared_at > 0]
+    assert new and new[0].id == 5 and new[0].appeared_at == 1
+    assert new[0].status == ["absent", "new", "present"]
+    assert np.count_nonzero(case.labels[0].array == 5) == 0
+    assert np.count_nonzero(case.labels[1].array == 5) > 0
+    assert new[0].volumes_ml[0] == 0 and new[0].volumes_ml[1] > 0
+
+
+def test_vanished_lesion_has_no_voxels_and_no_image_trace(ct):
+    c = make_case(ct, 4, 2, seed=3, p_vanish=0.5, p_new=0.0, spatial_transform=False,
+                  intensity_transform=False, diameter_range_mm=(8.0, 20.0))
+    gone = [les for les in c.lesions if "vanished" in les.status]
+    kept = [les for les in c.lesions if "vanished" not in les.status]
+    assert gone and kept
+    for les in gone:
+        t = les.status.index("vanished")
+        assert les.status[t:] == ["vanished"] * (3 - t)
+        for k in range(t, 3):
+            assert np.count_nonzero(c.labels[k].array == les.id) == 0
+            assert les.volumes_ml[k] == 0
+            assert les.centers_xyz[k] is None
+        # the lesion's baseline voxels show the lesion-free CT again
+        where = c.labels[0].array == les.id
+        before = np.abs(c.images[0].array[where].astype(float) - ct.array[where]).mean()
+        after = np.abs(c.images[t].array[where].astype(float) - ct.array[where]).mean()
+        assert before > 20 and after < 2, (before, after)
+    for les in kept:
+        assert all(np.count_nonzero(lab.array == les.id) > 0 for lab in c.labels)
+
+
+# ------------------------------------------------------------------ placement
+def test_lesions_inside_body_and_separate(case):
+    for img, lab in zip(case.images, case.labels):
+        body = _body(img.array)
+        assert np.all(body[lab.array > 0])
+    # each baseline lesion is one blob, far from the others
+    lab0 = case.labels[0].array
+    for lid in (1, 2, 3, 4):
+        others = (lab0 > 0) & (lab0 != lid)
+        d = ndimage.distance_transform_edt(~others, sampling=case.images[0].spacing_zyx)
+        assert d[lab0 == lid].min() >= 5.0
+
+
+def test_air_only_ct_is_refused():
+    air = Image(np.full((20, 40, 40), -1000, np.int16), (1.0, 1.0, 2.0))
+    with pytest.raises(ValueError, match="no body found"):
+        make_case(air, 2, 1, seed=0)
+
+
+def test_too_many_lesions_names_how_many_fit():
+    small, _ = ct_phantom(shape_zyx=(40, 64, 64), spacing_xyz=(1.5, 1.5, 2.5))
+    with pytest.raises(ValueError, match=r"only \d+ of the 400 requested lesions fit") as err:
+        make_case(small, 400, 0, seed=2, diameter_range_mm=(3.0, 10.0))
+    fit = int(re.search(r"only (\d+) of", str(err.value)).group(1))
+    assert 1 <= fit < 400
+    c = make_case(small, fit, 0, seed=2, diameter_range_mm=(3.0, 10.0))
+    assert len(np.unique(c.labels[0].array)) == fit + 1
+
+
+def test_bad_counts_are_refused(ct):
+    with pytest.raises(ValueError, match="n_lesions"):
+        make_case(ct, -1, 1)
+    with pytest.raises(ValueError, match="n_followups"):
+        make_case(ct, 1, 1.5)
+
+
+# ------------------------------------------------------------------ files
+def test_write_case_files_and_json(case, tmp_path):
+    js = write_case(case, tmp_path, "demo")
+    assert js == tmp_path / "demo.json"
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["demo.json"] + [f"demo_t{t}.nii.gz" for t in range(3)]
+                           + [f"demo_t{t}_label.nii.gz" for t in range(3)])
+    doc = json.loads(js.read_text())
+    voxel_ml = np.prod(SPACING) / 1000.0
+    for t in range(3):
+        lab = read_image(tmp_path / f"demo_t{t}_label.nii.gz")
+        img = read_image(tmp_path / f"demo_t{t}.nii.gz")
+        assert np.array_equal(lab.array, case.labels[t].array)
+        assert np.array_equal(img.array, case.images[t].array)
+        for les in doc["lesions"]:
+            n = np.count_nonzero(lab.array == les["id"])
+            assert les["volumes_ml"][t] == pytest.approx(n * voxel_ml, abs=1e-3)
+    assert doc["files"][1] == {"timepoint": 1, "image": "demo_t1.nii.gz", "label": "demo_t1_label.nii.gz"}
+    assert doc["config"]["amplitudes"] == list(AMPLITUDES)
+
+
+def test_run_synth_reads_writes_and_names(tmp_path):
+    img, _ = ct_phantom(shape_zyx=(40, 96, 96))
+    src = write_image(img, tmp_path / "in" / "patient.nii.gz")
+    js = run_synth(src, lesions=2, followups=1, seed=7, out=tmp_path / "out")
+    assert js.name == "patient_synth_s7.json"
+    doc = json.loads(js.read_text())
+    assert doc["n_timepoints"] == 2 and len(doc["lesions"]) >= 2
+    assert (tmp_path / "out" / "patient_synth_s7_t1_label.nii.gz").is_file()
+    assert not list((tmp_path / "out").glob(".tmp_*"))
+
+
+def test_config_defaults_follow_the_supplement():
+    cfg = SynthConfig()
+    assert cfg.amplitudes == (-22.0, -18.0, 15.0, 25.0)
+    assert cfg.sigma_s_range == (4.0, 5.5) and cfg.r_range == (-3.5, 3.5) and cfg.sigma_r == 3.0
+    assert (cfg.p_elastic, cfg.elastic_scale, cfg.elastic_magnitude) == (1.0, 0.05, 0.05)
+    assert (cfg.p_rotation, cfg.rotation_deg) == (1.0, (-5.0, 5.0))
+    assert (cfg.p_scaling, cfg.scaling) == (0.5, (0.95, 1.05))
+    assert (cfg.p_translation, cfg.translation_vox) == (1.0, (-5.0, 5.0))
+    assert (cfg.p_noise, cfg.noise_std) == (1.0, (0.0, 0.05))
+    assert (cfg.p_blur, cfg.blur_sigma_vox) == (0.1, (0.1, 0.2))
+    assert (cfg.p_brightness, cfg.brightness) == (0.15, (0.75, 1.25))
+    assert (cfg.p_contrast, cfg.contrast) == (0.15, (0.75, 1.25))
