@@ -161,3 +161,13 @@ def test_image_rejects_wrong_array_shape():
     img = Image(np.zeros((2, 3, 4)))
     with pytest.raises(ImageError, match=r"array shape \(3, 3, 4\) does not match image shape \(2, 3, 4\)"):
         img.with_array(np.zeros((3, 3, 4)))
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    import os
+    import stat
+    img, _ = ct_phantom(**OBLIQUE)
+    path = write_image(img, tmp_path / "p.nii.gz")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
