@@ -13,6 +13,7 @@ Arrays are (z, y, x); prompts are world (LPS mm) or voxel prompts, see
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -62,6 +63,7 @@ class SegmentationResult:
     labels: Image
     overlaps: dict = field(default_factory=dict)
     empty: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -157,6 +159,7 @@ def segment(image: Image, prompts, model: LoadedModel, progress=None, cancel: Ca
     if batch_size is None:
         batch_size = 2 if model.device.type == "cpu" else 4
 
+    timings = {"preprocessing": 0.0, "network": 0.0, "postprocessing": 0.0}
     tile_logits = [[] for _ in prompts]  # per prompt: [(padded start, logits (C, *patch))]
     done = 0
     report(0.0, f"segmenting {len(prompts)} lesion(s): {len(tiles)} patch(es)")
@@ -164,6 +167,7 @@ def segment(image: Image, prompts, model: LoadedModel, progress=None, cancel: Ca
         if cancel is not None:
             cancel.check()
         batch = tiles[start:start + batch_size]
+        t0 = time.perf_counter()
         x = np.zeros((len(batch), 2) + patch, dtype=np.float32)
         for b, t in enumerate(batch):
             hi = tuple(l_ + p for l_, p in zip(t.lo, patch))
@@ -176,12 +180,16 @@ def segment(image: Image, prompts, model: LoadedModel, progress=None, cancel: Ca
                 paint_prompt(x[b, 1], kind, coords, offset)
             # the prompt is drawn on the unpadded model grid; padding stays 0
             _zero_padding(x[b, 1], t.lo, grid)
+        t1 = time.perf_counter()
         logits = _run_with_fallback(model, torch.from_numpy(x))
+        timings["preprocessing"] += t1 - t0
+        timings["network"] += time.perf_counter() - t1
         for b, t in enumerate(batch):
             tile_logits[t.prompt_index].append((t.lo, logits[b]))
         done += len(batch)
         report(done / len(tiles), f"patch {done}/{len(tiles)}")
 
+    t0 = time.perf_counter()
     masks, probs = {}, {}
     for i, vp in enumerate(voxel_prompts):
         lo, block = _blend(tile_logits[i], gaussian, patch)
@@ -199,8 +207,9 @@ def segment(image: Image, prompts, model: LoadedModel, progress=None, cancel: Ca
     empty = [pid for pid, m in masks.items() if not m.any()]
     if empty:
         warnings.warn(f"the network found no lesion at prompt(s) {empty}: their masks are empty", stacklevel=2)
+    timings["postprocessing"] = time.perf_counter() - t0
     report(1.0, "done")
-    return SegmentationResult(masks, probs, labels, overlaps, empty)
+    return SegmentationResult(masks, probs, labels, overlaps, empty, timings)
 
 
 def _zero_padding(channel: np.ndarray, lo, grid: ModelGrid) -> None:

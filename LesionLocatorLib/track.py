@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from .image import Image
-from .predict import CancelToken, segment
+from .predict import CancelToken, instance_labels, segment
 from .prompts import MaskPrompt, PromptError
 
 STATUSES = ("tracked", "vanished", "outside")
@@ -47,8 +47,8 @@ class TrackResult:
         return sorted(self.status)
 
 
-def _baseline_masks(image: Image, prompts, seg_model, progress, cancel, timings) -> dict:
-    """Baseline masks {id: bool array} from a label Image, MaskPrompts, or point/box prompts."""
+def _baseline_masks(image: Image, prompts, seg_model, progress, cancel, timings) -> tuple:
+    """Baseline ({id: bool array}, label Image) from a label Image, MaskPrompts, or point/box prompts."""
     if isinstance(prompts, Image):
         if not prompts.same_geometry(image):
             raise PromptError("the baseline label image does not have the baseline scan's geometry "
@@ -56,7 +56,7 @@ def _baseline_masks(image: Image, prompts, seg_model, progress, cancel, timings)
         ids = [int(i) for i in np.unique(prompts.array) if i > 0]
         if not ids:
             raise PromptError("the baseline mask is empty: there is no lesion to track")
-        return {i: prompts.array == i for i in ids}
+        return {i: prompts.array == i for i in ids}, prompts.with_array(np.asarray(prompts.array, np.uint16))
     prompts = list(prompts)
     if not prompts:
         raise PromptError("no baseline prompts given")
@@ -70,13 +70,16 @@ def _baseline_masks(image: Image, prompts, seg_model, progress, cancel, timings)
                 raise PromptError(f"lesion {p.id}: the baseline mask is empty")
             masks[p.id] = m
         _warn_overlaps(masks)
-        return masks
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            labels = instance_labels(masks, {pid: m.astype(np.float32) for pid, m in masks.items()}, image)[0]
+        return masks, labels
     if seg_model is None:
         raise ValueError("point/box baseline prompts need a segmentation model (seg_model)")
     t0 = time.perf_counter()
     result = segment(image, prompts, seg_model, progress=progress, cancel=cancel)
     timings["baseline segmentation"] = time.perf_counter() - t0
-    return result.masks
+    return result.masks, result.labels
 
 
 def _warn_overlaps(masks: dict) -> None:
@@ -131,11 +134,12 @@ def track(images, prompts, track_model, seg_model=None, registration: str = "sim
         raise ValueError("tracking needs a baseline and at least one follow-up scan")
     report = progress or (lambda f, m: None)
     n_steps = len(images)
-    timings = {"registration": 0.0, "warping": 0.0, "segmentation": 0.0}
-    masks = [_baseline_masks(images[0], prompts, seg_model,
-                             lambda f, m: report(f / n_steps, f"baseline: {m}"), cancel, timings)]
-    status = {pid: ["tracked" if m.any() else "vanished"] for pid, m in masks[0].items()}
-    carried = {pid: m for pid, m in masks[0].items() if m.any()}  # last known location per lesion
+    timings = {"registration": 0.0, "warping": 0.0, "preprocessing": 0.0, "network": 0.0, "postprocessing": 0.0}
+    baseline, baseline_labels = _baseline_masks(images[0], prompts, seg_model,
+                                                lambda f, m: report(f / n_steps, f"baseline: {m}"), cancel, timings)
+    masks, labels = [baseline], [baseline_labels]
+    status = {pid: ["tracked" if m.any() else "vanished"] for pid, m in baseline.items()}
+    carried = {pid: m for pid, m in baseline.items() if m.any()}  # last known location per lesion
     transforms = []
     for t in range(1, len(images)):
         if cancel is not None:
@@ -148,6 +152,7 @@ def track(images, prompts, track_model, seg_model=None, registration: str = "sim
         transforms.append(transform)
         t0 = time.perf_counter()
         prompts_t, next_carried, now = [], {}, {}
+        labels_t = fixed.with_array(np.zeros(fixed.shape, np.uint16))
         for pid in sorted(status):
             if pid not in carried:
                 status[pid].append(status[pid][-1] if status[pid][-1] == "outside" else "vanished")
@@ -162,12 +167,13 @@ def track(images, prompts, track_model, seg_model=None, registration: str = "sim
             next_carried[pid] = warped
         timings["warping"] += time.perf_counter() - t0
         if prompts_t:
-            t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="the network found no lesion")
                 result = segment(fixed, prompts_t, track_model, cancel=cancel,
                                  progress=lambda f, m: report((t + f) / n_steps, f"scan {t}: {m}"))
-            timings["segmentation"] += time.perf_counter() - t0
+            for stage, seconds in result.timings.items():
+                timings[stage] += seconds
+            labels_t = result.labels
             for p in prompts_t:
                 mask = result.masks[p.id]
                 now[p.id] = mask
@@ -175,14 +181,7 @@ def track(images, prompts, track_model, seg_model=None, registration: str = "sim
                 if mask.any():
                     next_carried[p.id] = mask
         masks.append(now)
+        labels.append(labels_t)
         carried = next_carried
-    labels = [_labels(images[t], masks[t]) for t in range(len(images))]
     report(1.0, "done")
     return TrackResult(masks, labels, status, transforms, timings)
-
-
-def _labels(image: Image, masks: dict) -> Image:
-    lab = np.zeros(image.shape, np.uint16)
-    for pid in sorted(masks):
-        lab[masks[pid] & (lab == 0)] = pid
-    return image.with_array(lab)

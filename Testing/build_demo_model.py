@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 PLAN = {
     "features": [16, 32, 64, 96], "blocks": [1, 2, 2, 2], "patch": [48, 64, 64], "spacing": [2.0, 1.5, 1.5],
-    "epochs": 60, "iterations": 50, "batch_size": 2, "seed": 0,
+    "epochs": 80, "iterations": 50, "batch_size": 2, "seed": 0,
     "train_ct": "chest_1p5mm", "train_cases": 10, "lesions_per_case": 8, "followups": 2,
     "demo_ct": "abdomen_3mm", "demo_seed": 2026, "demo_lesions": 5,
 }
