@@ -1,0 +1,110 @@
+"""Evaluate a model on synthetic cases from a CT that was not used for training.
+
+Segmentation (baseline): point prompts at the lesion centre, at a random voxel
+inside the lesion (off-centre), and box prompts; tracking: baseline masks
+tracked through the follow-ups with the track model and a registration backend.
+Prints tables, writes ``results/evaluate_<model name>.json`` and, per case, the
+prediction/ground-truth label images that ``lesionlocator evaluate`` reads.
+
+Usage: python Testing/benchmarks/evaluate_demo_model.py WORKDIR [-m MODEL] [--cases 4] [--lesions 6]
+       [--followups 3] [--min-diameter 10] [--registration simpleitk]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("work")
+    ap.add_argument("-m", default=str(HERE.parents[1] / "Resources" / "Models" / "LesionLocatorDemo"))
+    ap.add_argument("--ct", default="abdomen_3mm", help="registry CT name (not used for training)")
+    ap.add_argument("--cases", type=int, default=4)
+    ap.add_argument("--lesions", type=int, default=6)
+    ap.add_argument("--followups", type=int, default=3)
+    ap.add_argument("--min-diameter", type=float, default=10.0, help="smallest lesion diameter (mm)")
+    ap.add_argument("--registration", default="simpleitk")
+    ap.add_argument("--seed", type=int, default=100)
+    a = ap.parse_args()
+
+    from build_demo_model import read_ct
+    from registry_ct import fetch_registry_cts
+    from LesionLocatorLib.image import write_image
+    from LesionLocatorLib.metrics import aggregate, dice, evaluate_case, format_table
+    from LesionLocatorLib.model import load_model
+    from LesionLocatorLib.predict import segment
+    from LesionLocatorLib.prompts import MaskPrompt, VoxelPrompt, prompts_from_labels
+    from LesionLocatorLib.synth import make_case
+    from LesionLocatorLib.track import track
+
+    work = Path(a.work)
+    ct = read_ct(Path(fetch_registry_cts(work / "ct_cache", [a.ct])[a.ct]))
+    seg = {k: load_model(a.m, k, device="cpu") for k in ("point", "box")}
+    trk = load_model(a.m, "prev_mask", device="cpu")
+    rng = np.random.default_rng(a.seed)
+    seg_rows, track_rows, statuses = [], [], []
+    timings = {}
+    for c in range(a.cases):
+        case = make_case(ct, n_lesions=a.lesions, n_followups=a.followups, seed=a.seed + c,
+                         diameter_range_mm=(a.min_diameter, 40.0))
+        base, lab = case.images[0], case.labels[0].array
+        ids = [int(i) for i in np.unique(lab) if i > 0]
+        centre = prompts_from_labels(lab, "point")
+        boxes = prompts_from_labels(lab, "box")
+        offc = [VoxelPrompt(i, "point", list(np.argwhere(lab == i)[rng.integers((lab == i).sum())].astype(float)))
+                for i in ids]
+        for name, prompts, model in (("point (centre)", centre, seg["point"]), ("point (off-centre)", offc, seg["point"]),
+                                     ("box", boxes, seg["box"])):
+            res = segment(base, prompts, model)
+            for i in ids:
+                seg_rows.append({"case": c, "prompt": name, "lesion_id": i, "dice": dice(res.masks[i], lab == i),
+                                 "diameter_mm": next(l_.diameter_mm for l_ in case.lesions if l_.id == i)})
+        t0 = time.perf_counter()
+        result = track(case.images, [MaskPrompt(i, base.with_array(lab == i)) for i in ids], trk,
+                       registration=a.registration)
+        timings[f"case {c}"] = {"total_s": time.perf_counter() - t0, **result.timings}
+        out = work / "tracking" / f"case{c}"
+        for t in range(1, len(case.images)):
+            write_image(result.labels[t], out / "pred" / f"t{t}.nii.gz")
+            write_image(case.labels[t], out / "gt" / f"t{t}.nii.gz")
+            track_rows += evaluate_case(result.labels[t], case.labels[t], lesion_ids=ids, case=f"case{c}_t{t}",
+                                        patient=f"case{c}")
+        for les in case.lesions:
+            if les.id in result.status:
+                statuses.append({"case": c, "lesion_id": les.id, "truth": les.status,
+                                 "tracked": result.status[les.id]})
+
+    summary = {}
+    for name in ("point (centre)", "point (off-centre)", "box"):
+        d = [r["dice"] for r in seg_rows if r["prompt"] == name]
+        summary[name] = {"mean_dice": float(np.mean(d)), "median_dice": float(np.median(d)), "lesions": len(d)}
+    print("Baseline segmentation (lesions >= %.0f mm)" % a.min_diameter)
+    print(format_table([{"prompt": k, **v} for k, v in summary.items()]))
+    agg = aggregate(track_rows)
+    print("\nTracking (%s registration)" % a.registration)
+    print(format_table([agg]))
+    vanish = [s for s in statuses if "vanished" in s["truth"]]
+    print("\nLesions that vanish in the ground truth: truth vs tracker status")
+    for s in vanish:
+        print(f"  case {s['case']} lesion {s['lesion_id']}: {s['truth']} / {s['tracked']}")
+    doc = {"model": a.m, "ct": a.ct, "cases": a.cases, "lesions_per_case": a.lesions, "followups": a.followups,
+           "min_diameter_mm": a.min_diameter, "segmentation": summary, "tracking": agg, "vanishing": vanish,
+           "statuses": statuses, "timings": timings}
+    (HERE / "results").mkdir(exist_ok=True)
+    path = HERE / "results" / f"evaluate_{Path(a.m).name}.json"
+    path.write_text(json.dumps(doc, indent=1, default=str))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
