@@ -92,6 +92,7 @@ Nothing here needs a GPU; the whole run takes about 3 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -287,32 +288,16 @@ def fixed_bboxes_from_json(json_dict, data_properties, model_shape):
     return out
 
 
-class _fixed_box_underflow:
-    """Context manager: replace upstream's get_bboxes_from_json by the same mapping without the underflow."""
-
-    def __enter__(self):
-        import lesionlocator.utilities.prompt_handling.prompt_handler as ph
-        self.ph, self.saved = ph, ph.get_bboxes_from_json
-        ph.get_bboxes_from_json = fixed_bboxes_from_json
-        return self
-
-    def __exit__(self, *exc):
-        self.ph.get_bboxes_from_json = self.saved
-        return False
-
-
-class _fixed_point_offset:
-    """Context manager: replace upstream's get_centroids_from_json by the fixed formula."""
-
-    def __enter__(self):
-        import lesionlocator.utilities.prompt_handling.prompt_handler as ph
-        self.ph, self.saved = ph, ph.get_centroids_from_json
-        ph.get_centroids_from_json = fixed_centroids_from_json
-        return self
-
-    def __exit__(self, *exc):
-        self.ph.get_centroids_from_json = self.saved
-        return False
+@contextlib.contextmanager
+def _replaced_prompt_mapping(name: str, replacement):
+    """Temporarily replace one of upstream's prompt-mapping functions (in its prompt_handler module)."""
+    import lesionlocator.utilities.prompt_handling.prompt_handler as ph
+    saved = getattr(ph, name)
+    setattr(ph, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(ph, name, saved)
 
 
 def _box_of_finite(arr: np.ndarray):
@@ -332,7 +317,6 @@ def _box_of_finite(arr: np.ndarray):
 def run_upstream_prompts(model_folder: str, image: str, prompt_file: str, kind: str, variant: str, out_dir: Path):
     """Run upstream on one image and prompt file; return {lesion id: arrays}."""
     import torch
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from lesionlocator.inference.export_prediction import export_prediction_from_logits
     from lesionlocator.inference.lesionlocator_segment import LesionLocatorSegmenter
     from lesionlocator.utilities.prompt_handling import prompt_handler as ph
@@ -342,9 +326,9 @@ def run_upstream_prompts(model_folder: str, image: str, prompt_file: str, kind: 
     if variant.startswith("fp32"):
         stack.enter_context(_fp32_accumulation())
     if variant == "fp32_fixedpoint":
-        stack.enter_context(_fixed_point_offset())
+        stack.enter_context(_replaced_prompt_mapping("get_centroids_from_json", fixed_centroids_from_json))
     if variant == "fp32_fixedbox":
-        stack.enter_context(_fixed_box_underflow())
+        stack.enter_context(_replaced_prompt_mapping("get_bboxes_from_json", fixed_bboxes_from_json))
     with stack:
         predictor = LesionLocatorSegmenter(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
                                            perform_everything_on_device=False, device=torch.device("cpu"),
@@ -469,7 +453,7 @@ def check_cli(work: Path, manifest: dict, infos: dict) -> dict:
     import SimpleITK as sitk
 
     exe = Path(sys.executable).parent / "LesionLocator_segment"
-    raw_cache, report = {}, {}
+    report = {}
     for name, case in manifest["cases"].items():
         raw = np.load(work / "raw" / f"{name}.npz")
         root = manifest["checkpoints"][case["resampling"]]["root"]
