@@ -7,6 +7,10 @@ without the GUI::
 
     logic = slicer.util.getModuleLogic("LesionLocator")
     seg = logic.segment(getNode("CT"), getNode("F"), modelPath="/models/LesionLocatorCheckpoint")
+    out = logic.track(getNode("CT"), [getNode("CT 2024"), getNode("CT 2025")],
+                      modelPath="/models/LesionLocatorCheckpoint")
+    logic.exportTableToCsv(out.tableNode, "/tmp/lesions.csv")
+    logic.exportSegmentations("/tmp/lesions", format="nii.gz")
 
 The network code is the pure-Python library ``LesionLocatorLib`` (LPS world millimetres,
 arrays (z, y, x)); this file only converts between MRML nodes and the library, in
@@ -71,7 +75,10 @@ class LesionLocator(ScriptedLoadableModule):
             "click a lesion or draw a box around it, and get its 3D mask as a segment. "
             "Each control point of a point list and each ROI is one lesion; results go to a "
             "segmentation named '&lt;volume&gt; lesions', one segment per lesion. "
-            "Your own segmentations are never overwritten.")
+            "<i>Track</i> propagates the lesions through the checked follow-up scans (in the order "
+            "listed): one segmentation per scan with the same segment names and colours, a lesion "
+            "table (volume, diameters, change vs baseline and nadir), a growth plot and a sequence "
+            "browser over the timepoints. Your own segmentations are never overwritten.")
         self.parent.helpText += ('<p>Documentation: <a href="https://github.com/lesionlocator/SlicerLesionLocator">'
                                  'the project page</a>.</p>')
         self.parent.acknowledgementText = (
@@ -96,6 +103,7 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingGUIFromParameterNode = False
         self._busy = False
         self._observedPromptNode = None
+        self._followUpRefreshPending = False
 
     # ------------------------------------------------------------------ set-up
     def setup(self):
@@ -108,6 +116,8 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onVolumesChanged)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onVolumesChanged)
 
         self.ui.baselineVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.promptNodeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
@@ -146,6 +156,17 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def exit(self):
         self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onVolumesChanged(self, caller, event, node=None):
+        """A volume was loaded or removed: refresh the follow-up list (once, after the load)."""
+        if node is not None and node.IsA("vtkMRMLScalarVolumeNode") and not self._followUpRefreshPending:
+            self._followUpRefreshPending = True
+            qt.QTimer.singleShot(0, self._refreshFollowUps)
+
+    def _refreshFollowUps(self):
+        self._followUpRefreshPending = False
+        self.updateFollowUpList()
 
     def onSceneStartClose(self, caller, event):
         self.setParameterNode(None)
@@ -222,20 +243,24 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.refineButton.enabled = (haveVolume and not self._busy
                                         and self.ui.refineSegmentSelector.currentNodeID() != ""
                                         and bool(self.ui.refineSegmentSelector.currentSegmentID()))
-        self.ui.trackButton.enabled = False
-        self.ui.trackButton.toolTip = "Tracking through follow-ups comes with the next release."
+        self.ui.trackButton.enabled = haveVolume and not self._busy
         self.ui.cancelButton.enabled = self._busy
 
     def updateFollowUpList(self, *args):
-        """Every other scalar volume, checkable, in the order the user arranges them."""
+        """Every other scalar volume, checkable, in time order (study date, else load order);
+        the user may drag them into another order, which tracking then follows."""
         baseline = self.ui.baselineVolumeSelector.currentNode()
-        checked = {self.ui.followUpList.item(i).data(qt.Qt.UserRole)
-                   for i in range(self.ui.followUpList.count)
-                   if self.ui.followUpList.item(i).checkState() == qt.Qt.Checked}
+        items = [self.ui.followUpList.item(i) for i in range(self.ui.followUpList.count)]
+        checked = {item.data(qt.Qt.UserRole) for item in items if item.checkState() == qt.Qt.Checked}
+        shown = [item.data(qt.Qt.UserRole) for item in items]  # the user's order so far
         self.ui.followUpList.clear()
-        for volume in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
-            if volume is baseline or volume.IsA("vtkMRMLLabelMapVolumeNode"):
-                continue
+        volumes = [v for v in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                   if v is not baseline and not v.IsA("vtkMRMLLabelMapVolumeNode")
+                   and v.GetAttribute(LesionLocatorLogic.ROLE_ATTRIBUTE) != "TrackProxy"]
+        byId = {v.GetID(): v for v in volumes}
+        ordered = [byId[i] for i in shown if i in byId]
+        ordered += [v for v in self.logic.orderFollowUps(volumes) if v.GetID() not in shown]
+        for volume in ordered:
             item = qt.QListWidgetItem(volume.GetName())
             item.setData(qt.Qt.UserRole, volume.GetID())
             item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
@@ -305,7 +330,26 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run(lambda **kw: self.logic.refineFromSegment(self._baseline(), segmentationNode, segmentId, **kw))
 
     def onTrack(self):
-        slicer.util.infoDisplay("Tracking through follow-ups comes with the next release.")
+        followUps = [slicer.mrmlScene.GetNodeByID(self.ui.followUpList.item(i).data(qt.Qt.UserRole))
+                     for i in range(self.ui.followUpList.count)
+                     if self.ui.followUpList.item(i).checkState() == qt.Qt.Checked]
+        if not followUps:
+            slicer.util.warningDisplay("Check the follow-up scans to track the lesions into (Inputs > Follow-ups).",
+                                       windowTitle="LesionLocator")
+            return
+        self._run(lambda **kw: self.logic.track(self._baseline(), followUps, order="given", **kw),
+                  done=self.showTrackResults)
+
+    def showTrackResults(self, outputs):
+        """The lesion table in the module panel, the volume plot in the layout's plot view."""
+        self.ui.resultsTableView.setMRMLTableNode(outputs.tableNode)
+        self.ui.resultsCollapsibleButton.collapsed = False
+        plots = getattr(slicer.modules, "plots", None)
+        if plots is not None and outputs.plotChartNode is not None:
+            plots.logic().ShowChartInLayout(outputs.plotChartNode)
+        self.ui.statusLabel.text = self.logic.lastTrackSummary()
+        if outputs.warnings:
+            slicer.util.warningDisplay("\n".join(outputs.warnings), windowTitle="LesionLocator")
 
     def onCancel(self):
         self.logic.cancel()
@@ -317,8 +361,9 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _baseline(self):
         return self._parameterNode.GetNodeReference(LesionLocatorLogic.REF_BASELINE)
 
-    def _run(self, call):
-        """Run a Logic call with progress, Cancel and errors shown in a message box."""
+    def _run(self, call, done=None):
+        """Run a Logic call with progress, Cancel and errors shown in a message box; ``done(result)``
+        shows the result (default: a segmentation run's summary)."""
         try:
             from LesionLocatorLib.predict import Cancelled
         except ImportError:  # torch missing: segment() raises MissingDependencyError, shown below
@@ -343,11 +388,14 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                               folds=node.GetParameter(L.PARAM_FOLDS) or None,
                               tta={"on": True, "off": False}.get(node.GetParameter(L.PARAM_TTA)),
                               progress=progress)
-            summary = self.logic.lastRunSummary()
-            self.ui.statusLabel.text = summary
-            self.ui.refineSegmentSelector.setCurrentNode(result)
-            if self.logic.lastResponse is not None and self.logic.lastResponse.empty:
-                slicer.util.warningDisplay(summary, windowTitle="LesionLocator")
+            if done is not None:
+                done(result)
+            else:
+                summary = self.logic.lastRunSummary()
+                self.ui.statusLabel.text = summary
+                self.ui.refineSegmentSelector.setCurrentNode(result)
+                if self.logic.lastResponse is not None and self.logic.lastResponse.empty:
+                    slicer.util.warningDisplay(summary, windowTitle="LesionLocator")
         except Cancelled:
             self.ui.statusLabel.text = "Cancelled: nothing was changed."
         except Exception as e:  # every failure is a message, not only a traceback in the log
@@ -413,6 +461,43 @@ class PromptSpec:
         return Box.from_points(int(lesionId), self.lps, name=self.ref)
 
 
+@dataclass
+class TrackOutputs:
+    """What :meth:`LesionLocatorLogic.track` made, everything in time order (baseline first).
+
+    ``segmentationNodes[0]`` is the baseline segmentation the lesions came from;
+    ``status[lesionId][t]`` is 'tracked', 'vanished' or 'outside'; ``rows``: one dict per
+    lesion and timepoint (:func:`LesionLocatorLib.metrics.lesion_measurements`, plus ``name``,
+    ``segment_id``, ``volume_node`` and ``study_date``); the table, the plot and the sequences
+    are described in :meth:`LesionLocatorLogic.track`; ``response``: the runner's
+    :class:`LesionLocatorLib.runner.TrackResponse`; ``warnings``: the library's and the
+    Logic's warnings (e.g. follow-ups dated before the baseline).
+    """
+    volumeNodes: list
+    segmentationNodes: list
+    segmentIds: dict
+    tableNode: object
+    plotChartNode: object
+    plotTableNode: object
+    plotSeriesNodes: list
+    segmentationSequenceNode: object
+    volumeSequenceNode: object
+    browserNode: object
+    status: dict
+    rows: list
+    response: object
+    warnings: list
+
+
+@dataclass
+class _BaselineLesion:
+    segmentId: str
+    lesionId: int
+    name: str
+    color: tuple
+    mask: np.ndarray
+
+
 class LesionLocatorLogic(ScriptedLoadableModuleLogic):
     """MRML <-> LesionLocatorLib. Everything the module does, callable without the GUI.
 
@@ -457,10 +542,28 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
     REQUIREMENTS = [("torch", None), ("nnunetv2", "nnunetv2>=2.8"), ("SimpleITK", "SimpleITK>=2.2"),
                     ("scipy", "scipy")]
 
-    # Where a model is looked for when no model path is given (first existing wins):
-    # a model shipped in the extension, then a model in a source checkout's Resources/.
-    DEMO_MODEL_SUBPATHS = [os.path.join("Resources", "Models", "LesionLocatorCheckpoint"),
-                           os.path.join(os.pardir, "Resources", "DemoModel", "LesionLocatorCheckpoint")]
+    # Where the demo model and demo case are looked for, relative to this file (first existing
+    # wins): next to the module in an installed extension, then a source checkout's Resources/.
+    DEMO_MODEL_SUBPATHS = [os.path.join("Resources", "Models", "LesionLocatorDemo"),
+                           os.path.join(os.pardir, "Resources", "Models", "LesionLocatorDemo")]
+    DEMO_CASE_SUBPATHS = [os.path.join("Resources", "Demo"), os.path.join(os.pardir, "Resources", "Demo")]
+
+    # tracking outputs: segment tags, node roles (ROLE_ATTRIBUTE) and the reference to the baseline
+    TAG_STATUS = "LesionLocator.Status"
+    TAG_TRACKED_FROM = "LesionLocator.TrackedFrom"
+    PROMPT_TYPE_TRACK = "track"
+    STATUSES = ("tracked", "vanished", "outside")
+    ROLE_TRACK_OUTPUTS = ("TrackTable", "TrackPlotTable", "TrackChart", "TrackSeries", "TrackSequence",
+                          "TrackBrowser", "TrackProxy")
+    TRACK_BASELINE_REFERENCE = "LesionLocator.TrackBaseline"
+    # lesion table columns: (name, kind, unit); kind int / str / float
+    TABLE_COLUMNS = [
+        ("Lesion ID", "int", ""), ("Lesion", "str", ""), ("Timepoint", "int", ""), ("Volume", "str", ""),
+        ("Study date", "str", ""), ("Status", "str", ""), ("Volume (ml)", "float", "ml"),
+        ("Long axis (mm)", "float", "mm"), ("Short axis (mm)", "float", "mm"),
+        ("Volume change vs baseline (%)", "float", "%"), ("Volume change vs nadir (%)", "float", "%"),
+        ("RECIST 1.1 (for information only)", "str", ""),
+    ]
 
     def __init__(self, runner=None):
         """``runner``: a :class:`LesionLocatorLib.runner.SegmentationRunner`; default: the
@@ -469,7 +572,9 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         self._runner = runner
         self.lastResponse = None
         self.lastLesionIds = []
+        self.lastTrack = None
         self._cancelToken = None
+        self._fallbackTrackRunner = None
 
     @property
     def runner(self):
@@ -503,6 +608,9 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         if self._runner is not None:
             self._runner.close()
             self._runner = None
+        if self._fallbackTrackRunner is not None:
+            self._fallbackTrackRunner.close()
+            self._fallbackTrackRunner = None
 
     # ------------------------------------------------------------------ parameters
     def setDefaultParameters(self, parameterNode) -> None:
@@ -606,6 +714,15 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
                 f"harden the transform on the volume (or resample it), then segment.")
         array = np.array(slicer.util.arrayFromVolume(volumeNode), copy=True)
         return Image(array, tuple(spacing), tuple(origin), direction)
+
+    @staticmethod
+    def imageKey(volumeNode, image) -> str:
+        """A name for exactly this volume's voxels and world geometry (node ID, the voxel data's
+        modification time, the LPS geometry), so that a worker process keeps the volume between
+        clicks. Slicer marks voxel edits as modifications (``arrayFromVolumeModified``)."""
+        geometry = np.r_[image.origin, image.spacing, np.ravel(image.direction)]
+        return (f"{volumeNode.GetID()}:{volumeNode.GetImageData().GetMTime()}:"
+                + ",".join(f"{v:.6g}" for v in geometry))
 
     # ------------------------------------------------------------------ prompts
     def promptsFromNodes(self, promptNodes) -> list:
@@ -781,10 +898,22 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         return os.path.dirname(os.path.abspath(__file__))
 
     def defaultModelPath(self):
-        """The first demo/shipped model folder that exists (see DEMO_MODEL_SUBPATHS), or None."""
+        """The demo model folder ``Resources/Models/LesionLocatorDemo`` (next to the module in an
+        installed extension, or at the root of a source checkout), or None."""
         for sub in self.DEMO_MODEL_SUBPATHS:
             path = os.path.normpath(os.path.join(self.moduleDir(), sub))
             if os.path.isdir(path):
+                return path
+        return None
+
+    def demoCasePath(self):
+        """The demo case folder ``Resources/Demo`` (``demo_t0.nii.gz``, ``demo_t1.nii.gz``, ... with
+        ``_label`` files and ``demo_points.json``) when complete, or None."""
+        for sub in self.DEMO_CASE_SUBPATHS:
+            path = os.path.normpath(os.path.join(self.moduleDir(), sub))
+            if all(os.path.isfile(os.path.join(path, name)) for name in
+                   ("demo_t0.nii.gz", "demo_t0_label.nii.gz", "demo_t1.nii.gz", "demo_t1_label.nii.gz",
+                    "demo_points.json")):
                 return path
         return None
 
@@ -822,7 +951,8 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ running
     def cancel(self) -> None:
-        """Ask the running segmentation to stop (between network batches); the scene stays as it was."""
+        """Ask the running segmentation or tracking to stop (between network batches and between
+        timepoints); the scene stays as it was."""
         if self._cancelToken is not None:
             self._cancelToken.cancel()
 
@@ -873,7 +1003,8 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         resultNode = self._targetResultNode(volumeNode, segmentationNode)
         ids = self._assignLesionIds(specs, resultNode, lesionIds)
         request = SegmentationRequest(image, [s.toLibrary(i) for s, i in zip(specs, ids)],
-                                      self.modelSpec(modelPath, device, folds, tta))
+                                      self.modelSpec(modelPath, device, folds, tta),
+                                      image_key=self.imageKey(volumeNode, image))
         token = cancel if cancel is not None else CancelToken()
         self._cancelToken = token
         try:
@@ -901,24 +1032,673 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
             text += f"; no lesion found at prompt(s) {', '.join(str(i) for i in r.empty)} (empty segment)"
         return text
 
-    # ------------------------------------------------------------------ writing
+    # ------------------------------------------------------------------ tracking
     @staticmethod
-    def _labelmapFromMask(mask, volumeNode):
-        """A (k, j, i) boolean mask on the volume's voxels -> vtkOrientedImageData in the
-        volume's own (parent-transform) frame, cropped to the mask's bounding box."""
+    def studyDateTime(volumeNode):
+        """The DICOM study date and time of a volume as a sortable 'YYYYMMDDHHMMSS.ffffff' string,
+        or None. Read from the node's own ``DICOM.StudyDate``/``DICOM.StudyTime`` attributes, else
+        from its subject-hierarchy ancestors (the study item the DICOM loader creates)."""
+        constants = slicer.vtkMRMLSubjectHierarchyConstants
+        dateName, timeName = constants.GetDICOMStudyDateAttributeName(), constants.GetDICOMStudyTimeAttributeName()
+
+        def combine(date, time):
+            date = "".join(ch for ch in (date or "") if ch.isdigit())
+            if len(date) != 8:
+                return None
+            time = (time or "").strip()
+            whole, _, fraction = time.partition(".")
+            whole = "".join(ch for ch in whole if ch.isdigit())[:6].ljust(6, "0")
+            return f"{date}{whole}.{(''.join(ch for ch in fraction if ch.isdigit()) or '0')[:6].ljust(6, '0')}"
+
+        found = combine(volumeNode.GetAttribute(dateName), volumeNode.GetAttribute(timeName))
+        if found:
+            return found
+        shNode = slicer.mrmlScene.GetSubjectHierarchyNode() if slicer.mrmlScene is not None else None
+        if shNode is None:
+            return None
+        item = shNode.GetItemByDataNode(volumeNode)
+        while item and item != shNode.GetSceneItemID():
+            found = combine(shNode.GetItemAttribute(item, dateName), shNode.GetItemAttribute(item, timeName))
+            if found:
+                return found
+            item = shNode.GetItemParent(item)
+        return None
+
+    def orderFollowUps(self, volumeNodes, order: str = "auto") -> list:
+        """Follow-up volumes in time order.
+
+        ``order='auto'``: by DICOM study date/time (:meth:`studyDateTime`) when every volume has
+        one, else in load order (the order the volumes were added to the scene);
+        ``order='given'``: exactly as given (the user's order).
+        """
+        volumes = [v for v in (volumeNodes or []) if v is not None]
+        if order == "given":
+            return volumes
+        if order != "auto":
+            raise ValueError(f"order must be 'auto' or 'given', got {order!r}")
+        dates = [self.studyDateTime(v) for v in volumes]
+        if volumes and all(dates):
+            return [v for _, _, v in sorted(zip(dates, range(len(volumes)), volumes), key=lambda x: x[:2])]
+        loadOrder = {n.GetID(): i for i, n in enumerate(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))}
+        return sorted(volumes, key=lambda v: loadOrder.get(v.GetID(), len(loadOrder)))
+
+    @staticmethod
+    def imageIjkToRas(image) -> np.ndarray:
+        """The 4x4 IJK-to-RAS matrix (world) of a library Image: the inverse of the RAS -> LPS step
+        of :meth:`volumeToImage` (no transform involved: the Image is in world already)."""
+        m = np.eye(4)
+        m[:3, :3] = np.asarray(image.direction, dtype=float) @ np.diag(np.asarray(image.spacing, dtype=float))
+        m[:3, 3] = np.asarray(image.origin, dtype=float)
+        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ m
+
+    def segmentMask(self, segmentationNode, segmentId, volumeNode, image=None) -> np.ndarray:
+        """A segment as a boolean (k, j, i) array on ``volumeNode``'s voxels, without adding nodes
+        to the scene. A segmentation under the volume's own parent transform is read in that
+        frame (exact for segments made on this volume); otherwise both go to world first
+        (``image``: the volume's :meth:`volumeToImage`, computed when not given) and the segment
+        is resampled (nearest neighbour) onto the volume's voxels."""
         from vtk.util import numpy_support
 
-        mask = np.asarray(mask, dtype=bool)
-        hits = np.argwhere(mask)
-        if hits.size:
-            lo, hi = hits.min(0), hits.max(0)
+        segmentation = segmentationNode.GetSegmentation()
+        segment = segmentation.GetSegment(segmentId)
+        if segment is None:
+            raise ValueError(f"'{segmentationNode.GetName()}' has no segment {segmentId!r}")
+        sameFrame = segmentationNode.GetParentTransformNode() is volumeNode.GetParentTransformNode()
+        labelmap = slicer.vtkOrientedImageData()
+        if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+                segmentationNode, segmentId, labelmap, not sameFrame):
+            raise ValueError(f"segment '{segment.GetName()}' of '{segmentationNode.GetName()}' has no binary "
+                             f"labelmap; create it in the Segmentations module (Representations)")
+        dims = volumeNode.GetImageData().GetDimensions()
+        mask = np.zeros((dims[2], dims[1], dims[0]), dtype=bool)
+        extent = labelmap.GetExtent()
+        if labelmap.GetPointData().GetScalars() is None or extent[1] < extent[0] or extent[3] < extent[2] \
+                or extent[5] < extent[4]:
+            return mask
+        reference = slicer.vtkOrientedImageData()
+        reference.SetExtent(0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
+        if sameFrame:
+            ijkToRas = vtk.vtkMatrix4x4()
+            volumeNode.GetIJKToRASMatrix(ijkToRas)
         else:
-            lo = hi = np.zeros(3, dtype=int)
+            ijkToRas = slicer.util.vtkMatrixFromArray(self.imageIjkToRas(
+                image if image is not None else self.volumeToImage(volumeNode)))
+        reference.SetImageToWorldMatrix(ijkToRas)
+        resampled = slicer.vtkOrientedImageData()
+        if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+                labelmap, reference, resampled, False, True):
+            raise RuntimeError(f"could not resample segment '{segment.GetName()}' onto '{volumeNode.GetName()}'")
+        e = resampled.GetExtent()
+        if resampled.GetPointData().GetScalars() is None or e[1] < e[0]:
+            return mask
+        block = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(
+            e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1) > 0
+        lo = np.maximum([e[4], e[2], e[0]], 0)
+        hi = np.minimum([e[5] + 1, e[3] + 1, e[1] + 1], mask.shape)
+        if np.all(hi > lo):
+            mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = block[lo[0] - e[4]:hi[0] - e[4], lo[1] - e[2]:hi[1] - e[2],
+                                                                lo[2] - e[0]:hi[2] - e[0]]
+        return mask
+
+    def baselineLesions(self, segmentationNode, volumeNode, image=None) -> list:
+        """The lesions of a baseline segmentation, in segment order: segment ID, lesion ID (the
+        module's lesion tag, else N from a segment ID ``lesion_N``, else the next free number),
+        name, colour and mask on ``volumeNode``'s voxels. Nothing in the scene changes."""
+        segmentation = segmentationNode.GetSegmentation()
+        segmentIds = list(segmentation.GetSegmentIDs())
+        if not segmentIds:
+            raise ValueError(f"'{segmentationNode.GetName()}' has no segments: segment the lesions on the baseline "
+                             f"first (click them), then track")
+        ids = {}
+        for segmentId in segmentIds:
+            lesionId = self.segmentLesionId(segmentation.GetSegment(segmentId))
+            if lesionId is None and segmentId.startswith("lesion_") and segmentId[len("lesion_"):].isdigit():
+                lesionId = int(segmentId[len("lesion_"):])
+            if lesionId is not None and lesionId >= 1 and lesionId not in ids.values():
+                ids[segmentId] = lesionId
+        nextId = max(ids.values(), default=0) + 1
+        lesions = []
+        for segmentId in segmentIds:
+            if segmentId not in ids:
+                ids[segmentId], nextId = nextId, nextId + 1
+            segment = segmentation.GetSegment(segmentId)
+            lesions.append(_BaselineLesion(segmentId, ids[segmentId], segment.GetName(),
+                                           tuple(float(c) for c in segment.GetColor()),
+                                           self.segmentMask(segmentationNode, segmentId, volumeNode, image)))
+        return lesions
+
+    def track(self, baselineVolumeNode, followupVolumeNodes, baselineSegmentationNode=None, modelPath=None,
+              device="auto", folds=None, registration="simpleitk", progress=None, cancel=None, tta=None,
+              order="auto"):
+        """Track the baseline lesions through follow-up scans; return :class:`TrackOutputs`.
+
+        ``followupVolumeNodes``: the follow-up CTs, ordered by :meth:`orderFollowUps` (``order``:
+        'auto' = DICOM study date/time, else load order; 'given' = as listed).
+        ``baselineSegmentationNode``: where the baseline lesions are (default: the module's result
+        node for the baseline volume); it is only read. ``registration``: 'simpleitk' (default),
+        'none' (scans already aligned in world space), or another backend of
+        :mod:`LesionLocatorLib.register`. Model arguments, ``progress`` and ``cancel`` as for
+        :meth:`segment`; the model root's ``LesionLocatorTrack`` model is used.
+
+        Writes, after everything was computed: per follow-up a module segmentation '<volume>
+        lesions' under the volume's parent transform, with the baseline's lesions under the
+        same segment IDs (``lesion_<id>``), names and colours (empty segments for lesions that
+        vanished or left the scan; the status is the segment tag ``LesionLocator.Status``); a
+        sequence of the timepoint segmentations and one of the volumes (world geometry) with a
+        sequence browser; a lesion table; a plot of lesion volume over time. Tracking outputs
+        of an earlier run from the same baseline volume are replaced; segments the module did not
+        make by tracking are never overwritten (a clash is an error, nothing changes).
+        Failures and Cancel leave the scene unchanged.
+        """
+        from LesionLocatorLib.metrics import lesion_measurements
+        from LesionLocatorLib.predict import CancelToken
+        from LesionLocatorLib.prompts import PromptError
+        from LesionLocatorLib.register import BACKENDS
+        from LesionLocatorLib.runner import TrackRequest
+
+        self._requireDependencies()
+        report = progress or (lambda fraction, message: None)
+        if registration not in BACKENDS:
+            raise ValueError(f"unknown registration {registration!r}; choose one of {', '.join(BACKENDS)}")
+        if baselineVolumeNode is None:
+            raise ValueError("choose the baseline volume")
+        followups = self.orderFollowUps(followupVolumeNodes, order)
+        if not followups:
+            raise ValueError("choose at least one follow-up volume to track the lesions into")
+        if any(v is baselineVolumeNode for v in followups):
+            raise ValueError(f"'{baselineVolumeNode.GetName()}' is the baseline; it cannot also be a follow-up")
+        if len({v.GetID() for v in followups}) != len(followups):
+            raise ValueError("a follow-up volume is listed twice")
+        if baselineSegmentationNode is None:
+            baselineSegmentationNode = self.resultNodeForVolume(baselineVolumeNode)
+            if baselineSegmentationNode is None:
+                raise ValueError(f"no lesions on '{baselineVolumeNode.GetName()}' yet: segment them (click each "
+                                 f"lesion), then track")
+        volumes = [baselineVolumeNode] + followups
+        images = [self.volumeToImage(v) for v in volumes]
+        spec = self.modelSpec(modelPath, device, folds, tta)
+        lesions = self.baselineLesions(baselineSegmentationNode, baselineVolumeNode, images[0])
+        present = {lesion.lesionId: lesion.mask for lesion in lesions if lesion.mask.any()}
+        if not present:
+            raise PromptError(f"every segment of '{baselineSegmentationNode.GetName()}' is empty: nothing to track")
+        targets = [self._trackTarget(v, lesions) for v in followups]  # raises before any change
+
+        token = cancel if cancel is not None else CancelToken()
+        self._cancelToken = token
+        try:
+            runner = self._trackingRunner()
+            response = runner.track(TrackRequest(images, present, spec, registration),
+                                    progress=lambda f, m: report(0.9 * f, m), cancel=token)
+            token.check()
+            report(0.9, "building the results")
+            n = len(volumes)
+            masks = [{lesion.lesionId: lesion.mask for lesion in lesions}]
+            status = {}
+            for lesion in lesions:
+                status[lesion.lesionId] = list(response.status.get(lesion.lesionId, ["vanished"] * n))
+            empty = {t: np.zeros(images[t].shape, dtype=bool) for t in range(1, n)}
+            for t in range(1, n):
+                masks.append({lesion.lesionId: response.masks[t].get(lesion.lesionId, empty[t]) for lesion in lesions})
+            rows = lesion_measurements(images, masks, status, [v.GetName() for v in volumes])
+            byId = {lesion.lesionId: lesion for lesion in lesions}
+            for row in rows:
+                row["name"] = byId[row["lesion_id"]].name
+                row["segment_id"] = self.segmentIdForLesion(row["lesion_id"])
+                row["volume_node"] = volumes[row["index"]].GetName()
+                row["study_date"] = self.studyDateTime(volumes[row["index"]]) or ""
+            token.check()
+            plan = self._buildTrackOutputs(baselineSegmentationNode, volumes, images, lesions, masks, status, rows,
+                                           targets, token)
+            token.check()
+        finally:
+            self._cancelToken = None
+        outputs = self._commitTrackOutputs(plan)
+        outputs.response = response
+        outputs.warnings = list(response.warnings) + self._dateWarnings(volumes, order)
+        for message in outputs.warnings:
+            logging.warning(f"LesionLocator: {message}")
+        self.lastTrack = outputs
+        report(1.0, self.lastTrackSummary())
+        return outputs
+
+    def _dateWarnings(self, volumes, order) -> list:
+        dates = [self.studyDateTime(v) for v in volumes]
+        out = []
+        for volume, date in zip(volumes[1:], dates[1:]):
+            if date and dates[0] and date < dates[0]:
+                out.append(f"follow-up '{volume.GetName()}' is dated before the baseline "
+                           f"'{volumes[0].GetName()}' (study dates)")
+        if order == "given" and all(dates[1:]) and dates[1:] != sorted(dates[1:]):
+            out.append("the follow-ups are not in study-date order (tracked in the order given)")
+        return out
+
+    def lastTrackSummary(self) -> str:
+        """One line about the last tracking run."""
+        outputs = self.lastTrack
+        if outputs is None:
+            return ""
+        counts = {s: sum(v[-1] == s for v in outputs.status.values()) for s in self.STATUSES}
+        seconds = outputs.response.seconds if outputs.response is not None else 0.0
+        return (f"{len(outputs.status)} lesion(s) tracked through {len(outputs.volumeNodes) - 1} follow-up(s) in "
+                f"{seconds:.1f} s; at the last scan: {counts['tracked']} tracked, {counts['vanished']} vanished, "
+                f"{counts['outside']} outside the scan")
+
+    def _trackingRunner(self):
+        """The runner when it can track; else (a runner without ``track``) an in-process one."""
+        from LesionLocatorLib.runner import InProcessRunner
+
+        if hasattr(self.runner, "track"):
+            return self.runner
+        if self._fallbackTrackRunner is None:
+            logging.info("LesionLocator: the runner cannot track; tracking in this process")
+            self._fallbackTrackRunner = InProcessRunner()
+        return self._fallbackTrackRunner
+
+    def _trackTarget(self, volumeNode, lesions):
+        """The module's existing result node for a follow-up (segments replaced in place), or None
+        (a new node). A segment in it with a tracked lesion's ID that was not made by tracking --
+        drawn by the user or made by a click on that scan -- is an error: it is never replaced."""
+        node = self.resultNodeForVolume(volumeNode)
+        if node is None:
+            return None
+        segmentation = node.GetSegmentation()
+        for lesion in lesions:
+            segmentId = self.segmentIdForLesion(lesion.lesionId)
+            segment = segmentation.GetSegment(segmentId)
+            if segment is None:
+                continue
+            kind = vtk.reference("")
+            if not (segment.GetTag(self.TAG_PROMPT_TYPE, kind) and str(kind) == self.PROMPT_TYPE_TRACK):
+                raise ValueError(f"'{node.GetName()}' already has a segment '{segmentId}' ('{segment.GetName()}') that "
+                                 f"was not made by tracking; it is not replaced. Rename or remove it there, then "
+                                 f"track again.")
+        return node
+
+    def _trackedSegment(self, lesion, labelmap, status, source):
+        segment = slicer.vtkSegment()
+        segment.SetName(lesion.name)
+        segment.SetColor(*lesion.color)
+        segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), labelmap)
+        self._tagTrackedSegment(segment, lesion, status, source)
+        return segment
+
+    def _tagTrackedSegment(self, segment, lesion, status, source):
+        """Tags of a tracked segment: lesion ID, status at this timepoint, prompt type 'track' and
+        where it came from ('<baseline segmentation node ID>/<baseline segment ID>')."""
+        segment.SetTag(self.TAG_LESION_ID, str(lesion.lesionId))
+        segment.SetTag(self.TAG_STATUS, status)
+        segment.SetTag(self.TAG_PROMPT_TYPE, self.PROMPT_TYPE_TRACK)
+        segment.SetTag(self.TAG_TRACKED_FROM, f"{source}/{lesion.segmentId}")
+
+    def _buildTrackOutputs(self, baselineNode, volumes, images, lesions, masks, status, rows, targets, token):
+        """Every node and labelmap of a tracking run, built outside the scene."""
+        plan = {"baselineNode": baselineNode, "volumes": volumes, "targets": targets, "lesions": lesions,
+                "status": status, "rows": rows, "followups": []}
+        base = volumes[0].GetName()
+        for t in range(1, len(volumes)):
+            labelmaps = {lesion.lesionId: self._labelmapFromMask(masks[t][lesion.lesionId], volumes[t])
+                         for lesion in lesions}
+            source = baselineNode.GetID()
+            node = None
+            if targets[t - 1] is None:
+                node = slicer.vtkMRMLSegmentationNode()
+                node.SetName(f"{volumes[t].GetName()} lesions")
+                node.SetAttribute(self.ROLE_ATTRIBUTE, self.ROLE_RESULT)
+                node.SetReferenceImageGeometryParameterFromVolumeNode(volumes[t])
+                for lesion in lesions:
+                    node.GetSegmentation().AddSegment(
+                        self._trackedSegment(lesion, labelmaps[lesion.lesionId], status[lesion.lesionId][t], source),
+                        self.segmentIdForLesion(lesion.lesionId))
+            plan["followups"].append({"volume": volumes[t], "node": node, "labelmaps": labelmaps, "source": source})
+            token.check()
+
+        # sequences: one item per timepoint, in world geometry (each scan may have its own transform)
+        segmentationSequence = slicer.vtkMRMLSequenceNode()
+        segmentationSequence.SetName(f"{base} lesions over time")
+        volumeSequence = slicer.vtkMRMLSequenceNode()
+        volumeSequence.SetName(f"{base} scans over time")
+        for sequence in (segmentationSequence, volumeSequence):
+            sequence.SetIndexName("timepoint")
+            sequence.SetIndexUnit("")
+            sequence.SetIndexType(slicer.vtkMRMLSequenceNode.NumericIndex)
+            sequence.SetAttribute(self.ROLE_ATTRIBUTE, "TrackSequence")
+        for t, (volume, image) in enumerate(zip(volumes, images)):
+            worldIjkToRas = slicer.util.vtkMatrixFromArray(self.imageIjkToRas(image))
+            item = slicer.vtkMRMLSegmentationNode()
+            item.SetName(f"{volume.GetName()} lesions")
+            item.SetAttribute(self.ROLE_ATTRIBUTE, "TrackProxy")  # the browser's proxy copies it
+            reference = slicer.vtkOrientedImageData()
+            dims = volume.GetImageData().GetDimensions()
+            reference.SetExtent(0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
+            reference.SetImageToWorldMatrix(worldIjkToRas)
+            item.GetSegmentation().SetConversionParameter(
+                slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
+                slicer.vtkSegmentationConverter.SerializeImageGeometry(reference))
+            for lesion in lesions:
+                labelmap = self._labelmapFromMask(masks[t][lesion.lesionId], volume, worldIjkToRas)
+                item.GetSegmentation().AddSegment(
+                    self._trackedSegment(lesion, labelmap, status[lesion.lesionId][t], baselineNode.GetID()),
+                    self.segmentIdForLesion(lesion.lesionId))
+            segmentationSequence.SetDataNodeAtValue(item, str(t))
+            scan = slicer.vtkMRMLScalarVolumeNode()
+            scan.SetName(volume.GetName())
+            scan.SetAttribute(self.ROLE_ATTRIBUTE, "TrackProxy")
+            scan.SetIJKToRASMatrix(worldIjkToRas)
+            scan.SetAndObserveImageData(volume.GetImageData())
+            volumeSequence.SetDataNodeAtValue(scan, str(t))
+            token.check()
+        plan["sequences"] = (segmentationSequence, volumeSequence)
+        plan["table"] = self._lesionTable(f"{base} lesion table", rows)
+        plan["plot"] = self._volumePlot(base, volumes, lesions, rows)
+        return plan
+
+    def _lesionTable(self, name, rows):
+        """The lesion table (one row per lesion and timepoint, columns :attr:`TABLE_COLUMNS`)."""
+        table = slicer.vtkMRMLTableNode()
+        table.SetName(name)
+        table.SetAttribute(self.ROLE_ATTRIBUTE, "TrackTable")
+        keys = ["lesion_id", "name", "index", "volume_node", "study_date", "status", "volume_ml", "long_axis_mm",
+                "short_axis_mm", "volume_change_vs_baseline_pct", "volume_change_vs_nadir_pct",
+                "recist_information_only"]
+        for (column, kind, unit), key in zip(self.TABLE_COLUMNS, keys):
+            array = {"int": vtk.vtkIntArray, "str": vtk.vtkStringArray, "float": vtk.vtkDoubleArray}[kind]()
+            array.SetName(column)
+            for row in rows:
+                value = row[key]
+                if kind == "int":
+                    array.InsertNextValue(int(value))
+                elif kind == "float":
+                    array.InsertNextValue(float("nan") if value is None else float(value))
+                else:
+                    array.InsertNextValue("" if value is None else str(value))
+            table.AddColumn(array)
+            if unit:
+                table.SetColumnUnitLabel(column, unit)
+        table.SetColumnDescription("RECIST 1.1 (for information only)",
+                                   "RECIST 1.1 arithmetic on the sum of the tracked lesions' long axes: not a "
+                                   "clinical read (no new or non-target lesions, no node rule, no confirmation)")
+        table.SetColumnDescription("Status", "tracked / vanished (no lesion found at the warped location) / "
+                                             "outside (the lesion left the scan's field of view)")
+        return table
+
+    def _volumePlot(self, base, volumes, lesions, rows):
+        """A table of lesion volume per timepoint (one column per lesion) and a chart with one
+        series per lesion in its colour; 'outside' timepoints are gaps (not measured)."""
+        data = slicer.vtkMRMLTableNode()
+        data.SetName(f"{base} lesion volumes (plot data)")
+        data.SetAttribute(self.ROLE_ATTRIBUTE, "TrackPlotTable")
+        index = vtk.vtkDoubleArray()
+        index.SetName("Timepoint")
+        labels = vtk.vtkStringArray()
+        labels.SetName("Scan")
+        for t, volume in enumerate(volumes):
+            index.InsertNextValue(float(t))
+            labels.InsertNextValue(volume.GetName())
+        data.AddColumn(index)
+        data.AddColumn(labels)
+        byLesion = {}
+        for row in rows:
+            byLesion.setdefault(row["lesion_id"], {})[row["index"]] = row
+        chart = slicer.vtkMRMLPlotChartNode()
+        chart.SetName(f"{base} lesion volumes")
+        chart.SetAttribute(self.ROLE_ATTRIBUTE, "TrackChart")
+        chart.SetTitle("Lesion volume over time")
+        chart.SetXAxisTitle("Timepoint")
+        chart.SetYAxisTitle("Volume (ml)")
+        series = []
+        for lesion in lesions:
+            column = vtk.vtkDoubleArray()
+            column.SetName(f"{self.segmentIdForLesion(lesion.lesionId)} (ml)")
+            for t in range(len(volumes)):
+                row = byLesion[lesion.lesionId][t]
+                column.InsertNextValue(float("nan") if row["status"] == "outside" else float(row["volume_ml"]))
+            data.AddColumn(column)
+            node = slicer.vtkMRMLPlotSeriesNode()
+            node.SetName(lesion.name)
+            node.SetAttribute(self.ROLE_ATTRIBUTE, "TrackSeries")
+            node.SetXColumnName("Timepoint")
+            node.SetYColumnName(column.GetName())
+            node.SetLabelColumnName("Scan")
+            node.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+            node.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
+            node.SetLineStyle(slicer.vtkMRMLPlotSeriesNode.LineStyleSolid)
+            node.SetColor(*lesion.color)
+            series.append(node)
+        return data, chart, series
+
+    def _previousTrackOutputs(self, baselineVolumeNode) -> list:
+        """Nodes of an earlier tracking run from this baseline volume (to be replaced)."""
+        out = []
+        for i in range(slicer.mrmlScene.GetNumberOfNodes()):
+            node = slicer.mrmlScene.GetNthNode(i)
+            if node.GetAttribute(self.ROLE_ATTRIBUTE) in self.ROLE_TRACK_OUTPUTS and \
+                    node.GetNodeReferenceID(self.TRACK_BASELINE_REFERENCE) == baselineVolumeNode.GetID():
+                out.append(node)
+                if node.IsA("vtkMRMLSequenceBrowserNode"):  # its proxies (their attributes follow the item shown)
+                    proxies = vtk.vtkCollection()
+                    node.GetAllProxyNodes(proxies)
+                    out.extend(proxies.GetItemAsObject(j) for j in range(proxies.GetNumberOfItems()))
+        return list({id(n): n for n in out}.values())
+
+    def _commitTrackOutputs(self, plan) -> TrackOutputs:
+        """Everything is computed before this point; here the scene changes."""
+        scene = slicer.mrmlScene
+        volumes, lesions, status = plan["volumes"], plan["lesions"], plan["status"]
+        baseline = volumes[0]
+        for node in self._previousTrackOutputs(baseline):
+            if node.GetScene() is scene:
+                helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())] \
+                    if node.IsA("vtkMRMLDisplayableNode") else []
+                if node.IsA("vtkMRMLStorableNode"):
+                    helpers.append(node.GetStorageNode())
+                scene.RemoveNode(node)
+                for helper in helpers:
+                    if helper is not None and helper.GetScene() is scene:
+                        scene.RemoveNode(helper)
+
+        def unique(name):
+            return scene.GenerateUniqueName(name) if scene.GetFirstNodeByName(name) is not None else name
+
+        def own(node, role=None):
+            if role is not None:
+                node.SetAttribute(self.ROLE_ATTRIBUTE, role)
+            node.SetNodeReferenceID(self.TRACK_BASELINE_REFERENCE, baseline.GetID())
+
+        segmentationNodes = [plan["baselineNode"]]
+        for step, target in zip(plan["followups"], plan["targets"]):
+            volume, labelmaps = step["volume"], step["labelmaps"]
+            if target is None:
+                node = step["node"]
+                node.SetName(unique(node.GetName()))
+                scene.AddNode(node)
+                node.CreateDefaultDisplayNodes()
+                node.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
+                node.SetNodeReferenceID(self.SOURCE_VOLUME_REFERENCE, volume.GetID())
+                node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), volume.GetID())
+                self._placeBesideVolume(node, volume)
+            else:
+                node = target
+                t = len(segmentationNodes)
+                wasModified = node.StartModify()
+                try:
+                    node.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
+                    segmentation = node.GetSegmentation()
+                    for lesion in lesions:
+                        segmentId = self.segmentIdForLesion(lesion.lesionId)
+                        segment = segmentation.GetSegment(segmentId)
+                        if segment is None:
+                            segmentation.AddSegment(self._trackedSegment(
+                                lesion, labelmaps[lesion.lesionId], status[lesion.lesionId][t], step["source"]),
+                                segmentId)
+                            continue
+                        if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+                                labelmaps[lesion.lesionId], node, segmentId,
+                                slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE):
+                            raise RuntimeError(f"could not write segment {segmentId} into '{node.GetName()}'")
+                        segment.SetName(lesion.name)
+                        segment.SetColor(*lesion.color)
+                        self._tagTrackedSegment(segment, lesion, status[lesion.lesionId][t], step["source"])
+                finally:
+                    node.EndModify(wasModified)
+            segmentationNodes.append(node)
+
+        segmentationSequence, volumeSequence = plan["sequences"]
+        for sequence in (segmentationSequence, volumeSequence):
+            sequence.SetName(unique(sequence.GetName()))
+            scene.AddNode(sequence)
+            own(sequence)
+        browser = slicer.vtkMRMLSequenceBrowserNode()
+        browser.SetName(unique(f"{baseline.GetName()} timepoints"))
+        scene.AddNode(browser)
+        own(browser, "TrackBrowser")
+        browser.SetAndObserveMasterSequenceNodeID(segmentationSequence.GetID())
+        browser.AddSynchronizedSequenceNodeID(volumeSequence.GetID())
+        sequencesLogic = getattr(getattr(slicer.modules, "sequences", None), "logic", lambda: None)()
+        if sequencesLogic is not None:
+            sequencesLogic.UpdateProxyNodesFromSequences(browser)
+        for sequence in (segmentationSequence, volumeSequence):
+            proxy = browser.GetProxyNode(sequence)
+            if proxy is not None:
+                own(proxy, "TrackProxy")
+                if proxy.GetDisplayNode() is None and hasattr(proxy, "CreateDefaultDisplayNodes"):
+                    proxy.CreateDefaultDisplayNodes()
+
+        table = plan["table"]
+        table.SetName(unique(table.GetName()))
+        scene.AddNode(table)
+        own(table)
+        plotTable, chart, series = plan["plot"]
+        for node in (plotTable, chart):
+            node.SetName(unique(node.GetName()))
+            scene.AddNode(node)
+            own(node)
+        for node in series:
+            node.SetName(unique(node.GetName()))
+            scene.AddNode(node)
+            own(node)
+            node.SetAndObserveTableNodeID(plotTable.GetID())
+            chart.AddAndObservePlotSeriesNodeID(node.GetID())
+        for node in (table, chart):
+            self._placeBesideVolume(node, baseline)
+
+        return TrackOutputs(volumes, segmentationNodes,
+                            {lesion.lesionId: self.segmentIdForLesion(lesion.lesionId) for lesion in lesions},
+                            table, chart, plotTable, series, segmentationSequence, volumeSequence, browser,
+                            status, plan["rows"], None, [])
+
+    # ------------------------------------------------------------------ export
+    @classmethod
+    def exportTableToCsv(cls, tableNode, path) -> str:
+        """Write a table node as CSV (comma-separated, a header row of column names, numbers
+        with full precision, empty cells for missing values). Returns the path."""
+        import csv
+
+        table = tableNode.GetTable()
+        columns = [table.GetColumn(c) for c in range(table.GetNumberOfColumns())]
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow([c.GetName() for c in columns])
+            for r in range(table.GetNumberOfRows()):
+                cells = []
+                for c in columns:
+                    value = c.GetValue(r)
+                    if isinstance(value, float):
+                        cells.append("" if np.isnan(value) else repr(value))
+                    else:
+                        cells.append(str(value))
+                writer.writerow(cells)
+        os.replace(tmp, path)
+        return path
+
+    def exportSegmentations(self, folder, format="seg.nrrd", segmentationNodes=None) -> list:
+        """Save segmentations to ``folder``: ``format='seg.nrrd'`` (Slicer's segmentation file:
+        names, colours, tags) or ``'nii.gz'`` (a label map on the source volume's voxels, label
+        value = lesion ID; segments without a lesion ID get the numbers after the largest one).
+        Default nodes: the timepoint segmentations of the last tracking run, else every module
+        result segmentation. Files are in each volume's own frame (as Slicer saves the volume:
+        parent transforms are not applied). Returns the file paths."""
+        format = format.lower().lstrip(".")
+        if format not in ("seg.nrrd", "nii.gz"):
+            raise ValueError(f"format must be 'seg.nrrd' or 'nii.gz', got {format!r}")
+        if segmentationNodes is None:
+            tracked = [n for n in (self.lastTrack.segmentationNodes if self.lastTrack is not None else [])
+                       if n.GetScene() is slicer.mrmlScene]
+            segmentationNodes = tracked or [n for n in slicer.util.getNodesByClass("vtkMRMLSegmentationNode")
+                                            if self.isResultNode(n)]
+        if not segmentationNodes:
+            raise ValueError("no segmentation to export: segment (and track) lesions first")
+        os.makedirs(folder, exist_ok=True)
+        paths, used = [], set()
+        for node in segmentationNodes:
+            stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in node.GetName()).strip("._") or "lesions"
+            while stem in used:
+                stem += "_"
+            used.add(stem)
+            path = os.path.join(os.fspath(folder), f"{stem}.{format}")
+            if format == "seg.nrrd":
+                storage = slicer.vtkMRMLSegmentationStorageNode()
+                storage.SetFileName(path)
+                if not storage.WriteData(node):
+                    raise RuntimeError(f"could not write '{node.GetName()}' to {path}")
+            else:
+                self._writeLabelmapFile(node, path)
+            paths.append(path)
+        return paths
+
+    def _writeLabelmapFile(self, segmentationNode, path) -> None:
+        from vtk.util import numpy_support
+
+        volume = segmentationNode.GetNodeReference(self.SOURCE_VOLUME_REFERENCE) or segmentationNode.GetNodeReference(
+            segmentationNode.GetReferenceImageGeometryReferenceRole())
+        if volume is None:
+            raise ValueError(f"'{segmentationNode.GetName()}' has no reference volume to export a label map on")
+        segmentation = segmentationNode.GetSegmentation()
+        dims = volume.GetImageData().GetDimensions()
+        labels = np.zeros((dims[2], dims[1], dims[0]), dtype=np.uint16)
+        ids = {sid: self.segmentLesionId(segmentation.GetSegment(sid)) for sid in segmentation.GetSegmentIDs()}
+        nextId = max([v for v in ids.values() if v is not None], default=0) + 1
+        for segmentId in segmentation.GetSegmentIDs():
+            if ids[segmentId] is None:
+                ids[segmentId], nextId = nextId, nextId + 1
+            mask = self.segmentMask(segmentationNode, segmentId, volume)
+            labels[mask] = ids[segmentId]
+        labelmap = slicer.vtkMRMLLabelMapVolumeNode()
+        ijkToRas = vtk.vtkMatrix4x4()
+        volume.GetIJKToRASMatrix(ijkToRas)
+        labelmap.SetIJKToRASMatrix(ijkToRas)
+        image = vtk.vtkImageData()
+        image.SetDimensions(dims)
+        image.AllocateScalars(vtk.VTK_UNSIGNED_SHORT, 1)
+        numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = labels.ravel()
+        labelmap.SetAndObserveImageData(image)
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(os.fspath(path))
+        storage.SetUseCompression(1)
+        if not storage.WriteData(labelmap):
+            raise RuntimeError(f"could not write the label map of '{segmentationNode.GetName()}' to {path}")
+
+    # ------------------------------------------------------------------ writing
+    @staticmethod
+    def _labelmapFromMask(mask, volumeNode, ijkToRas=None):
+        """A (k, j, i) boolean mask on the volume's voxels -> vtkOrientedImageData in the
+        volume's own (parent-transform) frame (or with the given IJK-to-RAS matrix), cropped to
+        the mask's bounding box (one empty voxel for an empty mask)."""
+        from vtk.util import numpy_support
+
+        from LesionLocatorLib.runner import mask_bbox
+
+        mask = np.asarray(mask, dtype=bool)
+        lo, hi = mask_bbox(mask)
+        hi = np.maximum(hi - 1, lo)  # inclusive; an empty mask gives voxel (0, 0, 0)
         block = np.ascontiguousarray(mask[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1], dtype=np.uint8)
         image = slicer.vtkOrientedImageData()
         image.SetExtent(int(lo[2]), int(hi[2]), int(lo[1]), int(hi[1]), int(lo[0]), int(hi[0]))
-        ijkToRas = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(ijkToRas)
+        if ijkToRas is None:
+            ijkToRas = vtk.vtkMatrix4x4()
+            volumeNode.GetIJKToRASMatrix(ijkToRas)
         image.SetImageToWorldMatrix(ijkToRas)
         image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
         numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = block.ravel()
@@ -996,7 +1776,11 @@ class LesionLocatorTest(ScriptedLoadableModuleTest):
 
     Uses the demo model when installed, else a tiny random-weight model in the official
     layout (built with ``build_test_models.py``): then it checks geometry and lesion identity,
-    not segmentation quality.
+    not segmentation quality. Tracking: with the demo model and the demo case
+    (``Resources/Demo``) it segments the demo baseline from its points, tracks through the
+    follow-ups and asks for Dice >= 0.8 against the ground truth for every lesion at every
+    timepoint; without them it tracks the phantom through shifted follow-ups and checks
+    geometry and lesion identity.
     """
 
     def setUp(self):
@@ -1009,7 +1793,7 @@ class LesionLocatorTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         for test in (self.test_PointLandsOnClickedVoxel, self.test_ResegmentKeepsLesionIdentity,
-                     self.test_PromptOutsideVolumeLeavesSceneUnchanged):
+                     self.test_PromptOutsideVolumeLeavesSceneUnchanged, self.test_TrackThroughFollowUps):
             self.setUp()
             try:
                 test()
@@ -1041,14 +1825,16 @@ class LesionLocatorTest(ScriptedLoadableModuleTest):
         raise RuntimeError("no demo model and no build_test_models.py to build a test model")
 
     @staticmethod
-    def _phantomVolume(name="LesionLocatorTestCT"):
+    def _phantomVolume(name="LesionLocatorTestCT", shift=(0, 0, 0)):
         """A 20x40x36 (k, j, i) CT-like volume, spacing 0.9 x 1.2 x 2.5 mm, rotated axes,
-        under a rotating + translating parent transform. A 7 mm lesion at voxel (10, 20, 18)."""
+        under a rotating + translating parent transform. A 7 mm lesion at voxel (10, 20, 18)
+        (+ ``shift`` voxels, for follow-ups)."""
         k, j, i = np.meshgrid(np.arange(20), np.arange(40), np.arange(36), indexing="ij")
         array = np.full((20, 40, 36), -1000, dtype=np.int16)
         body = ((j - 19.5) / 17) ** 2 + ((i - 17.5) / 16) ** 2 <= 1
         array[body] = 40
-        lesion = ((k - 10) * 2.5) ** 2 + ((j - 20) * 1.2) ** 2 + ((i - 18) * 0.9) ** 2 <= 7.0 ** 2
+        c = np.array([10, 20, 18]) + np.asarray(shift)
+        lesion = ((k - c[0]) * 2.5) ** 2 + ((j - c[1]) * 1.2) ** 2 + ((i - c[2]) * 0.9) ** 2 <= 7.0 ** 2
         array[lesion] = 130
         angle = np.deg2rad(25)
         rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
@@ -1070,9 +1856,10 @@ class LesionLocatorTest(ScriptedLoadableModuleTest):
 
     @staticmethod
     def _worldRasOfVoxel(volume, kji):
+        """World RAS of a (continuous) voxel index (k, j, i), through the volume's transforms."""
         ijkToRas = vtk.vtkMatrix4x4()
         volume.GetIJKToRASMatrix(ijkToRas)
-        local = ijkToRas.MultiplyPoint([kji[2], kji[1], kji[0], 1.0])[:3]
+        local = ijkToRas.MultiplyPoint([float(kji[2]), float(kji[1]), float(kji[0]), 1.0])[:3]
         world = [0.0, 0.0, 0.0]
         volume.TransformPointToWorld(local, world)  # applies the volume's parent transforms
         return world
@@ -1139,3 +1926,91 @@ class LesionLocatorTest(ScriptedLoadableModuleTest):
         self.assertIn("outside the image", str(raised.exception))
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
         self.delayDisplay("Test passed")
+
+    def test_TrackThroughFollowUps(self):
+        logic = LesionLocatorLogic()
+        if logic.defaultModelPath() and logic.demoCasePath():
+            self._trackDemoCase(logic)
+        else:
+            self._trackPhantom(logic)
+
+    def _trackPhantom(self, logic):
+        self.delayDisplay("Tracking keeps lesion identity through follow-ups (phantom)")
+        baseline, voxel = self._phantomVolume("Baseline")
+        followUps = [self._phantomVolume(f"Follow-up {t}", shift=(0, 2 * t, -t))[0] for t in (1, 2)]
+        points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+        points.AddControlPointWorld(*self._worldRasOfVoxel(baseline, voxel))
+        points.AddControlPointWorld(*self._worldRasOfVoxel(baseline, (8, 12, 10)))
+        model = self._modelPath(logic)
+        first = logic.segment(baseline, points, modelPath=model, device="cpu")
+        first.GetSegmentation().GetSegment("lesion_2").SetName("Node in the liver")
+        outputs = logic.track(baseline, followUps, modelPath=model, device="cpu", registration="none")
+        self.assertIs(outputs.segmentationNodes[0], first)
+        self.assertEqual([n.GetName() for n in outputs.segmentationNodes],
+                         ["Baseline lesions", "Follow-up 1 lesions", "Follow-up 2 lesions"])
+        expected = {sid: (first.GetSegmentation().GetSegment(sid).GetName(),
+                          first.GetSegmentation().GetSegment(sid).GetColor()) for sid in ("lesion_1", "lesion_2")}
+        for volume, node in zip(outputs.volumeNodes[1:], outputs.segmentationNodes[1:]):
+            self.assertTrue(logic.isResultNode(node))
+            self.assertEqual(node.GetTransformNodeID(), volume.GetTransformNodeID())
+            segmentation = node.GetSegmentation()
+            self.assertEqual(sorted(segmentation.GetSegmentIDs()), ["lesion_1", "lesion_2"])
+            for sid, (name, color) in expected.items():
+                segment = segmentation.GetSegment(sid)
+                self.assertEqual((segment.GetName(), segment.GetColor()), (name, color))
+                status = vtk.reference("")
+                self.assertTrue(segment.GetTag(LesionLocatorLogic.TAG_STATUS, status))
+                self.assertIn(str(status), LesionLocatorLogic.STATUSES)
+                mask = slicer.util.arrayFromSegmentBinaryLabelmap(node, sid, volume)
+                self.assertEqual(mask.shape, slicer.util.arrayFromVolume(volume).shape)
+        self.assertEqual(outputs.tableNode.GetNumberOfRows(), 2 * 3)
+        self.assertEqual(outputs.segmentationSequenceNode.GetNumberOfDataNodes(), 3)
+        self.assertEqual(outputs.volumeSequenceNode.GetNumberOfDataNodes(), 3)
+        self.assertEqual(len(outputs.plotSeriesNodes), 2)
+        self.delayDisplay("Test passed")
+
+    def _trackDemoCase(self, logic):
+        """The demo case: segment the baseline from demo_points.json, track, Dice >= 0.8."""
+        import json
+
+        from LesionLocatorLib.image import read_image
+        from LesionLocatorLib.metrics import dice
+        from LesionLocatorLib.prompts import parse_upstream_json
+
+        self.delayDisplay("Tracking the demo case with the demo model")
+        case = logic.demoCasePath()
+        names = sorted((n for n in os.listdir(case) if n.startswith("demo_t") and n.endswith(".nii.gz")
+                        and not n.endswith("_label.nii.gz")), key=lambda n: int(n[len("demo_t"):].split(".")[0]))
+        volumes, truths = [], []
+        for name in names:
+            volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name[:-len(".nii.gz")])
+            storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+            storage.SetFileName(os.path.join(case, name))
+            self.assertTrue(storage.ReadData(volume), f"could not read {name}")
+            volume.CreateDefaultDisplayNodes()
+            truth = read_image(os.path.join(case, name.replace(".nii.gz", "_label.nii.gz")))
+            image = logic.volumeToImage(volume)
+            self.assertEqual(truth.shape, image.shape)
+            self.assertTrue(truth.same_geometry(image, tol=1e-3), f"{name}: label and scan geometry differ")
+            volumes.append(volume)
+            truths.append(np.asarray(truth.array))
+        with open(os.path.join(case, "demo_points.json")) as f:
+            prompts = parse_upstream_json(json.load(f), "demo_points.json")
+        points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "demo points")
+        for prompt in prompts:  # voxel (z, y, x) of the baseline -> world RAS
+            points.AddControlPointWorld(*self._worldRasOfVoxel(volumes[0], prompt.coords))
+        model = logic.defaultModelPath()
+        baseline = logic.segment(volumes[0], points, modelPath=model, lesionIds=[p.id for p in prompts])
+        outputs = logic.track(volumes[0], volumes[1:], modelPath=model, order="given")
+        self.assertIs(outputs.segmentationNodes[0], baseline)
+        scores = []
+        for t, (volume, node) in enumerate(zip(outputs.volumeNodes, outputs.segmentationNodes)):
+            for prompt in prompts:
+                mask = slicer.util.arrayFromSegmentBinaryLabelmap(node, f"lesion_{prompt.id}", volume) > 0
+                scores.append((t, prompt.id, dice(mask, truths[t] == prompt.id)))
+        logging.info("LesionLocator demo Dice (timepoint, lesion, Dice): " + ", ".join(
+            f"({t}, {i}, {d:.3f})" for t, i, d in scores))
+        low = [(t, i, round(d, 3)) for t, i, d in scores if d < 0.8]
+        self.assertFalse(low, f"Dice below 0.8 (timepoint, lesion, Dice): {low}")
+        self.delayDisplay("Test passed")
+

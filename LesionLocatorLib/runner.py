@@ -7,12 +7,20 @@ A front end builds a :class:`SegmentationRequest` -- an :class:`~LesionLocatorLi
 to a :class:`SegmentationRunner`, which answers with a :class:`SegmentationResponse` (one boolean
 (z, y, x) mask per prompt ID, on the request image's voxel grid).
 
+Tracking goes the same way: a :class:`TrackRequest` (the baseline and follow-up Images in
+time order, one boolean baseline mask per lesion ID on the baseline's grid, the model and the
+registration backend) -> a :class:`TrackResponse` (per timepoint one mask per lesion ID, and
+each lesion's status per timepoint: tracked / vanished / outside). A runner that tracks has a
+``track`` method (:class:`TrackingRunner`).
+
 Implementations:
 
-* :class:`InProcessRunner` (now): runs :func:`LesionLocatorLib.predict.segment` in the calling
-  process and keeps loaded models in a small cache, so repeated clicks do not reload weights.
-* a persistent local worker process and a remote GPU server (later) speak the JSON messages
-  below; the front end does not change.
+* :class:`InProcessRunner`: runs :func:`LesionLocatorLib.predict.segment` and
+  :func:`LesionLocatorLib.track.track` in the calling process and keeps loaded models in a
+  small cache, so repeated clicks do not reload weights.
+* :class:`WorkerProcessRunner`: the same in a persistent local worker process
+  (:mod:`LesionLocatorLib.worker`) speaking the JSON messages below; a remote GPU server can
+  speak them too, and the front end does not change.
 
 Wire protocol for out-of-process runners (one JSON object per line on the worker's
 stdin/stdout, or one per WebSocket/HTTP message for a server)::
@@ -23,6 +31,8 @@ stdin/stdout, or one per WebSocket/HTTP message for a server)::
 
     -> {"type": "segment", "id": "<request id>",
         "image": {"file": "/tmp/ll/req1.nrrd"}                      # any SimpleITK-readable file
+                                                  # (+ "cache": "<key>": keep it under this key)
+              or {"cached": "<key>"}              # an image sent before with "cache": "<key>"
               or {"shm": "<shared memory name>", "shape": [z, y, x], "dtype": "int16",
                   "spacing": [x, y, z], "origin": [x, y, z],        # mm, LPS
                   "direction": [9 numbers, row-major, columns = index axes i, j, k]},
@@ -34,18 +44,39 @@ stdin/stdout, or one per WebSocket/HTTP message for a server)::
         "output": "/tmp/ll/req1_masks.npz"}                          # where the masks go
     <- {"type": "progress", "id": "...", "fraction": 0.4, "message": "patch 2/5"}   (0..n times)
     <- {"type": "result", "id": "...",
-        "masks": {"file": "/tmp/ll/req1_masks.npz"}   # npz: key "<prompt id>" -> uint8 (z, y, x)
+        "masks": {"file": "/tmp/ll/req1_masks.npz"}   # npz, see "Mask files" below
               or {"shm": "<name>", "shape": [n, z, y, x], "ids": [1, 2]},
         "empty": [2], "overlaps": [[1, 2, 35]], "warnings": ["..."], "seconds": 1.8,
+        "timings": {"preprocessing": 0.2, "network": 1.4, "postprocessing": 0.1},
         "loads": 1}                                   # models loaded from disk so far
     or <- {"type": "error", "id": "...", "error": "PromptError" | "ModelLayoutError" |
            "CheckpointError" | "MemoryError" | ..., "message": "<the library's message>"}
+           ("ImageNotCached": the worker no longer holds that key; send the file again)
     or <- {"type": "cancelled", "id": "..."}
 
     -> {"type": "cancel", "id": "..."}       # the worker stops between network batches
     -> {"type": "load", "id": "...", "model": {...}, "prompt_types": ["point", "box"]}
     <- {"type": "loaded", "id": "...", "loads": 2}   # optional: warm the model cache
     -> {"type": "shutdown"}
+
+    -> {"type": "track", "id": "...",
+        "images": [{"file": "t0.nrrd"}, {"file": "t1.nrrd"}, ...],  # baseline first, then time order
+        "frame": "LPS", "units": "mm",
+        "baseline": {"file": "baseline.npz"},          # one mask per lesion ID on images[0]
+        "model": {...}, "registration": "simpleitk", "registration_options": {} or null,
+        "output": "tracked.npz"}
+    <- {"type": "progress", ...}                       (0..n times)
+    <- {"type": "result", "id": "...", "masks": {"file": "tracked.npz"},   # keys "<t>/<lesion id>"
+        "status": {"1": ["tracked", "tracked", "vanished"], ...},
+        "timings": {"registration": 6.1, "network": 2.0, ...}, "warnings": [...],
+        "registrations": [{"backend": "simpleitk", "result": "affine + demons", ...}, ...],
+        "seconds": 9.3, "loads": 2}
+    or "error" / "cancelled" as for "segment"; "cancel" works the same way.
+
+Mask files (``.npz``): a mask stored under key K is either the full (z, y, x) uint8 array, or
+(what the worker writes) the uint8 block of its bounding box under K with ``K@lo`` (the block's
+first voxel, z, y, x) and ``K@shape`` (the full shape); an empty mask is a (0, 0, 0) block.
+Segment results use K = "<prompt id>", track results K = "<timepoint>/<lesion id>".
 
 :class:`WorkerProcessRunner` is the client of :mod:`LesionLocatorLib.worker`, a local
 process speaking this protocol over stdin/stdout with files in a temporary folder.
@@ -69,6 +100,8 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, runtime_checkable
+
+import numpy as np
 
 from .image import Image
 from .prompts import Box, Point, PromptError
@@ -98,11 +131,18 @@ class ModelSpec:
 
 @dataclass
 class SegmentationRequest:
-    """An image (LPS, array (z, y, x)), prompts with unique IDs (LPS mm) and a model."""
+    """An image (LPS, array (z, y, x)), prompts with unique IDs (LPS mm) and a model.
+
+    ``image_key``: optional, the front end's name for exactly this image (voxels and
+    geometry), e.g. a volume node ID with its modification time. An out-of-process runner
+    sends an image once per key and then only the key, so that repeated clicks on the same
+    volume do not copy it again. A new key must be used whenever the voxels change.
+    """
     image: Image
     prompts: list
     model: ModelSpec
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    image_key: Optional[str] = None
 
     def prompts_json(self) -> list:
         """The prompts as the wire protocol writes them (LPS mm)."""
@@ -121,7 +161,8 @@ class SegmentationResponse:
 
     ``empty``: IDs whose mask is empty; ``overlaps``: {(id_a, id_b): voxels};
     ``warnings``: the library's warning messages (not CT, empty masks, overlaps);
-    ``seconds``: wall time of the run.
+    ``seconds``: wall time of the run; ``timings``: seconds per stage of the library
+    (preprocessing, network, postprocessing).
     """
     id: str
     masks: dict
@@ -129,6 +170,36 @@ class SegmentationResponse:
     overlaps: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
     seconds: float = 0.0
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrackRequest:
+    """Images in time order (``images[0]`` the baseline; LPS, arrays (z, y, x)), the baseline
+    lesions as ``{lesion id: bool (z, y, x) mask on images[0]}``, a model (its
+    ``LesionLocatorTrack`` folder is used) and a registration backend name."""
+    images: list
+    baseline: dict
+    model: ModelSpec
+    registration: str = "simpleitk"
+    registration_options: Optional[dict] = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class TrackResponse:
+    """``masks[t][id]``: bool (z, y, x) on ``images[t]`` (t = 0 is the baseline as given);
+    ``status[id][t]``: 'tracked', 'vanished' or 'outside'; ``timings``: seconds per stage;
+    ``warnings``: the library's warning messages; ``seconds``: wall time;
+    ``registrations[t-1]``: what registering scan t to scan t-1 gave (``backend``, ``result``
+    such as 'affine + demons', similarity values)."""
+    id: str
+    masks: list
+    status: dict
+    timings: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+    seconds: float = 0.0
+    registrations: list = field(default_factory=list)
 
 
 @runtime_checkable
@@ -143,17 +214,74 @@ class SegmentationRunner(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class TrackingRunner(Protocol):
+    """A runner that also tracks lesions through follow-ups (same errors and cancel as ``run``)."""
+
+    def track(self, request: TrackRequest, progress: Optional[ProgressCallback] = None,
+              cancel=None) -> TrackResponse: ...
+
+    def close(self) -> None: ...
+
+
+def mask_bbox(mask) -> tuple:
+    """Half-open bounding box (lo, hi) of a boolean mask, as two int arrays; (0, 0, 0) twice
+    for an empty mask. Fast on large volumes (projections, no voxel list)."""
+    lo, hi = [], []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hit = np.flatnonzero(np.any(mask, axis=other))
+        if not hit.size:
+            return np.zeros(mask.ndim, dtype=int), np.zeros(mask.ndim, dtype=int)
+        lo.append(int(hit[0]))
+        hi.append(int(hit[-1]) + 1)
+    return np.asarray(lo), np.asarray(hi)
+
+
+def pack_masks(masks: dict) -> dict:
+    """``{key: bool (z, y, x)}`` -> npz entries: each mask cropped to its bounding box
+    (``key``), with ``key@lo`` and ``key@shape`` (see "Mask files" above)."""
+    out = {}
+    for key, mask in masks.items():
+        mask = np.asarray(mask, dtype=bool)
+        lo, hi = mask_bbox(mask)
+        out[str(key)] = np.ascontiguousarray(mask[tuple(slice(a, b) for a, b in zip(lo, hi))], dtype=np.uint8)
+        out[f"{key}@lo"] = np.asarray(lo, dtype=np.int64)
+        out[f"{key}@shape"] = np.asarray(mask.shape, dtype=np.int64)
+    return out
+
+
+def unpack_masks(data) -> dict:
+    """npz entries (an open ``np.load`` or a dict) -> ``{key: bool (z, y, x)}``; reads full
+    masks and cropped ones (see :func:`pack_masks`)."""
+    keys = list(data.files if hasattr(data, "files") else data.keys())
+    out = {}
+    for key in keys:
+        if "@" in key:
+            continue
+        block = np.asarray(data[key]).astype(bool)
+        if f"{key}@lo" not in keys:
+            out[key] = block
+            continue
+        lo = [int(v) for v in data[f"{key}@lo"]]
+        mask = np.zeros(tuple(int(v) for v in data[f"{key}@shape"]), dtype=bool)
+        mask[tuple(slice(a, a + n) for a, n in zip(lo, block.shape))] = block
+        out[key] = mask
+    return out
+
+
 class InProcessRunner:
     """Runs the library in this process; caches up to ``max_models`` loaded models,
-    keyed by (model path, prompt type, folds, device, tta)."""
+    keyed by (model path, prompt type, folds, device, tta): point, box and tracking model."""
 
-    def __init__(self, max_models: int = 2):
+    def __init__(self, max_models: int = 3):
         self.max_models = max_models
         self._models: OrderedDict = OrderedDict()
         self.loads = 0  # how many times a model was loaded from disk (for tests and the status line)
 
     def model(self, spec: ModelSpec, prompt_type: str):
-        """The loaded model for ``prompt_type`` ('point' or 'box'), from the cache when possible."""
+        """The loaded model for ``prompt_type`` ('point', 'box' or 'prev_mask' for tracking), from
+        the cache when possible."""
         from .model import load_model
 
         key = (str(spec.path), prompt_type, spec.folds, spec.device, spec.tta)
@@ -188,7 +316,7 @@ class InProcessRunner:
         groups = [(kind, ps) for kind, ps in groups if ps]
         if not groups:
             raise PromptError("no prompts given")
-        masks, probabilities, caught = {}, {}, []
+        masks, probabilities, caught, timings = {}, {}, [], {}
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
             for n, (kind, prompts) in enumerate(groups):
@@ -201,20 +329,62 @@ class InProcessRunner:
                                  progress=lambda f, m, lo=lo, span=span: report(lo + span * f, m))
                 masks.update(result.masks)
                 probabilities.update(result.probabilities)
+                for stage, seconds in result.timings.items():
+                    timings[stage] = timings.get(stage, 0.0) + seconds
             if len(groups) > 1:  # overlaps between point and box lesions
                 _, overlaps = instance_labels(masks, probabilities, request.image)
             else:
                 overlaps = result.overlaps
-        for w in record:
-            msg = str(w.message)
-            if msg not in caught:
-                caught.append(msg)
+        caught = _messages(record)
         empty = sorted(pid for pid, m in masks.items() if not m.any())
-        return SegmentationResponse(request.id, masks, empty, overlaps, caught, time.perf_counter() - start)
+        return SegmentationResponse(request.id, masks, empty, overlaps, caught, time.perf_counter() - start, timings)
+
+    def track(self, request: TrackRequest, progress: Optional[ProgressCallback] = None,
+              cancel=None) -> TrackResponse:
+        """Track the baseline masks through the follow-ups with the cached tracking model."""
+        from .prompts import MaskPrompt
+        from .track import track
+
+        start = time.perf_counter()
+        report = progress or (lambda f, m: None)
+        images = list(request.images)
+        if len(images) < 2:
+            raise ValueError("tracking needs a baseline and at least one follow-up scan")
+        if not request.baseline:
+            raise PromptError("no baseline lesion to track")
+        report(0.0, "loading the tracking model")
+        if cancel is not None:
+            cancel.check()
+        model = self.model(request.model, "prev_mask")
+        prompts = [MaskPrompt(int(pid), images[0].with_array(np.asarray(mask, dtype=np.uint8)))
+                   for pid, mask in sorted(request.baseline.items())]
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            result = track(images, prompts, model, registration=request.registration,
+                           registration_options=request.registration_options, cancel=cancel,
+                           progress=lambda f, m: report(0.02 + 0.98 * f, m))
+        registrations = [{"backend": t.backend, **{k: v if isinstance(v, str) else float(v) for k, v in t.info.items()}}
+                         for t in result.transforms]
+        return TrackResponse(request.id, result.masks, {int(k): list(v) for k, v in result.status.items()},
+                             dict(result.timings), _messages(record), time.perf_counter() - start, registrations)
+
+
+def _messages(record) -> list:
+    """Unique warning messages, in order."""
+    out = []
+    for w in record:
+        msg = str(w.message)
+        if msg not in out:
+            out.append(msg)
+    return out
 
 
 class WorkerError(RuntimeError):
     """The worker process failed (crashed, could not start, or sent an unknown error type)."""
+
+
+class ImageNotCached(KeyError):
+    """The worker does not hold the image key a request named (it sends the file again)."""
 
 
 def _library_exception(kind: str, message: str) -> Exception:
@@ -223,11 +393,17 @@ def _library_exception(kind: str, message: str) -> Exception:
 
     known = {"PromptError": prompts.PromptError, "ModelLayoutError": model.ModelLayoutError,
              "CheckpointError": model.CheckpointError, "ImageError": image.ImageError,
+             "ImageNotCached": ImageNotCached,
              "MemoryError": MemoryError, "FileNotFoundError": FileNotFoundError, "ValueError": ValueError}
     try:
         from . import modelgrid
         known["UnsupportedPlansError"] = modelgrid.UnsupportedPlansError
     except (ImportError, AttributeError):
+        pass
+    try:
+        from . import register
+        known["RegistrationError"] = register.RegistrationError
+    except ImportError:
         pass
     cls = known.get(kind)
     return cls(message) if cls is not None else WorkerError(f"{kind}: {message}")
@@ -244,8 +420,11 @@ class WorkerProcessRunner:
     temporary folder removed by :meth:`close`.
     """
 
+    IMAGE_CACHE = 2  # images the worker keeps by key (the same number as worker.IMAGE_CACHE)
+
     def __init__(self, python: Optional[str] = None, env: Optional[dict] = None, startup_timeout_s: float = 300,
                  poll_s: float = 0.1, cancel_timeout_s: float = 10):
+        self._sent: OrderedDict = OrderedDict()  # image keys the running worker holds
         self.python = python or sys.executable
         self.env = env
         self.startup_timeout_s = startup_timeout_s
@@ -265,6 +444,7 @@ class WorkerProcessRunner:
             return
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="lesionlocator_worker_")
+        self._sent.clear()  # a new process holds no images
         env = dict(os.environ if self.env is None else self.env)
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join([package_parent] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
@@ -359,47 +539,110 @@ class WorkerProcessRunner:
     def run(self, request: SegmentationRequest, progress: Optional[ProgressCallback] = None,
             cancel=None) -> SegmentationResponse:
         from .image import write_image
-        from .predict import Cancelled
 
-        report = progress or (lambda f, m: None)
         self.start()
         folder = os.path.join(self._tmp.name, request.id)
         os.makedirs(folder, exist_ok=True)
-        try:
-            image_file = write_image(request.image, os.path.join(folder, "image.nrrd"), compress=False)
-            output = os.path.join(folder, "masks.npz")
-            self._send({"type": "segment", "id": request.id, "image": {"file": str(image_file)},
-                        "frame": "LPS", "units": "mm", "prompts": request.prompts_json(),
-                        "model": request.model.to_json(), "output": output})
-            fraction, text, cancel_sent = 0.0, "waiting for the worker", None
-            while True:
-                if cancel is not None and getattr(cancel, "cancelled", False) and cancel_sent is None:
-                    self._send({"type": "cancel", "id": request.id})
-                    cancel_sent = time.monotonic()
-                if cancel_sent is not None and time.monotonic() - cancel_sent > self.cancel_timeout_s:
-                    self.kill()
-                    raise Cancelled("cancelled by the user (the worker was stopped)")
-                message = self._next(self.poll_s)
-                if message.get("id") not in (None, request.id) and message:
-                    continue  # an answer to an earlier, abandoned request
-                kind = message.get("type")
-                if kind == "progress":
-                    fraction, text = message["fraction"], message["message"]
-                elif kind == "result":
-                    import numpy as np
+        key = request.image_key
 
-                    with np.load(message["masks"]["file"]) as data:
-                        masks = {int(k): data[k].astype(bool) for k in data.files}
-                    self.loads = message.get("loads", self.loads)
-                    return SegmentationResponse(request.id, masks, list(message.get("empty", [])),
-                                                {(a, b): n for a, b, n in message.get("overlaps", [])},
-                                                list(message.get("warnings", [])), message.get("seconds", 0.0))
-                elif kind == "cancelled":
-                    raise Cancelled("cancelled by the user")
-                elif kind == "error":
-                    raise _library_exception(message.get("error", ""), message.get("message", ""))
-                report(fraction, text)
+        def image_spec(resend: bool) -> dict:
+            if key and key in self._sent and not resend:
+                self._sent.move_to_end(key)
+                return {"cached": key}
+            spec = {"file": str(write_image(request.image, os.path.join(folder, "image.nrrd"), compress=False))}
+            if key:
+                spec["cache"] = key
+            return spec
+
+        try:
+            output = os.path.join(folder, "masks.npz")
+            message = None
+            for resend in (False, True):
+                try:
+                    message = self._exchange(
+                        {"type": "segment", "id": request.id, "image": image_spec(resend), "frame": "LPS",
+                         "units": "mm", "prompts": request.prompts_json(), "model": request.model.to_json(),
+                         "output": output}, progress, cancel)
+                    break
+                except ImageNotCached:
+                    self._sent.pop(key, None)
+                    if resend:
+                        raise WorkerError("the worker did not keep the image it was sent") from None
+            if key:
+                self._sent[key] = True
+                self._sent.move_to_end(key)
+                while len(self._sent) > self.IMAGE_CACHE:
+                    self._sent.popitem(last=False)
+            with np.load(message["masks"]["file"]) as data:
+                masks = {int(k): v for k, v in unpack_masks(data).items()}
+            return SegmentationResponse(request.id, masks, list(message.get("empty", [])),
+                                        {(a, b): n for a, b, n in message.get("overlaps", [])},
+                                        list(message.get("warnings", [])), message.get("seconds", 0.0),
+                                        dict(message.get("timings", {})))
         finally:
             import shutil
 
             shutil.rmtree(folder, ignore_errors=True)
+
+    def track(self, request: TrackRequest, progress: Optional[ProgressCallback] = None,
+              cancel=None) -> TrackResponse:
+        from .image import write_image
+
+        self.start()
+        folder = os.path.join(self._tmp.name, request.id)
+        os.makedirs(folder, exist_ok=True)
+        try:
+            images = [{"file": str(write_image(image, os.path.join(folder, f"t{t}.nrrd"), compress=False))}
+                      for t, image in enumerate(request.images)]
+            baseline = os.path.join(folder, "baseline.npz")
+            np.savez(baseline, **pack_masks({str(int(k)): v for k, v in request.baseline.items()}))
+            output = os.path.join(folder, "tracked.npz")
+            message = self._exchange(
+                {"type": "track", "id": request.id, "images": images, "frame": "LPS", "units": "mm",
+                 "baseline": {"file": baseline}, "model": request.model.to_json(),
+                 "registration": request.registration, "registration_options": request.registration_options,
+                 "output": output}, progress, cancel)
+            with np.load(message["masks"]["file"]) as data:
+                flat = unpack_masks(data)
+            masks = [{} for _ in request.images]
+            for key, mask in flat.items():
+                t, pid = key.split("/")
+                masks[int(t)][int(pid)] = mask
+            return TrackResponse(request.id, masks, {int(k): list(v) for k, v in message.get("status", {}).items()},
+                                 dict(message.get("timings", {})), list(message.get("warnings", [])),
+                                 message.get("seconds", 0.0), list(message.get("registrations", [])))
+        finally:
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _exchange(self, request: dict, progress, cancel) -> dict:
+        """Send a request; relay progress, forward Cancel; return its 'result' message or raise
+        the library's exception (or :class:`~LesionLocatorLib.predict.Cancelled`)."""
+        from .predict import Cancelled
+
+        report = progress or (lambda f, m: None)
+        rid = request["id"]
+        self._send(request)
+        fraction, text, cancel_sent = 0.0, "waiting for the worker", None
+        while True:
+            if cancel is not None and getattr(cancel, "cancelled", False) and cancel_sent is None:
+                self._send({"type": "cancel", "id": rid})
+                cancel_sent = time.monotonic()
+            if cancel_sent is not None and time.monotonic() - cancel_sent > self.cancel_timeout_s:
+                self.kill()
+                raise Cancelled("cancelled by the user (the worker was stopped)")
+            message = self._next(self.poll_s)
+            if message.get("id") not in (None, rid) and message:
+                continue  # an answer to an earlier, abandoned request
+            kind = message.get("type")
+            if kind == "progress":
+                fraction, text = message["fraction"], message["message"]
+            elif kind == "result":
+                self.loads = message.get("loads", self.loads)
+                return message
+            elif kind == "cancelled":
+                raise Cancelled("cancelled by the user")
+            elif kind == "error":
+                raise _library_exception(message.get("error", ""), message.get("message", ""))
+            report(fraction, text)

@@ -7,9 +7,10 @@ the main thread keeps reading stdin, so a ``cancel`` message takes effect at the
 network batch. Anything else that prints (libraries, warnings) goes to stderr: stdout
 carries only protocol messages.
 
-Files: the request names the input image (any SimpleITK-readable file; the front end
-writes uncompressed NRRD) and ``output``, the ``.npz`` file the masks go to (key
-``"<prompt id>"`` -> uint8 (z, y, x) array on the image's grid), written atomically.
+Files: the request names the input image(s) (any SimpleITK-readable file; the front end
+writes uncompressed NRRD) and ``output``, the ``.npz`` file the masks go to, written
+atomically: each mask cropped to its bounding box (see "Mask files" in
+:mod:`LesionLocatorLib.runner`). ``track`` requests also name the baseline masks file.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import queue
 import sys
 import threading
 import traceback
+from collections import OrderedDict
 
 PROTOCOL = "lesionlocator-runner/1"
 
@@ -39,11 +41,29 @@ class _Channel:
             self._out.flush()
 
 
-def _image(spec: dict):
+IMAGE_CACHE = 2  # images kept by key ("cache"/"cached" in the protocol), least recently used dropped
+
+
+class ImageNotCached(KeyError):
+    pass
+
+
+def _image(spec: dict, cache=None):
     from .image import Image, read_image
 
+    if "cached" in spec:
+        if cache is None or spec["cached"] not in cache:
+            raise ImageNotCached(f"image {spec['cached']!r} is not cached here; send the file")
+        cache.move_to_end(spec["cached"])
+        return cache[spec["cached"]]
     if "file" in spec:
-        return read_image(spec["file"])
+        image = read_image(spec["file"])
+        if cache is not None and spec.get("cache"):
+            cache[spec["cache"]] = image
+            cache.move_to_end(spec["cache"])
+            while len(cache) > IMAGE_CACHE:
+                cache.popitem(last=False)
+        return image
     if "shm" in spec:
         import numpy as np
         from multiprocessing import shared_memory
@@ -82,9 +102,22 @@ def _model_spec(spec: dict):
 def _write_masks(path: str, masks: dict) -> None:
     import numpy as np
 
+    from .runner import pack_masks
+
     tmp = path + ".tmp.npz"
-    np.savez(tmp, **{str(k): np.asarray(v, dtype=np.uint8) for k, v in masks.items()})
+    np.savez(tmp, **pack_masks(masks))
     os.replace(tmp, path)
+
+
+def _read_masks(spec: dict) -> dict:
+    import numpy as np
+
+    from .runner import unpack_masks
+
+    if "file" not in spec:
+        raise ValueError("baseline: give 'file'")
+    with np.load(spec["file"]) as data:
+        return {int(k): v for k, v in unpack_masks(data).items()}
 
 
 class Worker:
@@ -93,6 +126,7 @@ class Worker:
 
         self.channel = channel
         self.runner = InProcessRunner()
+        self.images: OrderedDict = OrderedDict()  # image key -> Image (only the work thread uses it)
         self.requests: queue.Queue = queue.Queue()
         self.tokens: dict = {}  # request id -> CancelToken (queued or running)
         self.lock = threading.Lock()
@@ -148,7 +182,10 @@ class Worker:
                 self.channel.send({"type": "loaded", "id": rid, "loads": self.runner.loads})
                 return
             token.check()
-            request = SegmentationRequest(_image(message["image"]), _prompts(message["prompts"]),
+            if message["type"] == "track":
+                self._track(message, token)
+                return
+            request = SegmentationRequest(_image(message["image"], self.images), _prompts(message["prompts"]),
                                           _model_spec(message["model"]), rid)
             response = self.runner.run(
                 request, cancel=token,
@@ -158,7 +195,7 @@ class Worker:
                                "empty": response.empty,
                                "overlaps": [[a, b, n] for (a, b), n in response.overlaps.items()],
                                "warnings": response.warnings, "seconds": response.seconds,
-                               "loads": self.runner.loads})
+                               "timings": response.timings, "loads": self.runner.loads})
         except Cancelled:
             self.channel.send({"type": "cancelled", "id": rid})
         except Exception as e:  # every failure goes back as a message with the library's text
@@ -167,6 +204,25 @@ class Worker:
         finally:
             with self.lock:
                 self.tokens.pop(rid, None)
+
+
+    def _track(self, message: dict, token) -> None:
+        from .runner import TrackRequest
+
+        rid = message.get("id")
+        request = TrackRequest([_image(spec) for spec in message["images"]], _read_masks(message["baseline"]),
+                               _model_spec(message["model"]), message.get("registration", "simpleitk"),
+                               message.get("registration_options"), rid)
+        response = self.runner.track(
+            request, cancel=token,
+            progress=lambda f, m: self.channel.send({"type": "progress", "id": rid, "fraction": f, "message": m}))
+        _write_masks(message["output"], {f"{t}/{pid}": mask for t, masks in enumerate(response.masks)
+                                         for pid, mask in masks.items()})
+        self.channel.send({"type": "result", "id": rid, "masks": {"file": message["output"]},
+                           "status": {str(k): v for k, v in response.status.items()},
+                           "timings": response.timings, "warnings": response.warnings,
+                           "registrations": response.registrations, "seconds": response.seconds,
+                           "loads": self.runner.loads})
 
 
 def main() -> int:
@@ -186,7 +242,7 @@ def main() -> int:
             continue
         if kind == "hello":
             channel.send(worker.hello())
-        elif kind in ("segment", "load"):
+        elif kind in ("segment", "load", "track"):
             worker.submit(message)
         elif kind == "cancel":
             worker.cancel(message.get("id"))

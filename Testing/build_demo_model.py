@@ -29,9 +29,10 @@ sys.path.insert(0, str(REPO))
 
 PLAN = {
     "features": [16, 32, 64, 96], "blocks": [1, 2, 2, 2], "patch": [48, 64, 64], "spacing": [2.0, 1.5, 1.5],
-    "epochs": 80, "iterations": 50, "batch_size": 2, "seed": 0,
-    "train_ct": "chest_1p5mm", "train_cases": 10, "lesions_per_case": 8, "followups": 2,
-    "demo_ct": "abdomen_3mm", "demo_seed": 2026, "demo_lesions": 5,
+    "epochs": 90, "iterations": 100, "batch_size": 2, "seed": 0,
+    "train_ct": "chest_1p5mm", "train_cases": 20, "val_cases": 1, "lesions_per_case": 8, "followups": 2,
+    "train_diameter_mm": [4.0, 50.0],
+    "demo_ct": "abdomen_3mm", "demo_seed": 2026, "demo_lesions": 4, "demo_diameter_mm": [12.0, 40.0],
 }
 
 
@@ -52,24 +53,25 @@ def step_data(work: Path) -> None:
 
     cts = fetch_registry_cts(work / "ct_cache", [PLAN["train_ct"], PLAN["demo_ct"]])
     ct = read_ct(Path(cts[PLAN["train_ct"]]))
-    (work / "images").mkdir(parents=True, exist_ok=True)
-    (work / "labels").mkdir(parents=True, exist_ok=True)
-    for seed in range(PLAN["train_cases"]):
+    for seed in range(PLAN["train_cases"] + PLAN["val_cases"]):
+        part = "" if seed < PLAN["train_cases"] else "val_"   # the last case(s): validation only
         name = f"chest_s{seed}"
-        if (work / "labels" / f"{name}_t{PLAN['followups']}.nii.gz").exists():
+        if (work / f"{part}labels" / f"{name}_t{PLAN['followups']}.nii.gz").exists():
             continue
         t0 = time.perf_counter()
-        case = make_case(ct, n_lesions=PLAN["lesions_per_case"], n_followups=PLAN["followups"], seed=seed)
+        case = make_case(ct, n_lesions=PLAN["lesions_per_case"], n_followups=PLAN["followups"], seed=seed,
+                         diameter_range_mm=tuple(PLAN["train_diameter_mm"]))
         for t, (img, lab) in enumerate(zip(case.images, case.labels)):
             if lab.array.any():
-                write_image(img, work / "images" / f"{name}_t{t}.nii.gz")
-                write_image(lab, work / "labels" / f"{name}_t{t}.nii.gz")
+                write_image(img, work / f"{part}images" / f"{name}_t{t}.nii.gz")
+                write_image(lab, work / f"{part}labels" / f"{name}_t{t}.nii.gz")
         print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def step_train(work: Path) -> None:
     cmd = [sys.executable, "-m", "LesionLocatorLib.cli", "train", "--images", str(work / "images"),
-           "--labels", str(work / "labels"), "-o", str(work / "run"), "--device", "cpu",
+           "--labels", str(work / "labels"), "--val-images", str(work / "val_images"),
+           "--val-labels", str(work / "val_labels"), "-o", str(work / "run"), "--device", "cpu",
            "--features", *map(str, PLAN["features"]), "--blocks", *map(str, PLAN["blocks"]),
            "--patch", *map(str, PLAN["patch"]), "--spacing", *map(str, PLAN["spacing"]),
            "--epochs", str(PLAN["epochs"]), "--iterations", str(PLAN["iterations"]),
@@ -95,7 +97,8 @@ def step_democase(work: Path) -> None:
 
     cts = fetch_registry_cts(work / "ct_cache", [PLAN["demo_ct"]])
     ct = read_ct(Path(cts[PLAN["demo_ct"]]))
-    case = make_case(ct, n_lesions=PLAN["demo_lesions"], n_followups=2, seed=PLAN["demo_seed"])
+    case = make_case(ct, n_lesions=PLAN["demo_lesions"], n_followups=2, seed=PLAN["demo_seed"],
+                     diameter_range_mm=tuple(PLAN["demo_diameter_mm"]), p_vanish=0.0, p_new=0.0)
     out = REPO / "Resources" / "Demo"
     out.mkdir(parents=True, exist_ok=True)
     for t, (img, lab) in enumerate(zip(case.images, case.labels)):
