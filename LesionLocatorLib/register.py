@@ -11,14 +11,23 @@ point to the matching moving-space world point, which is what resampling needs);
 :meth:`Transform.map_points` goes the other way, moving -> fixed, as a tracker
 needs for prompts. All points are LPS millimetres (x, y, z).
 
-Backends: ``simpleitk`` (default: moments initialisation, multi-resolution affine,
-then fast symmetric forces demons, all at a coarse isotropic spacing, with a
-similarity check that falls back to the affine), ``none`` (the scans are already
-aligned in world space), and ``greedy`` / ``unigradicon`` (optional packages).
+Backends:
+
+* ``simpleitk`` (default): moments initialisation, multi-resolution affine, then fast
+  symmetric forces demons, all at a coarse isotropic spacing, with a similarity check
+  that falls back to the affine;
+* ``greedy`` (optional package ``picsl-greedy``): the same pipeline with greedy's
+  affine and deformable NCC registration;
+* ``unigradicon`` (optional package ``unigradicon``): LesionLocator's own registration
+  network, stored in the LesionLocatorTrack checkpoint ('reg_net.' weights), on both
+  scans resampled to 175^3 (GPU recommended; about half a minute on a 2-core CPU);
+* ``none``: the scans are already aligned in world space.
+
 Every call counts in :data:`REGISTRATION_CALLS`.
 """
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -49,19 +58,27 @@ class Transform:
         pts = np.asarray(points_xyz, float).reshape(-1, 3)
         return np.array([self.itk.TransformPoint(tuple(p)) for p in pts])
 
-    def map_points(self, points_xyz, iterations: int = 50, tol_mm: float = 1e-3) -> np.ndarray:
+    def map_points(self, points_xyz, iterations: int = 50, tol_mm: float = 1e-3, step_mm: float = 0.5) -> np.ndarray:
         """Moving-space LPS points (N, 3) -> fixed-space LPS points.
 
-        Inverts the transform numerically (fixed-point iteration started at the
-        point itself), which works for the smooth, invertible deformations registration gives.
+        Inverts the transform numerically: Newton iterations started at the point itself,
+        with the Jacobian from finite differences of ``step_mm``, which works for the
+        smooth, invertible deformations registration gives, also when their linear part
+        is far from the identity (scans of different orientation or extent).
         """
         targets = np.asarray(points_xyz, float).reshape(-1, 3)
         x = targets.copy()
+        offsets = np.vstack([np.zeros(3), np.eye(3) * step_mm])  # (4, 3)
         for _ in range(iterations):
-            err = self.fixed_to_moving(x) - targets
-            x = x - err
+            moved = self.fixed_to_moving((x[:, None, :] + offsets[None]).reshape(-1, 3)).reshape(-1, 4, 3)
+            err = moved[:, 0] - targets
             if np.max(np.abs(err)) < tol_mm:
                 break
+            jac = np.transpose(moved[:, 1:] - moved[:, :1], (0, 2, 1)) / step_mm  # (N, 3, 3): d moved / d x
+            try:
+                x = x - np.linalg.solve(jac, err[..., None])[..., 0]
+            except np.linalg.LinAlgError:  # a singular finite difference (degenerate field): plain fixed point
+                x = x - err
         return x
 
     # -------------------------------------------------------------------- images
@@ -215,22 +232,30 @@ def register_simpleitk(fixed: Image, moving: Image, spacing_mm: float | None = N
     moved = sitk.Resample(m, f, affine, sitk.sitkLinear, -1000.0)
     field = _demons(f, moved, demons_iterations, demons_smoothing)
     arr = sitk.GetArrayFromImage(field) * field_scale
-    if not np.all(np.isfinite(arr)):
+    return _affine_plus_field(f, m, affine, arr, "simpleitk", info, ncc_affine, "affine + demons")
+
+
+def _affine_plus_field(f: sitk.Image, m: sitk.Image, affine: sitk.Transform, field_zyx3: np.ndarray, backend: str,
+                       info: dict, ncc_affine: float, result: str) -> Transform:
+    """The affine composed with a displacement field (``field_zyx3``: (z, y, x, 3) LPS mm on the
+    fixed grid ``f``, applied first: x -> affine(x + u(x))), or the affine alone with a warning
+    when the field is not finite or lowers the similarity (NCC) reached by the affine."""
+    if not np.all(np.isfinite(field_zyx3)):
         warnings.warn("deformable registration diverged (non-finite field); falling back to the affine",
-                      stacklevel=3)
-        return Transform(affine, "simpleitk", dict(info, result="affine (deformable diverged)"))
-    field = sitk.GetImageFromArray(arr.astype(np.float64), isVector=True)
+                      stacklevel=4)
+        return Transform(affine, backend, dict(info, result="affine (deformable diverged)"))
+    field = sitk.GetImageFromArray(np.asarray(field_zyx3, np.float64), isVector=True)
     field.CopyInformation(f)
     composite = sitk.CompositeTransform(3)
     composite.AddTransform(affine)
-    composite.AddTransform(sitk.DisplacementFieldTransform(field))  # applied first: x -> x + d(x), then affine
+    composite.AddTransform(sitk.DisplacementFieldTransform(field))  # applied first: x -> x + u(x), then affine
     ncc_deformable = _ncc(f, m, composite)
     info["ncc_deformable"] = ncc_deformable
     if not np.isfinite(ncc_deformable) or ncc_deformable < ncc_affine:
         warnings.warn(f"deformable registration diverged (similarity NCC {ncc_affine:.3f} after the affine, "
-                      f"{ncc_deformable:.3f} after the deformable stage); falling back to the affine", stacklevel=3)
-        return Transform(affine, "simpleitk", dict(info, result="affine (deformable diverged)"))
-    return Transform(composite, "simpleitk", dict(info, result="affine + demons"))
+                      f"{ncc_deformable:.3f} after the deformable stage); falling back to the affine", stacklevel=4)
+        return Transform(affine, backend, dict(info, result="affine (deformable diverged)"))
+    return Transform(composite, backend, dict(info, result=result))
 
 
 def register_none(fixed: Image, moving: Image) -> Transform:
@@ -238,23 +263,345 @@ def register_none(fixed: Image, moving: Image) -> Transform:
     return Transform(sitk.AffineTransform(3), "none", {"result": "identity"})
 
 
-def _optional_backend(name: str, package: str):
-    def run(fixed, moving, **options):
-        raise RegistrationError(f"the '{name}' registration backend is not available in this version "
-                                f"(it needs the optional package '{package}'); use --registration simpleitk")
-    return run
+# ------------------------------------------------------------------------ greedy
+_LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # flips x and y: LPS <-> RAS (its own inverse)
+
+
+def _affine_to_matrix(transform: sitk.Transform) -> np.ndarray:
+    """A SimpleITK affine-like transform (LPS, fixed -> moving) as a 4x4 LPS matrix."""
+    m = np.eye(4)
+    # the transform of any point p is A p + t: recover A and t from the origin and the unit vectors
+    t = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)))
+    for i in range(3):
+        m[:3, i] = np.asarray(transform.TransformPoint(tuple(np.eye(3)[i]))) - t
+    m[:3, 3] = t
+    return m
+
+
+def _matrix_to_affine(m: np.ndarray) -> sitk.AffineTransform:
+    """A 4x4 LPS matrix (fixed -> moving) as a SimpleITK affine transform."""
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix(tuple(float(v) for v in np.asarray(m)[:3, :3].ravel()))
+    affine.SetTranslation(tuple(float(v) for v in np.asarray(m)[:3, 3]))
+    return affine
+
+
+class _quiet_stdout:
+    """Send file descriptor 1 to /dev/null for the duration (greedy's optimiser prints there)."""
+
+    def __enter__(self):
+        import os
+        import sys
+        self._saved = None
+        try:
+            sys.stdout.flush()
+            saved = os.dup(1)
+        except (OSError, ValueError, AttributeError):  # no file descriptor 1 (some GUI hosts): nothing to hide
+            return
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
+        self._saved = saved
+
+    def __exit__(self, *exc):
+        import os
+        if self._saved is not None:
+            os.dup2(self._saved, 1)
+            os.close(self._saved)
+
+
+def register_greedy(fixed: Image, moving: Image, spacing_mm: float | None = None,
+                    affine_iterations: str = "100x50x10", deformable: bool = True,
+                    deformable_iterations: str = "100x50x20", ncc_radius_vox: int = 2,
+                    smoothing: tuple = ("2.0vox", "0.5vox"), threads: int | None = None) -> Transform:
+    """Affine + deformable NCC registration with greedy (``picsl-greedy``) on the CPU.
+
+    Both scans go on an isotropic ``spacing_mm`` grid (default :func:`coarse_spacing`
+    of the fixed scan, 2 to 4 mm), clipped to [-1000, 1000] HU. Greedy then runs a
+    moments-initialised (centre of mass) affine registration (12 degrees of freedom,
+    NCC, multi-resolution ``affine_iterations``) and a deformable one (NCC with a
+    window of ``2 * ncc_radius_vox + 1`` voxels, ``deformable_iterations``, smoothing
+    ``smoothing`` of the gradient and of the field).
+
+    Greedy's conventions, converted here: its affine matrices are in RAS (x and y
+    flipped against ITK's LPS) and map fixed points to moving points; its warp is a
+    displacement field on the fixed grid in LPS mm, applied before the affine:
+    ``T(x) = A(x + u(x))``. The result is the SimpleITK composite of both (LPS mm,
+    fixed -> moving as ITK needs), with the same similarity checks and fallbacks as
+    :func:`register_simpleitk`.
+    """
+    try:
+        from picsl_greedy import Greedy3D
+    except ImportError:
+        raise RegistrationError("the 'greedy' registration backend needs the optional package 'picsl-greedy' "
+                                "(pip install picsl-greedy); use --registration simpleitk") from None
+    import os
+    spacing_mm = coarse_spacing(fixed) if spacing_mm is None else spacing_mm
+    f, m = _coarse(fixed, spacing_mm), _coarse(moving, spacing_mm)
+    threads = threads or os.cpu_count() or 1
+    init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(3),
+                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+    init_ras = _LPS_RAS @ _affine_to_matrix(init) @ _LPS_RAS
+    ncc = "x".join([str(int(ncc_radius_vox))] * 3)
+    g = Greedy3D()
+    with tempfile.TemporaryDirectory() as tmp, _quiet_stdout():
+        init_file = Path(tmp) / "init.mat"  # greedy reads initial matrices from text files only
+        np.savetxt(init_file, init_ras)
+        g.execute(f"-i fixed moving -a -dof 12 -n {affine_iterations} -m NCC {ncc} -ia {init_file} -o affine "
+                  f"-threads {int(threads)} -V 0", fixed=f, moving=m, affine=None)
+    affine = _matrix_to_affine(_LPS_RAS @ np.asarray(g["affine"], float) @ _LPS_RAS)
+    ncc_identity, ncc_affine = _ncc(f, m, sitk.Transform()), _ncc(f, m, affine)
+    info = {"ncc_identity": ncc_identity, "ncc_affine": ncc_affine, "spacing_mm": spacing_mm}
+    if not np.isfinite(ncc_affine) or ncc_affine < ncc_identity:
+        warnings.warn(f"affine registration lowered the image similarity (NCC {ncc_identity:.3f} -> "
+                      f"{ncc_affine:.3f}); using the images' world alignment instead", stacklevel=3)
+        return Transform(sitk.AffineTransform(3), "greedy", dict(info, result="identity"))
+    if not deformable:
+        return Transform(affine, "greedy", dict(info, result="affine"))
+    with _quiet_stdout():
+        g.execute(f"-i fixed moving -it affine -n {deformable_iterations} -m NCC {ncc} -s {smoothing[0]} "
+                  f"{smoothing[1]} -wp 0 -o warp -threads {int(threads)} -V 0", warp=None)
+    arr = sitk.GetArrayFromImage(g["warp"]).astype(np.float64)  # (z, y, x, 3), LPS mm on the fixed grid
+    return _affine_plus_field(f, m, affine, arr, "greedy", info, ncc_affine, "affine + greedy NCC")
+
+
+# ------------------------------------------------------------------- uniGradICON
+UNIGRADICON_SHAPE = (175, 175, 175)
+"""The grid both scans are resampled to for LesionLocator's registration network (paper: 175^3)."""
+
+_UNIGRADICON_CACHE: dict = {}  # one network kept between calls: {key: network}
+
+
+def _box_grid(image: Image, shape_zyx, z_edges=None) -> sitk.Image:
+    """An empty float image of ``shape_zyx`` voxels spanning ``image``'s box along its own index axes.
+
+    The box runs from voxel edge to voxel edge (index -0.5 to N - 0.5 per axis; along z
+    ``z_edges`` = (first, last) continuous index edges may restrict it), as
+    ``torch.nn.functional.interpolate(align_corners=False)`` resizes an array: the same
+    direction, spacing = box length / shape, origin at the first cell centre (LPS mm).
+    """
+    n_in = np.asarray(image.shape, float)  # z, y, x
+    lo = np.full(3, -0.5)
+    hi = n_in - 0.5
+    if z_edges is not None:
+        lo[0], hi[0] = z_edges
+    n_out = np.asarray(shape_zyx, float)
+    step = (hi - lo) / n_out  # input voxels per output voxel, z, y, x
+    first = lo + 0.5 * step  # continuous input index (z, y, x) of output voxel 0
+    grid = sitk.Image([int(v) for v in n_out[::-1]], sitk.sitkFloat32)
+    grid.SetSpacing(tuple(float(v) for v in (step * np.asarray(image.spacing_zyx))[::-1]))
+    grid.SetOrigin(tuple(float(v) for v in image.index_to_world(first)))
+    grid.SetDirection(tuple(float(v) for v in np.asarray(image.direction, float).ravel()))
+    return grid
+
+
+def _resample_to(image: sitk.Image, grid: sitk.Image, background: float) -> np.ndarray:
+    """Linear resampling of ``image`` onto ``grid``'s geometry, as a float32 (z, y, x) array."""
+    out = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, background, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out)
+
+
+def _z_window(fixed: np.ndarray, moving: np.ndarray, max_difference: int):
+    """Upstream LesionLocator's optional z alignment, on arrays (z, y, x) of normalised
+    intensities at the Track model's z spacing: if the slice counts differ by more than
+    ``max_difference``, slide the shorter scan along the longer one and keep the window of
+    least mean squared difference. Returns the slice windows ((f0, f1), (m0, m1))."""
+    nf, nm = fixed.shape[0], moving.shape[0]
+    windows = [(0, nf), (0, nm)]
+    if abs(nf - nm) <= max_difference:
+        return windows
+    short, long_, which = (fixed, moving, 1) if nf < nm else (moving, fixed, 0)
+    n = short.shape[0]
+    errors = [np.mean((long_[i:i + n] - short) ** 2) for i in range(long_.shape[0] - n)]
+    start = int(np.argmin(errors))
+    windows[which] = (start, start + n)
+    return windows
+
+
+def unigradicon_inputs(fixed: Image, moving: Image, normalise, shape=UNIGRADICON_SHAPE, z_spacing_mm: float = 3.0,
+                       z_max_difference: int = 20):
+    """The registration network's inputs: ([fixed grid, moving grid], [fixed array, moving array], windowed).
+
+    Each scan is normalised with ``normalise`` (HU array -> network intensities) and
+    linearly resampled to ``shape`` (z, y, x) over its own box (:func:`_box_grid`),
+    after upstream's optional z alignment (:func:`_z_window`) on grids of
+    ``z_spacing_mm`` slices; ``windowed`` says whether a box was cut along z.
+    """
+    shape = tuple(int(v) for v in shape)
+    scans = [image.with_array(normalise(np.asarray(image.array, np.float32).copy())) for image in (fixed, moving)]
+    sitk_scans = [s.to_sitk() for s in scans]
+    background = float(normalise(np.array([-1024.0], np.float32))[0])
+    n_slices = [max(int(round(s.shape[0] * s.spacing_zyx[0] / z_spacing_mm)), 1) for s in scans]
+    edges = [None, None]
+    if abs(n_slices[0] - n_slices[1]) > z_max_difference:
+        arrays = [_resample_to(ss, _box_grid(s, (n, shape[1], shape[2])), background)
+                  for s, ss, n in zip(scans, sitk_scans, n_slices)]
+        windows = _z_window(arrays[0], arrays[1], z_max_difference)
+        for i, (s, n, (a, b)) in enumerate(zip(scans, n_slices, windows)):
+            if (a, b) != (0, n):
+                per_slice = s.shape[0] / n  # input slices per window slice
+                edges[i] = (-0.5 + a * per_slice, -0.5 + b * per_slice)
+    grids = [_box_grid(s, shape, e) for s, e in zip(scans, edges)]
+    arrays = [_resample_to(ss, g, background) for ss, g in zip(sitk_scans, grids)]
+    return grids, arrays, any(e is not None for e in edges)
+
+
+def _index_to_world_matrix(grid: sitk.Image) -> np.ndarray:
+    """The 3x3 matrix L of a grid's index (x, y, z order) -> LPS map ``origin + L @ index``."""
+    return np.asarray(grid.GetDirection()).reshape(3, 3) * np.asarray(grid.GetSpacing())
+
+
+def _displacement_mm(phi: np.ndarray, fixed_grid: sitk.Image) -> np.ndarray:
+    """(z, y, x, 3) LPS mm: how far each fixed-grid voxel moves, measured in the fixed grid's
+    units, when normalised coordinates ``phi`` (3, z, y, x) replace its own (see
+    :func:`displacement_to_transform`)."""
+    phi = np.asarray(phi, np.float64)
+    shape = np.asarray(phi.shape[1:])
+    identity = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
+    delta_zyx = phi * (shape - 1)[:, None, None, None] - identity  # in fixed-grid voxels, (z, y, x)
+    return np.einsum("ij,jzyx->zyxi", _index_to_world_matrix(fixed_grid), delta_zyx[::-1])
+
+
+def displacement_to_transform(phi: np.ndarray, fixed_grid: sitk.Image, moving_grid: sitk.Image) -> sitk.Transform:
+    """A registration network's output -> a SimpleITK transform (LPS mm, fixed -> moving).
+
+    ``phi``: array (3, n0, n1, n2): for every voxel of the fixed grid (array order z, y, x),
+    the matching position in the moving grid in normalised coordinates, channel c being
+    the moving index along array axis c divided by (n_c - 1) (icon_registration's
+    convention: 0 and 1 are the first and last voxel centres). ``fixed_grid`` and
+    ``moving_grid``: the two grids' geometries (see :func:`_box_grid`).
+
+    The result is ``A0(x + d(x))``: ``A0`` is the affine that maps the fixed grid onto the
+    moving grid voxel for voxel (the identity network output), ``d`` a displacement field
+    on the fixed grid (LPS mm), zero outside it, so far from the grid the transform is ``A0``.
+    """
+    field = sitk.GetImageFromArray(_displacement_mm(phi, fixed_grid), isVector=True)
+    field.CopyInformation(fixed_grid)
+    lin_f, lin_m = _index_to_world_matrix(fixed_grid), _index_to_world_matrix(moving_grid)
+    matrix = lin_m @ np.linalg.inv(lin_f)
+    a0 = sitk.AffineTransform(3)
+    a0.SetMatrix(tuple(matrix.ravel()))
+    a0.SetTranslation(tuple(np.asarray(moving_grid.GetOrigin()) - matrix @ np.asarray(fixed_grid.GetOrigin())))
+    composite = sitk.CompositeTransform(3)
+    composite.AddTransform(a0)
+    composite.AddTransform(sitk.DisplacementFieldTransform(field))  # applied first
+    return composite
+
+
+def unigradicon_network(weights: dict, shape=UNIGRADICON_SHAPE, source: str = "the given weights"):
+    """LesionLocator's registration network: uniGradICON's architecture built with
+    ``unigradicon.make_network(include_last_step=True)`` (as upstream's Track trainer
+    does, nothing downloaded), loaded with ``weights`` (a Track checkpoint's 'reg_net.'
+    tensors, prefix stripped: keys 'regis_net.*'). Returned in eval mode on the CPU."""
+    try:
+        import unigradicon
+    except ImportError:
+        raise RegistrationError("the 'unigradicon' registration backend needs the optional package "
+                                "'unigradicon' (pip install unigradicon); use --registration simpleitk") from None
+    net = unigradicon.make_network([1, 1, *[int(v) for v in shape]], include_last_step=True)
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as e:
+        raise RegistrationError(f"the registration weights in {source} do not fit uniGradICON's network: "
+                                f"{str(e).splitlines()[0]}") from None
+    return net.eval()
+
+
+def _registration_source(model=None, weights=None):
+    """(load weights, description, cache key or None) from a loaded Track model or a state dict."""
+    if weights is not None:
+        return (lambda: dict(weights)), "the given weights", None
+    if model is None:
+        raise RegistrationError("the 'unigradicon' registration backend needs a LesionLocatorTrack model: "
+                                "its checkpoint holds the registration network ('reg_net.' weights)")
+    from .model import CHECKPOINT_NAME, registration_weights
+    checkpoint = Path(model.folder) / f"fold_{model.folds[0]}" / CHECKPOINT_NAME
+
+    def load():
+        found = registration_weights(model)
+        if not found:
+            raise RegistrationError(f"{checkpoint} holds no registration network ('reg_net.' weights): the "
+                                    f"'unigradicon' backend needs an official LesionLocatorTrack checkpoint")
+        return found
+    return load, str(checkpoint), (str(checkpoint), checkpoint.stat().st_mtime_ns)
+
+
+def register_unigradicon(fixed: Image, moving: Image, model=None, weights: dict | None = None,
+                         device=None, shape=UNIGRADICON_SHAPE, intensity: str = "auto",
+                         z_spacing_mm: float | None = None, z_max_difference: int = 20) -> Transform:
+    """LesionLocator's own registration: the uniGradICON network of a LesionLocatorTrack checkpoint.
+
+    ``model``: the loaded Track model (:func:`LesionLocatorLib.model.load_model`); its
+    checkpoint's 'reg_net.' weights are used (or pass ``weights``, a state dict with
+    keys 'regis_net.*'). ``device``: torch device (default: the model's, else CPU; fp32).
+
+    As upstream LesionLocator feeds it: each scan is normalised (``intensity="model"``:
+    the Track model's CT normalisation, as the network was fine-tuned on;
+    ``"window"``: uniGradICON's own CT preprocessing, [-1000, 1000] HU -> [0, 1];
+    ``"auto"``: the model's when given) and resampled, in its own box and along its own
+    index axes, to ``shape`` (175^3, array order z, y, x). When the scans' lengths
+    differ by more than ``z_max_difference`` slices of ``z_spacing_mm`` (default the
+    model's z spacing, else 3 mm), the longer scan's box is first cut to the best
+    matching z window (upstream's optional z translation). The network's map (fixed
+    grid -> moving grid, normalised coordinates) becomes a displacement field in LPS mm:
+    see :func:`displacement_to_transform`.
+    """
+    import torch
+    load, source, key = _registration_source(model, weights)
+    shape = tuple(int(v) for v in shape)
+    if device is None:
+        device = getattr(model, "device", None) or "cpu"
+    device = torch.device(device)
+    if intensity == "auto":
+        intensity = "model" if getattr(model, "intensity_properties", None) else "window"
+    if intensity == "model":
+        from .modelgrid import ct_normalizer
+        normalise = ct_normalizer(model.intensity_properties)
+    elif intensity == "window":
+        def normalise(a):
+            return (np.clip(a, -1000.0, 1000.0) + 1000.0) / 2000.0
+    else:
+        raise ValueError(f"unknown intensity preprocessing {intensity!r}; use 'auto', 'model' or 'window'")
+    if z_spacing_mm is None:
+        z_spacing_mm = float(model.spacing_zyx[0]) if model is not None else 3.0
+    grids, (fixed_arr, moving_arr), windowed = unigradicon_inputs(fixed, moving, normalise, shape, z_spacing_mm,
+                                                                  z_max_difference)
+    cache_key = None if key is None else key + (shape, str(device))
+    net = _UNIGRADICON_CACHE.get(cache_key) if cache_key is not None else None
+    if net is None:
+        _UNIGRADICON_CACHE.clear()  # keep at most one network (about 300 MB) in memory
+        net = unigradicon_network(load(), shape, source).to(device)
+        if cache_key is not None:
+            _UNIGRADICON_CACHE[cache_key] = net
+    with torch.no_grad():
+        image_a = torch.from_numpy(moving_arr)[None, None].to(device)  # A: moving (t-1), as upstream's x0
+        image_b = torch.from_numpy(fixed_arr)[None, None].to(device)  # B: fixed (t), as upstream's x1
+        identity = net.identity_map
+        identity.isIdentity = True
+        phi = net.regis_net(image_a, image_b)(identity)[0].float().cpu().numpy()
+    if not np.all(np.isfinite(phi)):
+        raise RegistrationError("the registration network gave a non-finite deformation")
+    transform = displacement_to_transform(phi, grids[0], grids[1])
+    info = {"result": "uniGradICON", "shape": "x".join(map(str, shape)), "intensity": intensity,
+            "z_window": "yes" if windowed else "no",
+            "max_displacement_mm": float(np.max(np.linalg.norm(_displacement_mm(phi, grids[0]), axis=-1)))}
+    return Transform(transform, "unigradicon", info)
 
 
 BACKENDS = {
     "simpleitk": register_simpleitk,
     "none": register_none,
-    "greedy": _optional_backend("greedy", "picsl-greedy"),
-    "unigradicon": _optional_backend("unigradicon", "unigradicon"),
+    "greedy": register_greedy,
+    "unigradicon": register_unigradicon,
 }
 
 
 def register(fixed: Image, moving: Image, backend: str = "simpleitk", **options) -> Transform:
-    """Register ``moving`` (timepoint t-1) to ``fixed`` (timepoint t) with a named backend."""
+    """Register ``moving`` (timepoint t-1) to ``fixed`` (timepoint t) with a named backend.
+
+    ``options`` go to the backend: e.g. ``spacing_mm`` (simpleitk, greedy), ``model``
+    (unigradicon: the loaded LesionLocatorTrack model whose checkpoint holds the network;
+    :func:`LesionLocatorLib.track.track` passes its Track model) or ``weights``."""
     global REGISTRATION_CALLS
     if backend not in BACKENDS:
         raise ValueError(f"unknown registration backend {backend!r}; choose one of {', '.join(BACKENDS)}")

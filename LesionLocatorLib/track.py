@@ -125,7 +125,9 @@ def track(images, prompts, track_model, seg_model=None, registration: str = "sim
     ``prompts``: a baseline instance label Image, MaskPrompts, or Point/Box prompts
     (then ``seg_model`` segments the baseline first). ``track_model``: a model that
     takes previous-mask prompts (LesionLocatorTrack, or any segmentation model).
-    ``registration``: backend name of :func:`LesionLocatorLib.register.register`.
+    ``registration``: backend name of :func:`LesionLocatorLib.register.register`
+    (``unigradicon`` gets ``track_model`` as its ``model`` option: the registration
+    network is inside the Track checkpoint).
     """
     from .register import register
 
@@ -141,13 +143,16 @@ def track(images, prompts, track_model, seg_model=None, registration: str = "sim
     status = {pid: ["tracked" if m.any() else "vanished"] for pid, m in baseline.items()}
     carried = {pid: m for pid, m in baseline.items() if m.any()}  # last known location per lesion
     transforms = []
+    options = dict(registration_options or {})
+    if registration == "unigradicon":
+        options.setdefault("model", track_model)
     for t in range(1, len(images)):
         if cancel is not None:
             cancel.check()
         fixed, moving = images[t], images[t - 1]
         report(t / n_steps, f"registering scan {t} to scan {t - 1}")
         t0 = time.perf_counter()
-        transform = register(fixed, moving, backend=registration, **(registration_options or {}))
+        transform = register(fixed, moving, backend=registration, **options)
         timings["registration"] += time.perf_counter() - t0
         transforms.append(transform)
         t0 = time.perf_counter()

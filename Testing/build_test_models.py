@@ -102,6 +102,36 @@ def build_tiny_checkpoint(root: Path, folds=(0,), seed: int = 0, resampling="res
     return ckpt
 
 
+def build_unigradicon_track_model(folder: Path, seed: int = 0, displacement_scale: float = 0.05) -> Path:
+    """A tiny LesionLocatorTrack model folder whose checkpoint holds a real uniGradICON
+    network under 'reg_net.' (random weights, needs the optional ``unigradicon`` package)
+    beside the tiny U-Net under 'unet.', as official Track checkpoints do (~280 MB).
+
+    uniGradICON initialises its last layers to zero (identity map); they get random
+    weights of ``displacement_scale`` here so that the network outputs a deformation."""
+    import unigradicon
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    plans = make_plans(TINY["features"], TINY["blocks"], TINY["patch"], (3.0, 0.84, 0.84), name="LesionLocatorTrack")
+    (folder / "plans.json").write_text(json.dumps(plans, indent=1))
+    (folder / "dataset.json").write_text(json.dumps(DATASET_JSON, indent=1))
+    torch.manual_seed(seed)
+    weights = perturb(build_network(plans, "3d_fullres", DATASET_JSON), seed)
+    weights = {f"unet.{k}": v for k, v in weights.items()}
+    reg = unigradicon.make_network([1, 1, 80, 80, 80], include_last_step=True)  # keys do not depend on the shape
+    g = torch.Generator().manual_seed(seed)
+    for k, v in reg.state_dict().items():
+        if k.endswith("lastConv.weight"):
+            v = torch.randn(v.shape, generator=g) * displacement_scale
+        weights[f"reg_net.{k}"] = v
+    weights["unet_patch_size"] = torch.tensor(plans["configurations"]["3d_fullres"]["patch_size"])
+    (folder / "fold_0").mkdir(exist_ok=True)
+    torch.save(checkpoint_dict(weights, plans, "LesionLocatorTrainerTrack", 0, logging=NNUNET_LOG, epoch=1000),
+               folder / "fold_0" / "checkpoint_final.pth")
+    return folder
+
+
 def build_resencl_checkpoint(root: Path, folds=(0,), seed: int = 0, prompt_types=("point",)) -> Path:
     """Write the released ResEnc-L architecture with random weights (~400 MB per fold)."""
     ckpt = Path(root) / "LesionLocatorCheckpoint"

@@ -119,3 +119,18 @@ def test_track_command_writes_upstream_names_table_and_plot(tiny_model_root, tmp
         assert r["volume_ml"] == pytest.approx(expected, rel=1e-6)
     assert (out / "growth.png").read_bytes()[:4] == b"\x89PNG"
     assert "time per stage" in captured.out
+
+
+def test_unigradicon_registration_gets_the_track_model(tiny_model_root, monkeypatch):
+    """The Track checkpoint holds the registration network: the tracker hands its model to the backend."""
+    seen = []
+
+    def fake_unigradicon(fixed, moving, model=None, **options):
+        seen.append((model, options))
+        return register_module.register_none(fixed, moving)
+
+    monkeypatch.setitem(register_module.BACKENDS, "unigradicon", fake_unigradicon)
+    images, labels = _series(n_followups=2)
+    model = load_model(tiny_model_root, "prev_mask", device="cpu")
+    track(images, labels[0], model, registration="unigradicon", registration_options={"shape": (80, 80, 80)})
+    assert len(seen) == 2 and all(m is model and o == {"shape": (80, 80, 80)} for m, o in seen)
