@@ -272,8 +272,12 @@ def cmd_train(args) -> int:
         plans = make_plans(args.features, args.blocks, args.patch, args.spacing)
     root = train(pairs, args.o, plans, epochs=args.epochs, iterations_per_epoch=args.iterations,
                  batch_size=args.batch_size, initial_lr=args.lr, seed=args.seed, init_from=args.init,
-                 device=args.device, val_pairs=val)
-    print(f"model written to {root} (learning curves: {Path(args.o) / 'progress.png'})")
+                 device=args.device, val_pairs=val, stop_after_epoch=args.stop_after_epoch)
+    if root is None:
+        print(f"stopped after epoch {args.stop_after_epoch} of {args.epochs}; the same command without "
+              f"--stop-after-epoch (or with a later one) resumes from {Path(args.o) / 'checkpoint_latest.pth'}")
+    else:
+        print(f"model written to {root} (learning curves: {Path(args.o) / 'progress.png'})")
     return 0
 
 
@@ -385,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--patch", nargs=3, type=int, default=[64, 96, 96], help="patch size z y x (voxels)")
     r.add_argument("--spacing", nargs=3, type=float, default=[2.0, 1.5, 1.5], help="model spacing z y x (mm)")
     r.add_argument("--epochs", type=int, default=50)
+    r.add_argument("--stop-after-epoch", "--stop_after_epoch", dest="stop_after_epoch", type=int, default=None,
+                   help="end this run after that epoch (the learning-rate schedule still spans --epochs); "
+                        "run again to resume, e.g. with other training data")
     r.add_argument("--iterations", type=int, default=50, help="iterations per epoch")
     r.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=2)
     r.add_argument("--lr", type=float, default=1e-2)

@@ -241,9 +241,14 @@ def _dice(pred: torch.Tensor, y: torch.Tensor) -> float:
 
 def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: int = 50, batch_size: int = 2,
           initial_lr: float = 1e-2, seed: int = 0, init_from=None, device: str = "auto", val_pairs=None,
-          val_samples: int = 16, prompt_types=PROMPT_TYPES, progress=None, log=print) -> Path:
+          val_samples: int = 16, prompt_types=PROMPT_TYPES, progress=None, log=print,
+          stop_after_epoch: int | None = None) -> Path | None:
     """Train (or fine-tune from ``init_from``, a checkpoint of the same architecture) and write a
-    model root ``out_dir/LesionLocatorCheckpoint``. Resumes from ``out_dir/checkpoint_latest.pth``."""
+    model root ``out_dir/LesionLocatorCheckpoint``. Resumes from ``out_dir/checkpoint_latest.pth``.
+
+    ``stop_after_epoch``: end this run after that epoch, before ``epochs`` (the learning-rate
+    schedule still spans ``epochs``), and return None; a later call resumes, possibly with other
+    data (training in phases, or across runs on a machine with a time limit)."""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
@@ -295,7 +300,8 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
     val_set = [simulate_sample(val_cases[i % len(val_cases)], val_rng, patch, normalize,
                                prompt_types[i % len(prompt_types)]) for i in range(val_samples)]
     from tqdm import tqdm
-    for epoch in range(start_epoch, epochs):
+    last = epochs if stop_after_epoch is None else min(int(stop_after_epoch), epochs)
+    for epoch in range(start_epoch, last):
         t0 = time.perf_counter()
         scheduler.step(epoch)
         network.train()
@@ -340,6 +346,9 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
         plot_curves(logging, out_dir / "progress.png")
         if progress:
             progress((epoch + 1) / epochs, f"epoch {epoch + 1}: validation Dice {val:.3f}")
+    if last < epochs:
+        log(f"stopped after epoch {last} of {epochs}: run again to resume from {latest}")
+        return None
     return export_model(network.state_dict(), plans, logging, epochs, out_dir)
 
 

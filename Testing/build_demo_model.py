@@ -29,10 +29,15 @@ sys.path.insert(0, str(REPO))
 
 PLAN = {
     "features": [16, 32, 64, 96], "blocks": [1, 2, 2, 2], "patch": [48, 64, 64], "spacing": [2.0, 1.5, 1.5],
-    "epochs": 90, "iterations": 100, "batch_size": 2, "seed": 0,
+    "epochs": 75, "iterations": 100, "batch_size": 2, "seed": 0,
     "train_ct": "chest_1p5mm", "train_cases": 20, "val_cases": 1, "lesions_per_case": 8, "followups": 2,
-    "train_diameter_mm": [4.0, 50.0],
-    "demo_ct": "abdomen_3mm", "demo_seed": 2026, "demo_lesions": 4, "demo_diameter_mm": [12.0, 40.0],
+    # two data phases of one run (the learning-rate schedule spans all epochs): lesions of every
+    # size first, then measurable ones (>= 10 mm, as RECIST), which the first phase under-segmented
+    "phases": [{"data": "data_4to50mm", "diameter_mm": [4.0, 50.0], "until_epoch": 29},
+               {"data": "data_10to50mm", "diameter_mm": [10.0, 50.0], "until_epoch": 75}],
+    "demo_ct": "abdomen_3mm", "demo_seed": 2026, "demo_lesions": 4, "demo_diameter_mm": [20.0, 45.0],
+    # demo lesions: measurable (RECIST >= 10 mm at the 3 mm demo resolution), solid-organ and wall lesions
+    "demo_kinds": [["ellipsoid", 0.5], ["lobulated", 0.5]], "demo_locations": [["soft_tissue", 0.7], ["wall", 0.3]],
 }
 
 
@@ -53,31 +58,37 @@ def step_data(work: Path) -> None:
 
     cts = fetch_registry_cts(work / "ct_cache", [PLAN["train_ct"], PLAN["demo_ct"]])
     ct = read_ct(Path(cts[PLAN["train_ct"]]))
-    for seed in range(PLAN["train_cases"] + PLAN["val_cases"]):
-        part = "" if seed < PLAN["train_cases"] else "val_"   # the last case(s): validation only
-        name = f"chest_s{seed}"
-        if (work / f"{part}labels" / f"{name}_t{PLAN['followups']}.nii.gz").exists():
-            continue
-        t0 = time.perf_counter()
-        case = make_case(ct, n_lesions=PLAN["lesions_per_case"], n_followups=PLAN["followups"], seed=seed,
-                         diameter_range_mm=tuple(PLAN["train_diameter_mm"]))
-        for t, (img, lab) in enumerate(zip(case.images, case.labels)):
-            if lab.array.any():
-                write_image(img, work / f"{part}images" / f"{name}_t{t}.nii.gz")
-                write_image(lab, work / f"{part}labels" / f"{name}_t{t}.nii.gz")
-        print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    for phase in PLAN["phases"]:
+        data = work / phase["data"]
+        for seed in range(PLAN["train_cases"] + PLAN["val_cases"]):
+            part = "" if seed < PLAN["train_cases"] else "val_"   # the last case(s): validation only
+            name = f"chest_s{seed}"
+            if (data / f"{part}labels" / f"{name}_t{PLAN['followups']}.nii.gz").exists():
+                continue
+            t0 = time.perf_counter()
+            case = make_case(ct, n_lesions=PLAN["lesions_per_case"], n_followups=PLAN["followups"], seed=seed,
+                             diameter_range_mm=tuple(phase["diameter_mm"]))
+            for t, (img, lab) in enumerate(zip(case.images, case.labels)):
+                if lab.array.any():
+                    write_image(img, data / f"{part}images" / f"{name}_t{t}.nii.gz")
+                    write_image(lab, data / f"{part}labels" / f"{name}_t{t}.nii.gz")
+            print(f"{phase['data']}/{name}: {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def step_train(work: Path) -> None:
-    cmd = [sys.executable, "-m", "LesionLocatorLib.cli", "train", "--images", str(work / "images"),
-           "--labels", str(work / "labels"), "--val-images", str(work / "val_images"),
-           "--val-labels", str(work / "val_labels"), "-o", str(work / "run"), "--device", "cpu",
-           "--features", *map(str, PLAN["features"]), "--blocks", *map(str, PLAN["blocks"]),
-           "--patch", *map(str, PLAN["patch"]), "--spacing", *map(str, PLAN["spacing"]),
-           "--epochs", str(PLAN["epochs"]), "--iterations", str(PLAN["iterations"]),
-           "--batch-size", str(PLAN["batch_size"]), "--seed", str(PLAN["seed"])]
-    print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO)
+    """One training run (resumed between phases from ``run/checkpoint_latest.pth``)."""
+    for phase in PLAN["phases"]:
+        data = work / phase["data"]
+        cmd = [sys.executable, "-m", "LesionLocatorLib.cli", "train", "--images", str(data / "images"),
+               "--labels", str(data / "labels"), "--val-images", str(data / "val_images"),
+               "--val-labels", str(data / "val_labels"), "-o", str(work / "run"), "--device", "cpu",
+               "--features", *map(str, PLAN["features"]), "--blocks", *map(str, PLAN["blocks"]),
+               "--patch", *map(str, PLAN["patch"]), "--spacing", *map(str, PLAN["spacing"]),
+               "--epochs", str(PLAN["epochs"]), "--stop-after-epoch", str(phase["until_epoch"]),
+               "--iterations", str(PLAN["iterations"]), "--batch-size", str(PLAN["batch_size"]),
+               "--seed", str(PLAN["seed"])]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=REPO)
 
 
 def step_install(work: Path) -> None:
@@ -98,7 +109,9 @@ def step_democase(work: Path) -> None:
     cts = fetch_registry_cts(work / "ct_cache", [PLAN["demo_ct"]])
     ct = read_ct(Path(cts[PLAN["demo_ct"]]))
     case = make_case(ct, n_lesions=PLAN["demo_lesions"], n_followups=2, seed=PLAN["demo_seed"],
-                     diameter_range_mm=tuple(PLAN["demo_diameter_mm"]), p_vanish=0.0, p_new=0.0)
+                     diameter_range_mm=tuple(PLAN["demo_diameter_mm"]), p_vanish=0.0, p_new=0.0,
+                     kind_weights=tuple(map(tuple, PLAN["demo_kinds"])),
+                     location_weights=tuple(map(tuple, PLAN["demo_locations"])))
     out = REPO / "Resources" / "Demo"
     out.mkdir(parents=True, exist_ok=True)
     for t, (img, lab) in enumerate(zip(case.images, case.labels)):

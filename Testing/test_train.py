@@ -58,6 +58,26 @@ def test_resume_continues_from_the_last_epoch(data):
     assert sum(m.startswith("epoch ") for m in logs) == 1, "only the missing epoch runs"
 
 
+def test_stop_after_epoch_then_resume_with_other_data(data, tmp_path):
+    """Training in phases: the first run ends after epoch 1 of 3 without a final model; the second,
+    on other data, resumes at epoch 2 on the same learning-rate schedule and writes the model."""
+    pairs = find_pairs(data / "images", data / "labels")
+    logs = []
+    assert train(pairs, data / "run", PLANS, epochs=3, iterations_per_epoch=1, val_samples=2, device="cpu",
+                 log=logs.append, stop_after_epoch=1) is None
+    assert sum(m.startswith("epoch ") for m in logs) == 1 and "stopped after epoch 1 of 3" in logs[-1]
+    assert not (data / "run" / "LesionLocatorCheckpoint").exists()
+    first = load_checkpoint(data / "run" / "checkpoint_latest.pth")
+    assert first["current_epoch"] == 1
+    logs.clear()
+    root = train(pairs[:1], data / "run", PLANS, epochs=3, iterations_per_epoch=1, val_samples=2, device="cpu",
+                 log=logs.append)
+    assert any("at epoch 1" in m for m in logs) and sum(m.startswith("epoch ") for m in logs) == 2
+    lrs = load_checkpoint(root / "LesionLocatorSeg" / "point_optimized" / "fold_0" / "checkpoint_final.pth")[
+        "logging"]["lrs"]
+    assert np.allclose(lrs, [1e-2 * (1 - e / 3) ** 0.9 for e in range(3)])  # one poly schedule over 3 epochs
+
+
 def test_mismatched_training_folders(data):
     (data / "labels" / "c1.nii.gz").rename(data / "labels" / "other.nii.gz")
     with pytest.raises(TrainingDataError, match=r"images and labels do not match by name: images without label "

@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--min-diameter", type=float, default=10.0, help="smallest lesion diameter (mm)")
     ap.add_argument("--registration", default="simpleitk")
     ap.add_argument("--seed", type=int, default=100)
+    ap.add_argument("--p-vanish", type=float, default=0.2,
+                    help="probability that a lesion vanishes during the follow-ups (the evaluation needs >= 1)")
     a = ap.parse_args()
 
     from build_demo_model import read_ct
@@ -56,7 +58,7 @@ def main() -> None:
     timings = {}
     for c in range(a.cases):
         case = make_case(ct, n_lesions=a.lesions, n_followups=a.followups, seed=a.seed + c,
-                         diameter_range_mm=(a.min_diameter, 40.0))
+                         diameter_range_mm=(a.min_diameter, 40.0), p_vanish=a.p_vanish)
         base, lab = case.images[0], case.labels[0].array
         ids = [int(i) for i in np.unique(lab) if i > 0]
         centre = prompts_from_labels(lab, "point")
