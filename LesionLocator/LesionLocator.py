@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,6 +135,7 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trackButton.connect("clicked()", self.onTrack)
         self.ui.cancelButton.connect("clicked()", self.onCancel)
         self.ui.installDependenciesButton.connect("clicked()", self.onInstallDependencies)
+        self.ui.downloadModelButton.connect("clicked()", self.onDownloadModel)
         self.ui.baselineVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateFollowUpList)
         self.ui.refineSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtonStates)
         self.ui.refineSegmentSelector.connect("currentSegmentChanged(QString)", self.updateButtonStates)
@@ -244,6 +246,7 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                         and self.ui.refineSegmentSelector.currentNodeID() != ""
                                         and bool(self.ui.refineSegmentSelector.currentSegmentID()))
         self.ui.trackButton.enabled = haveVolume and not self._busy
+        self.ui.downloadModelButton.enabled = not self._busy
         self.ui.cancelButton.enabled = self._busy
 
     def updateFollowUpList(self, *args):
@@ -351,6 +354,21 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if outputs.warnings:
             slicer.util.warningDisplay("\n".join(outputs.warnings), windowTitle="LesionLocator")
 
+    def onDownloadModel(self):
+        """Ask (with the download's size), then download the official weights with the module's
+        progress bar and Cancel, and make them the model."""
+        with slicer.util.WaitCursor():
+            question = self.logic.describeDownload()
+        if not slicer.util.confirmOkCancelDisplay(question, windowTitle="LesionLocator"):
+            return
+        self._run(lambda progress, **kw: self.logic.downloadModel(progress=progress), done=self.showDownloadedModel)
+
+    def showDownloadedModel(self, modelRoot):
+        """The downloaded model is selected (the Logic set the parameter node): remember it."""
+        self.ui.modelPathLineEdit.addCurrentPathToHistory()
+        qt.QSettings().setValue(self.SETTINGS_MODEL_PATH, str(modelRoot))
+        self.ui.statusLabel.text = f"Model ready and selected: {modelRoot}"
+
     def onCancel(self):
         self.logic.cancel()
         self.ui.statusLabel.text = "Cancelling..."
@@ -364,6 +382,7 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _run(self, call, done=None):
         """Run a Logic call with progress, Cancel and errors shown in a message box; ``done(result)``
         shows the result (default: a segmentation run's summary)."""
+        from LesionLocatorLib.zoo import DownloadCancelled
         try:
             from LesionLocatorLib.predict import Cancelled
         except ImportError:  # torch missing: segment() raises MissingDependencyError, shown below
@@ -379,7 +398,7 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         def progress(fraction, message):
             self.ui.progressBar.value = int(100 * fraction)
             self.ui.statusLabel.text = message
-            slicer.app.processEvents()  # keeps Cancel clickable while the network runs
+            slicer.app.processEvents()  # keeps Cancel clickable while the network (or a download) runs
 
         try:
             with slicer.util.WaitCursor():
@@ -398,6 +417,9 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     slicer.util.warningDisplay(summary, windowTitle="LesionLocator")
         except Cancelled:
             self.ui.statusLabel.text = "Cancelled: nothing was changed."
+        except DownloadCancelled:
+            self.ui.statusLabel.text = ("Download cancelled: nothing was installed; downloading again resumes "
+                                        "where it stopped.")
         except Exception as e:  # every failure is a message, not only a traceback in the log
             logging.exception("LesionLocator failed")
             self.ui.statusLabel.text = "Failed: see the message."
@@ -446,18 +468,23 @@ class PromptSpec:
 
     ``ref``: where it came from (``"<point list ID>/<control point ID>"``, ``"<ROI ID>"`` or
     ``"<segmentation ID>/<segment ID>"``), stored as a segment tag so that prompting the same
-    control point or ROI again replaces the same lesion. ``kind``: 'point' or 'box'.
-    ``lps``: (3,) point or (N, 3) box corners, LPS world millimetres.
+    control point, ROI or segment again replaces the same lesion. ``kind``: 'point', 'box' or
+    'mask'. ``lps``: (3,) point or (N, 3) box corners, LPS world millimetres (None for a mask).
+    ``mask``: for 'mask', a :class:`LesionLocatorLib.image.Image` (uint8, 1 = inside) on the
+    volume's voxel grid.
     """
     ref: str
     kind: str
-    lps: np.ndarray
+    lps: np.ndarray = None
+    mask: object = None
 
     def toLibrary(self, lesionId: int):
-        from LesionLocatorLib.prompts import Box, Point
+        from LesionLocatorLib.prompts import Box, MaskPrompt, Point
 
         if self.kind == "point":
             return Point(int(lesionId), tuple(float(v) for v in self.lps), name=self.ref)
+        if self.kind == "mask":
+            return MaskPrompt(int(lesionId), self.mask, name=self.ref)
         return Box.from_points(int(lesionId), self.lps, name=self.ref)
 
 
@@ -487,6 +514,24 @@ class TrackOutputs:
     rows: list
     response: object
     warnings: list
+
+
+class _DownloadCancel:
+    """The cancel flag of a model download: the zoo asks ``is_set()``; :meth:`LesionLocatorLogic.cancel`
+    calls ``cancel()``; a caller's ``threading.Event`` or ``CancelToken`` counts too."""
+
+    def __init__(self, callerFlag=None):
+        self._event = threading.Event()
+        self._callerFlag = callerFlag
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        flag = self._callerFlag
+        if flag is not None and (flag.is_set() if hasattr(flag, "is_set") else flag.cancelled):
+            return True
+        return self._event.is_set()
 
 
 @dataclass
@@ -772,38 +817,24 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         corners = np.c_[signs * size, np.ones(8)] @ objectToNode.T
         return PromptSpec(roiNode.GetID(), "box", self.toLps(roiNode, corners[:, :3]))
 
-    def _segmentPrompt(self, segmentationNode, segmentId) -> PromptSpec:
-        """The box around a segment's voxels (voxel centres, LPS world mm)."""
-        from vtk.util import numpy_support
-
+    def _segmentPrompt(self, segmentationNode, segmentId, volumeNode, image) -> PromptSpec:
+        """A segment as a mask prompt: its voxels on ``volumeNode``'s grid (:meth:`segmentMask`,
+        which follows the parent transforms of both nodes), as a mask Image with ``image``'s
+        (the volume's :meth:`volumeToImage`) geometry. Raises ``PromptError`` when no voxel of
+        the segment lies on the volume (an empty segment: nothing to refine)."""
         from LesionLocatorLib.prompts import PromptError
 
         segment = segmentationNode.GetSegmentation().GetSegment(segmentId) if segmentationNode else None
         if segment is None:
             raise ValueError(f"segment {segmentId!r} not found")
-        # the (possibly shared) internal labelmap, in the node's frame: voxels of this segment
-        # carry its label value (toLps applies the node's transform below)
-        labelmap = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId)
-        if labelmap is None:
-            raise ValueError(f"segment '{segment.GetName()}' has no binary labelmap representation; create it "
-                             f"in the Segmentations module (Representations), then refine")
-        scalars = labelmap.GetPointData().GetScalars()
-        if scalars is None:
+        mask = self.segmentMask(segmentationNode, segmentId, volumeNode, image)
+        if not mask.any():
+            if self._segmentLabelmap(segmentationNode, segmentId) is not None:
+                raise PromptError(f"segment '{segment.GetName()}' has no voxel inside volume "
+                                  f"'{volumeNode.GetName()}': nothing to refine there")
             raise PromptError(f"segment '{segment.GetName()}' is empty: nothing to refine")
-        extent = labelmap.GetExtent()
-        dims = [extent[1] - extent[0] + 1, extent[3] - extent[2] + 1, extent[5] - extent[4] + 1]
-        array = numpy_support.vtk_to_numpy(scalars).reshape(dims[::-1]) == segment.GetLabelValue()
-        hits = np.argwhere(array)
-        if hits.size == 0:
-            raise PromptError(f"segment '{segment.GetName()}' is empty: nothing to refine")
-        lo = hits.min(0)[::-1] + np.array(extent[0::2])  # (i, j, k)
-        hi = hits.max(0)[::-1] + np.array(extent[0::2])
-        corners = np.array([[i, j, k, 1.0] for i in (lo[0], hi[0]) for j in (lo[1], hi[1]) for k in (lo[2], hi[2])])
-        imageToNode = vtk.vtkMatrix4x4()
-        labelmap.GetImageToWorldMatrix(imageToNode)
-        cornersRas = corners @ slicer.util.arrayFromVTKMatrix(imageToNode).T
-        return PromptSpec(f"{segmentationNode.GetID()}/{segmentId}", "box",
-                          self.toLps(segmentationNode, cornersRas[:, :3]))
+        return PromptSpec(f"{segmentationNode.GetID()}/{segmentId}", "mask",
+                          mask=image.with_array(mask.astype(np.uint8)))
 
     # ------------------------------------------------------------------ result nodes
     @classmethod
@@ -949,10 +980,109 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
                 raise ValueError(f"folds must be numbers or 'all' (e.g. '0,1,2'), got {folds!r}") from None
         return tuple(out)
 
+    def availableModels(self) -> list:
+        """The models the module can use, as dicts with ``name``, ``title`` and ``path`` (the model
+        root for the Model folder): the bundled demo model when installed, then every intact model
+        in the download cache (:meth:`downloadModel`, ``lesionlocator download``; the cache is
+        ``$LESIONLOCATOR_HOME`` or the per-user cache folder), with ``version`` and ``license``."""
+        from LesionLocatorLib import zoo
+
+        models = []
+        demo = self.defaultModelPath()
+        if demo:
+            models.append({"name": "demo", "title": zoo.get_model_info("demo").title, "path": demo,
+                           "version": None, "license": None})
+        for entry in zoo.list_cached_models():
+            if entry["status"] == "ok":
+                models.append({"name": entry["name"], "title": entry.get("title") or entry["name"],
+                               "path": entry["path"], "version": entry.get("version"),
+                               "license": entry.get("license")})
+        return models
+
+    def selectModel(self, model) -> str:
+        """Make ``model`` the module's model (parameter ``ModelPath``, shown as the Model folder): a
+        name from :meth:`availableModels` (e.g. 'lesionlocator' once downloaded) or a model folder.
+        Returns the folder. Raises the zoo's ``ModelNotFoundError`` for a name that is not
+        downloaded (saying how to get it) and a folder that does not exist."""
+        from LesionLocatorLib import zoo
+
+        path = {m["name"]: m["path"] for m in self.availableModels()}.get(str(model))
+        if path is None:
+            path = str(zoo.resolve_model(model))
+        self.getParameterNode().SetParameter(self.PARAM_MODEL_PATH, path)
+        return path
+
+    def describeDownload(self, name=None, baseUrl=None) -> str:
+        """The question to ask before :meth:`downloadModel`: what is downloaded from where, its
+        size and licence (read from the Zenodo record), or that it is downloaded already. When
+        the record cannot be read the question says so and that the download is large."""
+        from LesionLocatorLib import zoo
+
+        name = name or zoo.DEFAULT_DOWNLOAD
+        info = zoo.get_model_info(name)
+        if info is None or info.source != "zenodo":
+            return f"'{name}' is not a model that can be downloaded."
+        installed = zoo.installed_model_or_none(info.name)
+        if installed is not None:
+            return f"{info.title} is downloaded already ({installed}).\n\nUse it as the model?"
+        lines = [f"Download {info.title}?"]
+        try:
+            record = zoo.fetch_record(info.record, baseUrl, retries=0, timeout=20.0)
+            remote = zoo.pick_file(record, f"{zoo.zenodo_url(baseUrl)}/api/records/{info.record}", info.archive)
+        except zoo.ZooError as e:
+            lines.append(f"The size could not be read from the Zenodo record ({e}); the checkpoint is a "
+                         "large download (gigabytes).")
+        else:
+            metadata = record.get("metadata") or {}
+            licence = metadata.get("license")
+            licence = licence.get("id") if isinstance(licence, dict) else licence
+            lines.append(f"{remote.key}: {zoo.human_size(remote.size)} from {zoo.zenodo_url(baseUrl)}, record "
+                         f"{info.record}" + (f", version {metadata['version']}" if metadata.get("version") else "")
+                         + (f", licence {licence}" if licence else "") + ".")
+        lines.append(f"It is checked (MD5), unpacked and kept in {zoo.default_cache_dir()} (needs about twice "
+                     "its size free while unpacking). Cancel keeps the part downloaded so far; downloading "
+                     "again resumes it.")
+        return "\n\n".join(lines)
+
+    def downloadModel(self, name=None, progress=None, cancel=None, baseUrl=None):
+        """Download a known model (default: the official LesionLocator checkpoint, 'lesionlocator'
+        alias 'official') into the model cache with the zoo (:func:`LesionLocatorLib.zoo.download_model`,
+        what ``lesionlocator download`` runs: MD5 check, resume, retries, atomic install), select
+        it (:meth:`selectModel`) and return its model root (a ``Path``). An installed model is
+        selected without downloading.
+
+        ``progress(fraction, message)``; ``cancel``: a ``threading.Event`` or the library's
+        ``CancelToken`` (or use :meth:`cancel`). Raises the zoo's errors with their messages
+        (``DownloadError``, ``ChecksumError``, ``DiskFullError``, ``ModelNotFoundError`` for an
+        unknown name, ``DownloadCancelled``); then nothing is installed and nothing is selected
+        (an interrupted download's partial file is kept, and the next call resumes it).
+        """
+        from LesionLocatorLib import zoo
+
+        name = name or zoo.DEFAULT_DOWNLOAD
+        report = progress or (lambda fraction, message: None)
+
+        def downloading(done, total):
+            report(0.9 * done / total if total else 0.0,
+                   f"Downloading {name}: {zoo.human_size(done)} of {zoo.human_size(total)}")
+
+        def unpacking(done, total):
+            report(0.9 + 0.1 * done / total if total else 0.9, f"Unpacking {name}")
+
+        token = _DownloadCancel(cancel)
+        self._cancelToken = token
+        try:
+            root = zoo.download_model(name, baseUrl, progress=downloading, cancel=token, unpack_progress=unpacking)
+        finally:
+            self._cancelToken = None
+        self.selectModel(str(root))
+        report(1.0, f"Model '{name}' ready: {root}")
+        return root
+
     # ------------------------------------------------------------------ running
     def cancel(self) -> None:
-        """Ask the running segmentation or tracking to stop (between network batches and between
-        timepoints); the scene stays as it was."""
+        """Ask the running segmentation, tracking or model download to stop (between network
+        batches, between timepoints, between downloaded chunks); the scene stays as it was."""
         if self._cancelToken is not None:
             self._cancelToken.cancel()
 
@@ -981,12 +1111,21 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
 
     def refineFromSegment(self, volumeNode, segmentationNode, segmentId, modelPath=None, device="auto",
                           folds=None, tta=None, progress=None, cancel=None, lesionId=None):
-        """Run the box model on the box around a segment (e.g. one corrected in the Segment
-        Editor). A module lesion segment is replaced in place; a user's segment is left alone
-        and the result becomes a lesion in the module's node."""
+        """Segment a lesion again with a segment (e.g. one corrected in the Segment Editor) as its
+        mask prompt: the segment's voxels on ``volumeNode``'s grid (:meth:`segmentMask`, through
+        the parent transforms of both nodes) go to the model that takes previous-mask prompts
+        (the model root's ``LesionLocatorTrack``), which sees one patch centred on the mask's
+        centre of mass. A module lesion segment is replaced in place (same segment ID, name and
+        colour); a user's segment is left alone and the result becomes a lesion in the module's
+        node (refining the same segment again replaces that lesion). Other arguments as for
+        :meth:`segment`; ``lesionId`` overrides the lesion the result goes to.
+
+        Raises ``PromptError`` for an empty segment (or one with no voxel inside the volume),
+        ``ValueError`` for an unknown segment, and the errors of :meth:`segment`; the scene is
+        then unchanged."""
         self._requireDependencies()
         image = self.volumeToImage(volumeNode)
-        spec = self._segmentPrompt(segmentationNode, segmentId)
+        spec = self._segmentPrompt(segmentationNode, segmentId, volumeNode, image)
         target = self._targetResultNode(volumeNode, segmentationNode if self.isResultNode(segmentationNode) else None)
         if lesionId is None and target is not None and target is segmentationNode:
             lesionId = self.segmentLesionId(segmentationNode.GetSegmentation().GetSegment(segmentId))
@@ -1093,27 +1232,23 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
 
     def segmentMask(self, segmentationNode, segmentId, volumeNode, image=None) -> np.ndarray:
         """A segment as a boolean (k, j, i) array on ``volumeNode``'s voxels, without adding nodes
-        to the scene. A segmentation under the volume's own parent transform is read in that
-        frame (exact for segments made on this volume); otherwise both go to world first
-        (``image``: the volume's :meth:`volumeToImage`, computed when not given) and the segment
-        is resampled (nearest neighbour) onto the volume's voxels."""
+        to the scene. Only the segment's own voxels count (segments edited in the Segment Editor
+        share a labelmap layer, each with its own label value). A segmentation under the volume's
+        own parent transform is read in that frame (exact for segments made on this volume);
+        otherwise both go to world first -- the segmentation through its parent transforms
+        (non-linear ones too), the volume through :meth:`volumeToImage` (``image``: computed
+        when not given) -- and the segment is resampled (nearest neighbour) onto the volume's
+        voxels."""
         from vtk.util import numpy_support
 
-        segmentation = segmentationNode.GetSegmentation()
-        segment = segmentation.GetSegment(segmentId)
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
         if segment is None:
             raise ValueError(f"'{segmentationNode.GetName()}' has no segment {segmentId!r}")
         sameFrame = segmentationNode.GetParentTransformNode() is volumeNode.GetParentTransformNode()
-        labelmap = slicer.vtkOrientedImageData()
-        if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
-                segmentationNode, segmentId, labelmap, not sameFrame):
-            raise ValueError(f"segment '{segment.GetName()}' of '{segmentationNode.GetName()}' has no binary "
-                             f"labelmap; create it in the Segmentations module (Representations)")
+        labelmap = self._segmentLabelmap(segmentationNode, segmentId, toWorld=not sameFrame)
         dims = volumeNode.GetImageData().GetDimensions()
         mask = np.zeros((dims[2], dims[1], dims[0]), dtype=bool)
-        extent = labelmap.GetExtent()
-        if labelmap.GetPointData().GetScalars() is None or extent[1] < extent[0] or extent[3] < extent[2] \
-                or extent[5] < extent[4]:
+        if labelmap is None:
             return mask
         reference = slicer.vtkOrientedImageData()
         reference.SetExtent(0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
@@ -1139,6 +1274,35 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
             mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = block[lo[0] - e[4]:hi[0] - e[4], lo[1] - e[2]:hi[1] - e[2],
                                                                 lo[2] - e[0]:hi[2] - e[0]]
         return mask
+
+    @staticmethod
+    def _segmentLabelmap(segmentationNode, segmentId, toWorld=False):
+        """A segment's voxels as a 0/1 vtkOrientedImageData in the segmentation node's frame (or
+        in world with ``toWorld``: through the node's parent transforms), or None when the
+        segment has no voxel. The segment's binary labelmap may be a layer shared with other
+        segments: only voxels carrying this segment's label value are kept."""
+        from vtk.util import numpy_support
+
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+        internal = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId)
+        if internal is None:
+            raise ValueError(f"segment '{segment.GetName()}' of '{segmentationNode.GetName()}' has no binary "
+                             f"labelmap; create it in the Segmentations module (Representations)")
+        extent = internal.GetExtent()
+        if internal.GetPointData().GetScalars() is None or extent[1] < extent[0] or extent[3] < extent[2] \
+                or extent[5] < extent[4]:
+            return None
+        labelmap = slicer.vtkOrientedImageData()
+        labelmap.DeepCopy(internal)  # voxels and geometry (image to node frame)
+        values = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())
+        own = values == segment.GetLabelValue()
+        if not own.any():
+            return None
+        values[:] = own
+        labelmap.Modified()
+        if toWorld:
+            slicer.vtkSlicerSegmentationsModuleLogic.ApplyParentTransformToOrientedImageData(segmentationNode, labelmap)
+        return labelmap
 
     def baselineLesions(self, segmentationNode, volumeNode, image=None) -> list:
         """The lesions of a baseline segmentation, in segment order: segment ID, lesion ID (the

@@ -30,8 +30,9 @@ DEMO_CASE = REPO / "Resources" / "Demo"
 
 
 def demo_scans(folder: Path) -> list:
-    scans = sorted(folder.glob("demo_t[0-9]*.nii.gz"), key=lambda p: int(p.name[len("demo_t"):].split(".")[0]))
-    return [p for p in scans if not p.name.endswith("_label.nii.gz")]
+    """The scans ``demo_t<N>.nii.gz`` of a demo case folder in time order (label files excluded)."""
+    scans = [p for p in folder.glob("demo_t[0-9]*.nii.gz") if p.name[len("demo_t"):-len(".nii.gz")].isdigit()]
+    return sorted(scans, key=lambda p: int(p.name[len("demo_t"):-len(".nii.gz")]))
 
 
 def run_demo(out, model=None, case_dir=None, device: str = "auto", registration: str = "simpleitk",

@@ -133,6 +133,21 @@ def axis_methods(fn_name: str, kwargs: dict, current_spacing, new_spacing, old_s
     return [aniso if a == axis else "linear" for a in range(3)]
 
 
+def seg_axis_methods(fn_name: str, kwargs: dict | None, current_spacing, new_spacing, old_shape, new_shape) -> tuple:
+    """(1D method per axis, strict) with which the plans' segmentation resampling (``resampling_fn_seg``) maps a
+    binary mask: the resampled foreground indicator, thresholded at 0.5.
+
+    ``resample_data_or_seg_to_shape`` (nnU-Net's ``resize_segmentation``): a spline of the seg ``order`` in-plane
+    (``order_z``, 0 in nnU-Net's plans, along a separately resampled axis), foreground where >= 0.5.
+    ``resample_torch_fornnunet``: trilinear (nearest-exact along a separate axis), foreground where > 0.5
+    (``strict``). Without seg kwargs in the plans, nnU-Net's defaults (order 1, order_z 0).
+    """
+    kwargs = dict(kwargs) if kwargs is not None else {"order": 1, "order_z": 0, "force_separate_z": None}
+    kwargs.pop("is_seg", None)
+    return (axis_methods(fn_name, kwargs, current_spacing, new_spacing, old_shape, new_shape),
+            fn_name == "resample_torch_fornnunet")
+
+
 def _weights(n_in, n_out, method):
     if method == "identity":
         eye = np.eye(n_in)
@@ -172,6 +187,8 @@ class ModelGrid:
     data_methods: list
     prob_methods: list
     clip: tuple | None = None
+    mask_methods: list | None = None  # segmentation resampling of masks; None: linear where the data is a spline
+    mask_strict: bool = False         # mask foreground where the resampled indicator is > 0.5 (else >= 0.5)
     pad_lo: tuple = field(init=False)
     padded_shape: tuple = field(init=False)
 
@@ -193,9 +210,12 @@ class ModelGrid:
         prob = axis_methods(configuration.get("resampling_fn_probabilities", "resample_data_or_seg_to_shape"),
                             configuration.get("resampling_fn_probabilities_kwargs", {"order": 1}),
                             target, spacing, model_shape, cropped)
+        seg, strict = seg_axis_methods(configuration.get("resampling_fn_seg", "resample_data_or_seg_to_shape"),
+                                       configuration.get("resampling_fn_seg_kwargs"), spacing, target, cropped,
+                                       model_shape)
         return cls(crop_lo, cropped, model_shape, spacing, target,
                    tuple(int(v) for v in configuration["patch_size"]), data, prob,
-                   _clip_bounds(array, crop_box, data))
+                   _clip_bounds(array, crop_box, data), seg, strict)
 
     # ------------------------------------------------------------------ forward
     def data_weights(self, axis: int):
@@ -245,15 +265,21 @@ class ModelGrid:
         return out
 
     def mask_weights(self, axis: int):
-        """Like :meth:`data_weights` but linear where the data uses a cubic spline (masks)."""
-        method = self.data_methods[axis]
-        if method.startswith("spline"):
-            method = "spline1"
+        """Per-axis weights of the plans' segmentation resampling (``mask_methods``); without them, like
+        :meth:`data_weights` but linear where the data uses a spline."""
+        if self.mask_methods is not None:
+            method = self.mask_methods[axis]
+        else:
+            method = self.data_methods[axis]
+            if method.startswith("spline"):
+                method = "spline1"
         return _weights(self.cropped_shape[axis], self.model_shape[axis], method)
 
     def extract_mask(self, mask: np.ndarray, lo, hi) -> np.ndarray:
         """Binary mask (z, y, x, original grid) -> float32 0/1 model-grid block [lo, hi) in padded
-        coordinates: linear interpolation thresholded at 0.5, as nnU-Net resamples segmentations."""
+        coordinates, as the plans' ``resampling_fn_seg`` resamples a segmentation (upstream's preprocessing
+        of a previous mask): the resampled foreground indicator thresholded at 0.5 (see
+        :func:`seg_axis_methods`)."""
         out = np.zeros([h - l_ for l_, h in zip(lo, hi)], dtype=np.float32)
         mlo = [max(l_ - p, 0) for l_, p in zip(lo, self.pad_lo)]
         mhi = [min(h - p, m) for h, p, m in zip(hi, self.pad_lo, self.model_shape)]
@@ -268,7 +294,8 @@ class ModelGrid:
         src = mask[tuple(slice(c + r[0], c + r[1]) for c, r in zip(self.crop_lo, ranges))]
         block = apply_axes(torch.from_numpy(np.ascontiguousarray(src, dtype=np.float32)), {2: mats[2], 1: mats[1], 0: mats[0]})
         dst = tuple(slice(a - l_ + p, b - l_ + p) for a, b, l_, p in zip(mlo, mhi, lo, self.pad_lo))
-        out[dst] = (block.numpy() >= 0.5).astype(np.float32)
+        block = block.numpy()
+        out[dst] = ((block > 0.5) if self.mask_strict else (block >= 0.5)).astype(np.float32)
         return out
 
     def original_to_model(self, index_zyx) -> np.ndarray:

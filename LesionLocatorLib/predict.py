@@ -95,12 +95,58 @@ def _encode(vp, grid: ModelGrid):
             raise PromptError(f"prompt {vp.id}: box {vp.coords} is empty after mapping to the model grid")
         return ("box", b.ravel()), b[:, 0], b[:, 1] - 1
     if vp.kind == "mask":
-        # like upstream's tracker: one patch centred on the mask's rounded centre of mass
-        from scipy import ndimage
-        centre = np.round(grid.original_to_model(ndimage.center_of_mass(vp.mask))).astype(int)
-        centre = np.clip(centre, 0, shape - 1)
+        # like upstream's tracker: one patch centred on the mask's rounded centre of mass on the model grid
+        centre = _mask_centre(vp.mask, grid)
         return ("mask", vp.mask), centre, centre
     raise PromptError(f"prompt {vp.id}: unknown prompt kind {vp.kind!r}")
+
+
+def _mask_centre(mask: np.ndarray, grid: ModelGrid) -> np.ndarray:
+    """Upstream TrackNet's patch centre for a (warped) previous mask: the centre of mass of the mask's voxels
+    *on the model grid* (as :meth:`ModelGrid.extract_mask` resamples it), computed as TrackNet's
+    ``get_patch_around_mask`` does at inference (``torch.nonzero(mask).float().mean(0).round()``: float32 mean,
+    rounded half to even). Only the model-grid block that the mask's bounding box reaches is resampled.
+    A mask that vanishes on the model grid (upstream skips such a lesion) falls back to its original-grid centre
+    of mass mapped to the model grid."""
+    from scipy import ndimage
+    shape = np.asarray(grid.model_shape)
+    box = (ndimage.find_objects(np.asarray(mask, dtype=np.uint8)) or [None])[0]
+    rows = []
+    for a in range(3):
+        c0 = max(box[a].start - grid.crop_lo[a], 0) if box else 0
+        c1 = min(box[a].stop - grid.crop_lo[a], grid.cropped_shape[a]) if box else 0
+        reach = np.flatnonzero(np.any(grid.mask_weights(a)[0][:, c0:c1] != 0, axis=1)) if c1 > c0 else []
+        rows.append((int(reach[0]), int(reach[-1]) + 1) if len(reach) else None)
+    if all(r is not None for r in rows):
+        lo = [r[0] for r in rows]
+        block = grid.extract_mask(mask, [l_ + p for l_, p in zip(lo, grid.pad_lo)],
+                                  [r[1] + p for r, p in zip(rows, grid.pad_lo)])
+        fg = torch.nonzero(torch.from_numpy(block))
+        if fg.shape[0]:
+            return (fg + torch.tensor(lo)).float().mean(0).round().int().numpy().astype(int)
+    centre = np.round(grid.original_to_model(ndimage.center_of_mass(mask))).astype(int)
+    return np.clip(centre, 0, shape - 1)
+
+
+def _track_background(grid: ModelGrid, lo, block: torch.Tensor) -> tuple:
+    """Upstream's TrackNet returns logits [1, 0] (background) outside its one patch, and its export resamples
+    them together with the patch: extend the patch logits (start ``lo``, padded coordinates) by the model voxels
+    that the original voxels the patch reaches also read, filled with [1, 0]."""
+    klo = [max(l_ - p, 0) for l_, p in zip(lo, grid.pad_lo)]
+    khi = [min(l_ + n - p, m) for l_, n, p, m in zip(lo, block.shape[1:], grid.pad_lo, grid.model_shape)]
+    new_lo, new_hi = [], []
+    for a in range(3):
+        _, support = grid.prob_weights(a)
+        rows = np.any(support[:, klo[a]:khi[a]], axis=1)
+        cols = np.flatnonzero(np.any(support[rows], axis=0))
+        if cols.size == 0:
+            return lo, block
+        new_lo.append(min(int(cols[0]) + grid.pad_lo[a], lo[a]))
+        new_hi.append(max(int(cols[-1]) + 1 + grid.pad_lo[a], lo[a] + block.shape[a + 1]))
+    out = torch.zeros((block.shape[0],) + tuple(h - l_ for l_, h in zip(new_lo, new_hi)), dtype=block.dtype)
+    out[0] = 1.0
+    out[(slice(None),) + tuple(slice(l_ - n, l_ - n + s) for l_, n, s in zip(lo, new_lo, block.shape[1:]))] = block
+    return tuple(new_lo), out
 
 
 def _tiles(grid: ModelGrid, ext_lo, ext_hi, step: float) -> list:
@@ -190,21 +236,21 @@ def segment(image: Image, prompts, model: LoadedModel, progress=None, cancel: Ca
         report(done / len(tiles), f"patch {done}/{len(tiles)}")
 
     t0 = time.perf_counter()
-    masks, probs = {}, {}
+    masks, probs, regions = {}, {}, {}
     for i, vp in enumerate(voxel_prompts):
         lo, block = _blend(tile_logits[i], gaussian, patch)
+        if vp.kind == "mask":
+            lo, block = _track_background(grid, lo, block)
         slices, orig = grid.logits_to_original(block, lo)
+        # full-size arrays are allocated lazily (zero pages); only the covered region is written
         prob = np.zeros(image.shape, dtype=np.float32)
+        mask = np.zeros(image.shape, dtype=bool)
         if slices is not None:
-            soft = torch.softmax(orig, 0)
-            prob[slices] = (1.0 - soft[0]).numpy()
-            mask = np.zeros(image.shape, dtype=bool)
+            prob[slices] = (1.0 - torch.softmax(orig, 0)[0]).numpy()
             mask[slices] = (torch.argmax(orig, 0) != 0).numpy()
-        else:
-            mask = np.zeros(image.shape, dtype=bool)
-        masks[vp.id], probs[vp.id] = mask, prob
-    labels, overlaps = instance_labels(masks, probs, image)
-    empty = [pid for pid, m in masks.items() if not m.any()]
+        masks[vp.id], probs[vp.id], regions[vp.id] = mask, prob, slices
+    labels, overlaps = instance_labels(masks, probs, image, regions)
+    empty = [pid for pid, m in masks.items() if regions[pid] is None or not m[regions[pid]].any()]
     if empty:
         warnings.warn(f"the network found no lesion at prompt(s) {empty}: their masks are empty", stacklevel=2)
     timings["postprocessing"] = time.perf_counter() - t0
@@ -266,26 +312,37 @@ def _run_with_fallback(model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
             model.device = device
 
 
-def instance_labels(masks: dict, probabilities: dict, reference: Image) -> tuple:
+def instance_labels(masks: dict, probabilities: dict, reference: Image, regions: dict | None = None) -> tuple:
     """Combine per-prompt masks into one uint16 label image (label = prompt ID).
 
     Where masks overlap, the prompt with the higher lesion probability wins; the
     overlaps are returned as {(id_a, id_b): voxel count} and reported in a warning.
+    ``regions`` (optional, id -> tuple of slices) bounds where each mask can be
+    non-zero, so only that part of the volume is visited (a click on a large scan
+    stays fast); without it the masks' bounding boxes are computed.
     """
+    from scipy import ndimage
     labels = np.zeros(reference.shape, dtype=np.uint16)
     best = np.zeros(reference.shape, dtype=np.float32)
     overlaps = {}
     for pid in sorted(masks):
-        m = masks[pid]
+        if regions is not None and pid in regions:
+            region = regions[pid]
+        else:
+            region = (ndimage.find_objects(np.asarray(masks[pid], dtype=np.uint8)) or [None])[0]
+        if region is None:
+            continue
+        m = np.asarray(masks[pid])[region]
         if not m.any():
             continue
-        clash = m & (labels > 0)
+        lab, top, prob = labels[region], best[region], np.asarray(probabilities[pid])[region]
+        clash = m & (lab > 0)
         if clash.any():
-            for other in np.unique(labels[clash]):
-                overlaps[(int(other), int(pid))] = int(np.sum(clash & (labels == other)))
-        take = m & ((labels == 0) | (probabilities[pid] > best))
-        labels[take] = pid
-        best[take] = probabilities[pid][take]
+            for other in np.unique(lab[clash]):
+                overlaps[(int(other), int(pid))] = int(np.sum(clash & (lab == other)))
+        take = m & ((lab == 0) | (prob > top))
+        lab[take] = pid
+        top[take] = prob[take]
     if overlaps:
         warnings.warn("overlapping lesion masks resolved by highest probability (ids: voxels) "
                       + ", ".join(f"{a}/{b}: {n}" for (a, b), n in overlaps.items())

@@ -2,8 +2,10 @@
 and the code that holds the model.
 
 A front end builds a :class:`SegmentationRequest` -- an :class:`~LesionLocatorLib.image.Image`
-(LPS world, array (z, y, x)), world prompts (:class:`~LesionLocatorLib.prompts.Point` /
-:class:`~LesionLocatorLib.prompts.Box`, LPS millimetres) and a :class:`ModelSpec` -- and hands it
+(LPS world, array (z, y, x)), prompts (:class:`~LesionLocatorLib.prompts.Point` /
+:class:`~LesionLocatorLib.prompts.Box` in LPS millimetres, run with the point / box model, and
+:class:`~LesionLocatorLib.prompts.MaskPrompt`, a previous or edited mask, run with the model that
+takes previous-mask prompts, ``LesionLocatorTrack``) and a :class:`ModelSpec` -- and hands it
 to a :class:`SegmentationRunner`, which answers with a :class:`SegmentationResponse` (one boolean
 (z, y, x) mask per prompt ID, on the request image's voxel grid).
 
@@ -38,7 +40,11 @@ stdin/stdout, or one per WebSocket/HTTP message for a server)::
                   "direction": [9 numbers, row-major, columns = index axes i, j, k]},
         "frame": "LPS", "units": "mm",
         "prompts": [{"id": 1, "point": [x, y, z]},
-                    {"id": 2, "box": [[x0, y0, z0], [x1, y1, z1]]}],
+                    {"id": 2, "box": [[x0, y0, z0], [x1, y1, z1]]},
+                    {"id": 3, "mask": {"file": "/tmp/ll/req1_prompts.npz", "key": "3"}}],
+                    # a mask prompt: the mask under "key" in an npz ("Mask files" below), on the
+                    # request image's voxel grid; runs with the previous-mask (LesionLocatorTrack)
+                    # model, one patch centred on the mask's centre of mass
         "model": {"path": "/models/LesionLocatorCheckpoint", "folds": [0] or null,
                   "device": "auto", "tta": null},
         "output": "/tmp/ll/req1_masks.npz"}                          # where the masks go
@@ -55,7 +61,7 @@ stdin/stdout, or one per WebSocket/HTTP message for a server)::
     or <- {"type": "cancelled", "id": "..."}
 
     -> {"type": "cancel", "id": "..."}       # the worker stops between network batches
-    -> {"type": "load", "id": "...", "model": {...}, "prompt_types": ["point", "box"]}
+    -> {"type": "load", "id": "...", "model": {...}, "prompt_types": ["point", "box", "prev_mask"]}
     <- {"type": "loaded", "id": "...", "loads": 2}   # optional: warm the model cache
     -> {"type": "shutdown"}
 
@@ -76,7 +82,8 @@ stdin/stdout, or one per WebSocket/HTTP message for a server)::
 Mask files (``.npz``): a mask stored under key K is either the full (z, y, x) uint8 array, or
 (what the worker writes) the uint8 block of its bounding box under K with ``K@lo`` (the block's
 first voxel, z, y, x) and ``K@shape`` (the full shape); an empty mask is a (0, 0, 0) block.
-Segment results use K = "<prompt id>", track results K = "<timepoint>/<lesion id>".
+Segment results and mask prompts use K = "<prompt id>", track results K = "<timepoint>/<lesion id>",
+track baselines K = "<lesion id>".
 
 :class:`WorkerProcessRunner` is the client of :mod:`LesionLocatorLib.worker`, a local
 process speaking this protocol over stdin/stdout with files in a temporary folder.
@@ -104,7 +111,7 @@ from typing import Callable, Optional, Protocol, runtime_checkable
 import numpy as np
 
 from .image import Image
-from .prompts import Box, Point, PromptError
+from .prompts import Box, MaskPrompt, Point, PromptError
 
 PROTOCOL = "lesionlocator-runner/1"
 
@@ -117,7 +124,8 @@ class ModelSpec:
     folder), folds (None = all present), device ('auto', 'cpu', 'cuda', 'cuda:N', 'mps')
     and mirroring test-time augmentation (None = on for GPU, off for CPU).
 
-    The point model runs point prompts, the box model box prompts.
+    The point model runs point prompts, the box model box prompts, the root's
+    ``LesionLocatorTrack`` model (prompt type 'prev_mask') mask prompts.
     """
     path: str
     folds: Optional[tuple] = None
@@ -131,7 +139,12 @@ class ModelSpec:
 
 @dataclass
 class SegmentationRequest:
-    """An image (LPS, array (z, y, x)), prompts with unique IDs (LPS mm) and a model.
+    """An image (LPS, array (z, y, x)), prompts with unique IDs and a model.
+
+    ``prompts``: :class:`~LesionLocatorLib.prompts.Point` and
+    :class:`~LesionLocatorLib.prompts.Box` (LPS mm) and
+    :class:`~LesionLocatorLib.prompts.MaskPrompt` (a mask Image of any geometry, resampled
+    nearest-neighbour onto ``image``'s voxels).
 
     ``image_key``: optional, the front end's name for exactly this image (voxels and
     geometry), e.g. a volume node ID with its modification time. An out-of-process runner
@@ -144,15 +157,31 @@ class SegmentationRequest:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     image_key: Optional[str] = None
 
-    def prompts_json(self) -> list:
-        """The prompts as the wire protocol writes them (LPS mm)."""
+    def prompts_json(self, mask_file: Optional[str] = None) -> list:
+        """The prompts as the wire protocol writes them (points and boxes in LPS mm; a mask
+        prompt names its mask in ``mask_file``, the npz :meth:`prompt_masks` go to)."""
         out = []
         for p in self.prompts:
             if isinstance(p, Point):
                 out.append({"id": int(p.id), "point": [float(v) for v in p.xyz]})
-            else:
+            elif isinstance(p, Box):
                 out.append({"id": int(p.id), "box": [[float(v) for v in p.lower], [float(v) for v in p.upper]]})
+            elif isinstance(p, MaskPrompt):
+                if mask_file is None:
+                    raise ValueError("mask prompts need the npz file their masks are written to")
+                out.append({"id": int(p.id), "mask": {"file": str(mask_file), "key": str(int(p.id))}})
+            else:
+                raise PromptError(f"the runner takes Point and Box prompts (LPS mm) and MaskPrompts, got {p!r}")
         return out
+
+    def prompt_masks(self) -> dict:
+        """``{"<prompt id>": bool (z, y, x)}``: each mask prompt on ``image``'s voxel grid (what
+        the wire protocol sends, see :func:`pack_masks`). Raises the library's
+        :class:`~LesionLocatorLib.prompts.PromptError` for a mask with no voxel in the image."""
+        from .prompts import to_voxel_prompt
+
+        return {str(int(p.id)): to_voxel_prompt(p, self.image).mask
+                for p in self.prompts if isinstance(p, MaskPrompt)}
 
 
 @dataclass
@@ -272,7 +301,8 @@ def unpack_masks(data) -> dict:
 
 class InProcessRunner:
     """Runs the library in this process; caches up to ``max_models`` loaded models,
-    keyed by (model path, prompt type, folds, device, tta): point, box and tracking model."""
+    keyed by (model path, prompt type, folds, device, tta): point, box and previous-mask
+    (tracking) model."""
 
     def __init__(self, max_models: int = 3):
         self.max_models = max_models
@@ -280,8 +310,8 @@ class InProcessRunner:
         self.loads = 0  # how many times a model was loaded from disk (for tests and the status line)
 
     def model(self, spec: ModelSpec, prompt_type: str):
-        """The loaded model for ``prompt_type`` ('point', 'box' or 'prev_mask' for tracking), from
-        the cache when possible."""
+        """The loaded model for ``prompt_type`` ('point', 'box' or 'prev_mask' for mask prompts and
+        tracking), from the cache when possible."""
         from .model import load_model
 
         key = (str(spec.path), prompt_type, spec.folds, spec.device, spec.tta)
@@ -309,10 +339,11 @@ class InProcessRunner:
         start = time.perf_counter()
         report = progress or (lambda f, m: None)
         groups = [("point", [p for p in request.prompts if isinstance(p, Point)]),
-                  ("box", [p for p in request.prompts if isinstance(p, Box)])]
-        unknown = [p for p in request.prompts if not isinstance(p, (Point, Box))]
+                  ("box", [p for p in request.prompts if isinstance(p, Box)]),
+                  ("prev_mask", [p for p in request.prompts if isinstance(p, MaskPrompt)])]
+        unknown = [p for p in request.prompts if not isinstance(p, (Point, Box, MaskPrompt))]
         if unknown:
-            raise PromptError(f"the runner takes Point and Box prompts (LPS mm), got {unknown[0]!r}")
+            raise PromptError(f"the runner takes Point and Box prompts (LPS mm) and MaskPrompts, got {unknown[0]!r}")
         groups = [(kind, ps) for kind, ps in groups if ps]
         if not groups:
             raise PromptError("no prompts given")
@@ -321,7 +352,7 @@ class InProcessRunner:
             warnings.simplefilter("always")
             for n, (kind, prompts) in enumerate(groups):
                 lo, span = n / len(groups), 1.0 / len(groups)
-                report(lo, f"loading the {kind} model")
+                report(lo, "loading the " + ("previous-mask" if kind == "prev_mask" else kind) + " model")
                 if cancel is not None:
                     cancel.check()
                 model = self.model(request.model, kind)
@@ -331,7 +362,7 @@ class InProcessRunner:
                 probabilities.update(result.probabilities)
                 for stage, seconds in result.timings.items():
                     timings[stage] = timings.get(stage, 0.0) + seconds
-            if len(groups) > 1:  # overlaps between point and box lesions
+            if len(groups) > 1:  # overlaps between lesions of different models
                 _, overlaps = instance_labels(masks, probabilities, request.image)
             else:
                 overlaps = result.overlaps
@@ -342,7 +373,6 @@ class InProcessRunner:
     def track(self, request: TrackRequest, progress: Optional[ProgressCallback] = None,
               cancel=None) -> TrackResponse:
         """Track the baseline masks through the follow-ups with the cached tracking model."""
-        from .prompts import MaskPrompt
         from .track import track
 
         start = time.perf_counter()
@@ -416,7 +446,8 @@ class WorkerProcessRunner:
     called at least every ``poll_s`` seconds (a GUI can process its events there), and a
     cancelled ``cancel`` token sends a cancel message. If the worker does not confirm within
     ``cancel_timeout_s`` it is killed (and restarted on the next request). Volumes go to the
-    worker as uncompressed NRRD files, masks come back as ``.npz``, both in a private
+    worker as uncompressed NRRD files, mask prompts (resampled onto the volume's grid) and
+    tracking baselines as ``.npz``, and masks come back as ``.npz``, all in a private
     temporary folder removed by :meth:`close`.
     """
 
@@ -556,12 +587,17 @@ class WorkerProcessRunner:
 
         try:
             output = os.path.join(folder, "masks.npz")
+            prompt_masks = request.prompt_masks()
+            mask_file = os.path.join(folder, "prompts.npz") if prompt_masks else None
+            if prompt_masks:
+                np.savez(mask_file, **pack_masks(prompt_masks))
+            prompts = request.prompts_json(mask_file)
             message = None
             for resend in (False, True):
                 try:
                     message = self._exchange(
                         {"type": "segment", "id": request.id, "image": image_spec(resend), "frame": "LPS",
-                         "units": "mm", "prompts": request.prompts_json(), "model": request.model.to_json(),
+                         "units": "mm", "prompts": prompts, "model": request.model.to_json(),
                          "output": output}, progress, cancel)
                     break
                 except ImageNotCached:

@@ -171,8 +171,12 @@ def load_case(image_path, label_path, configuration: dict) -> Case:
     return Case(Path(image_path).name, image, lab, grid, lesions)
 
 
-def simulate_sample(case: Case, rng: np.random.Generator, patch, normalize, prompt_type: str) -> tuple:
-    """(input (2, *patch) float32, target (1, *patch) float32) for one random lesion of ``case``."""
+def simulate_sample(case: Case, rng: np.random.Generator, patch, normalize, prompt_type: str,
+                    low_res_prob: float = 0.0) -> tuple:
+    """(input (2, *patch) float32, target (1, *patch) float32) for one random lesion of ``case``.
+
+    ``low_res_prob``: probability of simulating a scan coarser than the model spacing (see
+    :func:`simulate_low_resolution`)."""
     grid = case.grid
     pid = int(rng.choice(list(case.lesions)))
     sl, idx = case.lesions[pid]
@@ -203,7 +207,21 @@ def simulate_sample(case: Case, rng: np.random.Generator, patch, normalize, prom
         if rng.random() < 0.5:
             x, y = np.flip(x, axis), np.flip(y, axis)
     x[0] = x[0] * rng.uniform(0.9, 1.1) + rng.uniform(-0.1, 0.1)
+    if rng.random() < low_res_prob:
+        x[0] = simulate_low_resolution(x[0], rng)
     return np.ascontiguousarray(x), np.ascontiguousarray(y)
+
+
+def simulate_low_resolution(block: np.ndarray, rng: np.random.Generator, zoom_range=(0.33, 1.0)) -> np.ndarray:
+    """The image channel as a scan of coarser voxels would look on the model grid: each axis
+    down-sampled by a factor from ``zoom_range`` (linear, i.e. voxel averaging and loss of noise
+    and detail) and up-sampled back (linear), like nnU-Net's low-resolution augmentation. A 3 mm
+    scan on a 1.5 mm model grid is a zoom of 0.5."""
+    zoom = rng.uniform(*zoom_range, size=3)
+    small_shape = np.maximum(np.round(np.asarray(block.shape) * zoom).astype(int), 2)
+    small = ndimage.zoom(block, small_shape / np.asarray(block.shape), order=1, grid_mode=True, mode="nearest")
+    return ndimage.zoom(small, np.asarray(block.shape) / small.shape, order=1, grid_mode=True,
+                        mode="nearest").astype(np.float32)[tuple(slice(0, n) for n in block.shape)]
 
 
 def perturb_mask(mask: np.ndarray, sl, rng: np.random.Generator) -> np.ndarray:
@@ -242,13 +260,14 @@ def _dice(pred: torch.Tensor, y: torch.Tensor) -> float:
 def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: int = 50, batch_size: int = 2,
           initial_lr: float = 1e-2, seed: int = 0, init_from=None, device: str = "auto", val_pairs=None,
           val_samples: int = 16, prompt_types=PROMPT_TYPES, progress=None, log=print,
-          stop_after_epoch: int | None = None) -> Path | None:
+          stop_after_epoch: int | None = None, low_res_prob: float = 0.0) -> Path | None:
     """Train (or fine-tune from ``init_from``, a checkpoint of the same architecture) and write a
     model root ``out_dir/LesionLocatorCheckpoint``. Resumes from ``out_dir/checkpoint_latest.pth``.
 
     ``stop_after_epoch``: end this run after that epoch, before ``epochs`` (the learning-rate
     schedule still spans ``epochs``), and return None; a later call resumes, possibly with other
-    data (training in phases, or across runs on a machine with a time limit)."""
+    data (training in phases, or across runs on a machine with a time limit). ``low_res_prob``:
+    share of training samples made to look like coarser scans (:func:`simulate_low_resolution`)."""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
@@ -309,7 +328,8 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
         bar = tqdm(range(iterations_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", leave=False)
         for _ in bar:
             samples = [simulate_sample(cases[rng.integers(len(cases))], rng, patch, normalize,
-                                       prompt_types[rng.integers(len(prompt_types))]) for _ in range(batch_size)]
+                                       prompt_types[rng.integers(len(prompt_types))], low_res_prob)
+                       for _ in range(batch_size)]
             x = torch.from_numpy(np.stack([s[0] for s in samples])).to(dev)
             y = torch.from_numpy(np.stack([s[1] for s in samples])).to(dev)
             optimizer.zero_grad(set_to_none=True)

@@ -10,7 +10,9 @@ carries only protocol messages.
 Files: the request names the input image(s) (any SimpleITK-readable file; the front end
 writes uncompressed NRRD) and ``output``, the ``.npz`` file the masks go to, written
 atomically: each mask cropped to its bounding box (see "Mask files" in
-:mod:`LesionLocatorLib.runner`). ``track`` requests also name the baseline masks file.
+:mod:`LesionLocatorLib.runner`). Mask prompts of ``segment`` requests name the ``.npz`` file
+and key of their mask (on the request image's grid); ``track`` requests name the baseline
+masks file. Both are read with the same mask-file reader.
 """
 from __future__ import annotations
 
@@ -77,17 +79,32 @@ def _image(spec: dict, cache=None):
     raise ValueError("image: give 'file' or 'shm'")
 
 
-def _prompts(entries: list) -> list:
-    from .prompts import Box, Point, PromptError
+def _prompts(entries: list, image=None) -> list:
+    """Wire prompts -> Point / Box / MaskPrompt. A mask prompt's mask (``{"file", "key"}``,
+    key defaulting to the prompt ID) must lie on ``image``'s voxel grid."""
+    from .prompts import Box, MaskPrompt, Point, PromptError
 
-    out = []
+    out, files = [], {}
     for e in entries:
         if "point" in e:
             out.append(Point(int(e["id"]), tuple(float(v) for v in e["point"])))
         elif "box" in e:
             out.append(Box.from_points(int(e["id"]), e["box"]))
+        elif "mask" in e:
+            spec = e["mask"]
+            if not isinstance(spec, dict) or "file" not in spec:
+                raise PromptError(f"prompt {e.get('id')}: a mask prompt needs {{\"file\": ..., \"key\": ...}}")
+            if spec["file"] not in files:
+                files[spec["file"]] = _read_masks(spec)
+            masks, key = files[spec["file"]], int(spec.get("key", e["id"]))
+            if key not in masks:
+                raise PromptError(f"prompt {e.get('id')}: no mask {key} in {spec['file']}")
+            if image is None or masks[key].shape != tuple(image.shape):
+                raise PromptError(f"prompt {e.get('id')}: the mask's shape {masks[key].shape} is not the image's "
+                                  f"{None if image is None else tuple(image.shape)}: send it on the image's grid")
+            out.append(MaskPrompt(int(e["id"]), image.with_array(masks[key].astype("uint8"))))
         else:
-            raise PromptError(f"prompt {e.get('id')}: neither 'point' nor 'box'")
+            raise PromptError(f"prompt {e.get('id')}: neither 'point', 'box' nor 'mask'")
     return out
 
 
@@ -115,7 +132,7 @@ def _read_masks(spec: dict) -> dict:
     from .runner import unpack_masks
 
     if "file" not in spec:
-        raise ValueError("baseline: give 'file'")
+        raise ValueError("masks: give 'file'")
     with np.load(spec["file"]) as data:
         return {int(k): v for k, v in unpack_masks(data).items()}
 
@@ -185,7 +202,8 @@ class Worker:
             if message["type"] == "track":
                 self._track(message, token)
                 return
-            request = SegmentationRequest(_image(message["image"], self.images), _prompts(message["prompts"]),
+            image = _image(message["image"], self.images)
+            request = SegmentationRequest(image, _prompts(message["prompts"], image),
                                           _model_spec(message["model"]), rid)
             response = self.runner.run(
                 request, cancel=token,

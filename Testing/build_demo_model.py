@@ -33,8 +33,11 @@ PLAN = {
     "train_ct": "chest_1p5mm", "train_cases": 20, "val_cases": 1, "lesions_per_case": 8, "followups": 2,
     # two data phases of one run (the learning-rate schedule spans all epochs): lesions of every
     # size first, then measurable ones (>= 10 mm, as RECIST), which the first phase under-segmented
-    "phases": [{"data": "data_4to50mm", "diameter_mm": [4.0, 50.0], "until_epoch": 29},
-               {"data": "data_10to50mm", "diameter_mm": [10.0, 50.0], "until_epoch": 75}],
+    # then the same with half of the samples made to look like coarser scans (the 1.5 mm training
+    # CT alone left the model blind on 3 mm scans such as the demo case's)
+    "phases": [{"data": "data_4to50mm", "diameter_mm": [4.0, 50.0], "until_epoch": 29, "low_res_prob": 0.0},
+               {"data": "data_10to50mm", "diameter_mm": [10.0, 50.0], "until_epoch": 52, "low_res_prob": 0.0},
+               {"data": "data_10to50mm", "diameter_mm": [10.0, 50.0], "until_epoch": 75, "low_res_prob": 0.5}],
     "demo_ct": "abdomen_3mm", "demo_seed": 2026, "demo_lesions": 4, "demo_diameter_mm": [20.0, 45.0],
     # demo lesions: measurable (RECIST >= 10 mm at the 3 mm demo resolution), solid-organ and wall lesions
     "demo_kinds": [["ellipsoid", 0.5], ["lobulated", 0.5]], "demo_locations": [["soft_tissue", 0.7], ["wall", 0.3]],
@@ -58,7 +61,7 @@ def step_data(work: Path) -> None:
 
     cts = fetch_registry_cts(work / "ct_cache", [PLAN["train_ct"], PLAN["demo_ct"]])
     ct = read_ct(Path(cts[PLAN["train_ct"]]))
-    for phase in PLAN["phases"]:
+    for phase in {p["data"]: p for p in PLAN["phases"]}.values():
         data = work / phase["data"]
         for seed in range(PLAN["train_cases"] + PLAN["val_cases"]):
             part = "" if seed < PLAN["train_cases"] else "val_"   # the last case(s): validation only
@@ -86,7 +89,7 @@ def step_train(work: Path) -> None:
                "--patch", *map(str, PLAN["patch"]), "--spacing", *map(str, PLAN["spacing"]),
                "--epochs", str(PLAN["epochs"]), "--stop-after-epoch", str(phase["until_epoch"]),
                "--iterations", str(PLAN["iterations"]), "--batch-size", str(PLAN["batch_size"]),
-               "--seed", str(PLAN["seed"])]
+               "--seed", str(PLAN["seed"]), "--low-res-prob", str(phase["low_res_prob"])]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=REPO)
 

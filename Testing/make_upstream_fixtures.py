@@ -87,6 +87,21 @@ SHA-256 of each tiny model, the CLI check) and ``dna031_tiny_state_dict.pt``: a 
 network's state dict written by dynamic-network-architectures 0.3.1 (upstream's
 pin) from the same plans, for the key-compatibility test.
 
+Previous-mask (tracking) prompts: ``trackmask.npz`` and the ``trackmask`` entry of ``metadata.json`` (see
+``TRACK_CASES`` and :func:`run_upstream_track`): upstream's ``LesionLocatorSegTracker.track_single_lesion``
+(list-of-masks branch) -> ``TrackNet.forward`` with the tiny ``LesionLocatorTrack`` model, baseline = follow-up =
+a case image and the registration replaced by the identity, so each previous mask reaches TrackNet as the
+already-warped mask. Recorded: the mask on the model grid, the patch (``get_patch_around_mask``), the U-Net's
+prompt channel, the patch logits, the original-grid logits and the exported mask. Variants: ``fp32`` (float32
+follow-up; upstream's float16 one fails on the CPU) and ``fp32_fixednonzero`` (also without the -1 "outside the
+nonzero region" marker leaking into the prompt; the one we match). To record only this fixture, leaving every
+other file as it is (the full run writes it too)::
+
+    python Testing/make_upstream_fixtures.py --stage track --upstream-python /work/upstream_venv/bin/python
+
+(about 180 kB; it needs the tracking part of upstream installed: ``unigradicon`` and ``icon_registration``, which
+``pip install -c constraints.txt /work/upstream_src`` brings.)
+
 Nothing here needs a GPU; the whole run takes about 3 minutes on 2 CPU cores.
 """
 from __future__ import annotations
@@ -589,9 +604,356 @@ def pack(work: Path, fixtures: Path) -> None:
         "cli_check": up.get("cli_check"),
         "timings_s": up["timings_s"],
     }
+    if "track" in manifest:
+        meta[TRACK_FIXTURE] = pack_track(work, fixtures)
     (fixtures / "metadata.json").write_text(json.dumps(meta, indent=1))
     total = sum(f.stat().st_size for f in fixtures.iterdir())
     print(f"fixtures in {fixtures}: {total / 1e6:.2f} MB")
+
+
+# --------------------------------------------------------------------------- previous-mask (tracking) prompts
+# Upstream's tracker (lesionlocator/inference/lesionlocator_segment_and_track.py, LesionLocatorSegTracker) gets the
+# previous mask as a label file, preprocesses it with the previous scan (DefaultPreprocessor.run_case: nonzero crop,
+# resampling_fn_seg), and TrackNet.forward (lesionlocator/modules/tracknet.py) warps it onto the follow-up's model
+# grid, puts one patch on the warped mask's rounded centre of mass (get_patch_around_mask), pads a short patch
+# (pad_input) and runs the U-Net on [follow-up patch, warped-mask patch]. The fixture runs exactly that with the
+# registration bypassed: baseline = follow-up = the case image, and the warp is the identity (see
+# run_upstream_track), so the mask arrives as "already warped" on the follow-up's grid.
+# masks: ellipsoids (centre zyx voxels, semi-axes zyx mm) on the case image's grid
+TRACK_CASES = {
+    # anisotropic, not oblique; model grid (19, 75, 75): shorter than the patch along z (pad_input pads z)
+    "sepz": dict(masks=[((7, 40, 62), (9.0, 8.0, 6.5)),
+                        ((12, 70, 2), (6.0, 7.0, 6.0)),       # touches the high-z and the x = 0 faces
+                        ((8.1, 41.0, 31.9), (8.6, 7.6, 6.6))]),  # off-grid centre
+    # model grid (33, 167, 171): no padding; the patch is clamped at the high-z/y/x corner for the second mask
+    "aniso": dict(masks=[((18, 44, 62), (8.0, 10.0, 7.0)),
+                         ((39, 97, 88), (6.0, 8.0, 9.0)),     # touches the high-z, high-y and high-x faces
+                         # off-grid centre: the rounded centre of mass of the model-grid mask (upstream) is
+                         # (21, 105, 78), the original-grid centre of mass mapped to the model grid rounds to
+                         # (21, 105, 79): the patch moves by one voxel
+                         ((25.6, 62.9, 41.1), (7.3, 9.1, 8.4))]),
+}
+TRACK_FIXTURE = "trackmask"
+TRACK_VARIANTS = ("fp32_fixednonzero", "fp32")   # the first is the one our output must match
+TRACK_MODEL_MAX_VOXELS = 1500   # U-Net patch logits: lattice [::s, ::s, ::s]
+TRACK_ORIG_MAX_VOXELS = 2500    # original-grid logits: lattice over the box the patch influences
+
+
+def ellipsoid_mask(shape, spacing_zyx, centre, semi_axes_mm) -> np.ndarray:
+    """bool (z, y, x): voxels with sum(((i - centre) * spacing / semi_axis)^2) <= 1."""
+    g = np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij")
+    d = sum(((g[a] - centre[a]) * spacing_zyx[a] / semi_axes_mm[a]) ** 2 for a in range(3))
+    return d <= 1.0
+
+
+def stage_track_inputs(work: Path) -> dict:
+    """Tiny checkpoint (with its LesionLocatorTrack model), case images and previous-mask files."""
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HERE.parent))
+    from build_test_models import build_tiny_checkpoint
+    from LesionLocatorLib.image import write_image
+    from LesionLocatorLib.model import load_checkpoint
+
+    resampling = "resample_data_or_seg_to_shape"
+    root = checkpoint_root(work, resampling)
+    if not (root / "LesionLocatorTrack" / "fold_0" / "checkpoint_final.pth").exists():
+        build_tiny_checkpoint(root.parent, seed=CHECKPOINT_SEED, resampling=resampling)
+    ck = load_checkpoint(root / "LesionLocatorTrack" / "fold_0" / "checkpoint_final.pth")
+    out = {"root": str(root), "resampling": resampling, "sha256": state_dict_sha256(ck["network_weights"]),
+           "cases": {}}
+    for name, spec in TRACK_CASES.items():
+        img, _ = build_case_image(name)
+        case_dir = work / "track" / name
+        case_dir.mkdir(parents=True, exist_ok=True)
+        image_file = write_image(img, case_dir / f"{name}.nii.gz")
+        masks = []
+        for i, (centre, axes) in enumerate(spec["masks"], start=1):
+            m = ellipsoid_mask(img.shape, img.spacing_zyx, centre, axes)
+            masks.append(str(write_image(img.with_array(m.astype(np.uint8)), case_dir / f"{name}_prev_{i}.nii.gz")))
+        out["cases"][name] = {"image": str(image_file), "masks": masks,
+                              "array_sha256": hashlib.sha256(np.ascontiguousarray(img.array)).hexdigest()}
+    return out
+
+
+def run_upstream_track(model_folder: str, image: str, mask_files: list, variant: str, out_dir: Path):
+    """Upstream's tracker on one image with the registration bypassed; return ({lesion id: arrays}, info, errors).
+
+    ``LesionLocatorSegTracker.track_single_lesion`` (list-of-mask-files branch) is called per lesion with baseline
+    = follow-up = ``image``, as ``LesionLocatorSegTracker.track`` calls it. The tracker is set up as its
+    ``__init__`` does (network from ``LesionLocatorTrainerTrack.build_network_architecture``, fold 0), except that
+    ``TrackNet.reg_net`` is a stub and ``tracknet.compute_warped_image_multiNC`` returns the mask unchanged: an
+    identity registration. TrackNet's resizing of the mask to the registration grid (175^3, nearest-exact) and
+    back is kept; it is the identity for model-grid sizes <= 175 (checked: ``roundtrip_identity``).
+    ``variant``: ``fp32`` (follow-up image passed as float32; upstream's ``track`` passes float16, which the
+    U-Net rejects on the CPU: "Input type (c10::Half) and bias type (float) should be the same"), or
+    ``fp32_fixednonzero``: fp32, and ``crop_to_nonzero`` (as ``DefaultPreprocessor`` calls it) given
+    ``nonzero_label=0``, so the previous mask is not marked -1 where the image is 0 outside its filled nonzero
+    region (upstream's list-of-masks branch feeds those -1 voxels to TrackNet as prompt and centre-of-mass voxels).
+    """
+    import torch
+    import SimpleITK as sitk
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+    import lesionlocator.modules.tracknet as tracknet
+    from lesionlocator.inference.lesionlocator_segment_and_track import LesionLocatorSegTracker
+    from lesionlocator.training.LesionLocatorTrainer.LesionLocatorTrainerTrack import LesionLocatorTrainerTrack
+    from lesionlocator.utilities.label_handling.label_handling import determine_num_input_channels
+    from lesionlocator.utilities.plans_handling.plans_handler import PlansManager
+
+    class IdentityRegistration(torch.nn.Module):
+        phi_AB_vectorfield = None
+        spacing = None
+
+        def forward(self, x0, x1):
+            return torch.zeros(())
+
+    def identity_warp(img, phi, spacing, spline_order=1, zero_boundary=False):
+        assert phi is None and spline_order == 0 and zero_boundary
+        return img
+
+    dataset_json = load_json(join(model_folder, "dataset.json"))
+    pm = PlansManager(load_json(join(model_folder, "plans.json")))
+    ck = torch.load(join(model_folder, "fold_0", "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    cm = pm.get_configuration(ck["init_args"]["configuration"])
+    network = LesionLocatorTrainerTrack.build_network_architecture(
+        cm.network_arch_class_name, cm.network_arch_init_kwargs, cm.network_arch_init_kwargs_req_import,
+        determine_num_input_channels(pm, cm, dataset_json), pm.get_label_manager(dataset_json).num_segmentation_heads,
+        cm.patch_size, enable_deep_supervision=False)
+    network.reg_net = IdentityRegistration()
+    params = {k: v for k, v in ck["network_weights"].items() if not k.startswith("reg_net.")}
+    network.load_state_dict(params)  # strict: every U-Net weight and the unet_patch_size buffer
+    tracker = LesionLocatorSegTracker.__new__(LesionLocatorSegTracker)
+    tracker.plans_manager, tracker.configuration_manager, tracker.dataset_json = pm, cm, dataset_json
+    tracker.list_of_parameters, tracker.network = [params], network
+    tracker.trainer_name = ck["trainer_name"]
+    tracker.allowed_mirroring_axes = ck.get("inference_allowed_mirroring_axes")
+    tracker.label_manager = pm.get_label_manager(dataset_json)
+    tracker.tile_step_size, tracker.use_gaussian, tracker.use_mirroring = 0.5, True, False  # --disable_tta
+    tracker.device = torch.device("cpu")
+
+    rec = {}
+    original_patch_fn = tracknet.TrackNet.get_patch_around_mask
+
+    def spy_patch(self, prompt, is_inference=False):
+        slicers = original_patch_fn(self, prompt, is_inference)
+        rec["warped_prompt"] = prompt[0, 0].float().numpy().copy()
+        rec["slicer"] = [int(v) for v in slicers[0]]
+        return slicers
+
+    def spy_unet(module, inputs, output):
+        rec["unet_input"] = inputs[0].detach().float().numpy().copy()
+        rec["unet_output"] = output.detach().float().numpy().copy()
+
+    def spy_net(module, inputs, output):
+        rec["prompt_in"] = inputs[2].detach().float().numpy().copy()
+        rec["logits"] = output.detach().float().clone()
+
+    import lesionlocator.preprocessing.preprocessors.default_preprocessor as dp
+    saved_crop = dp.crop_to_nonzero
+    if variant == "fp32_fixednonzero":
+        dp.crop_to_nonzero = lambda data, seg=None, nonzero_label=-1: saved_crop(data, seg, 0)
+    saved_warp = tracknet.compute_warped_image_multiNC
+    tracknet.compute_warped_image_multiNC = identity_warp
+    tracknet.TrackNet.get_patch_around_mask = spy_patch
+    hooks = [network.unet.register_forward_hook(spy_unet), network.register_forward_hook(spy_net)]
+    results, errors = {}, {}
+    try:
+        preprocessor = cm.preprocessor_class(verbose=False)
+        fu, _, props = preprocessor.run_case([image], None, pm, cm, dataset_json)  # as LesionLocatorSegTracker.track
+        fu_t = torch.from_numpy(fu.astype(np.float32)).unsqueeze_(0)
+        for lid in range(1, len(mask_files) + 1):
+            rec.clear()
+            with torch.no_grad():
+                try:
+                    out_file = tracker.track_single_lesion(lid, None, fu_t, image, image, str(out_dir),
+                                                           list(mask_files), props, preprocessor)
+                except Exception as e:  # noqa: BLE001 - recorded in the metadata
+                    errors[lid] = f"{type(e).__name__}: {e}"
+                    continue
+            if out_file is None:
+                errors[lid] = "skipped by upstream (empty prompt after preprocessing)"
+                continue
+            mask = sitk.GetArrayFromImage(sitk.ReadImage(out_file + ".nii.gz")).astype(np.uint8)
+            logits = rec["logits"][0]  # (2, model grid): patch logits, [1, 0] elsewhere
+            spacing_t = [props["spacing"][i] for i in pm.transpose_forward]
+            cropped = props["shape_after_cropping_and_before_resampling"]
+
+            def to_orig(x):
+                o = cm.resampling_fn_probabilities(x, cropped, cm.spacing, spacing_t)
+                return np.asarray(o.numpy() if isinstance(o, torch.Tensor) else o, np.float32)
+            orig = to_orig(logits)
+            inside = torch.zeros((1,) + tuple(logits.shape[1:]))
+            s = rec["slicer"]
+            inside[0, s[0]:s[1], s[2]:s[3], s[4]:s[5]] = 1.0
+            touched = to_orig(inside)[0] > 1e-6   # original voxels the patch logits reach
+            idx = [np.flatnonzero(np.any(touched, axis=tuple(b for b in range(3) if b != a))) for a in range(3)]
+            olo, ohi = [int(i[0]) for i in idx], [int(i[-1]) + 1 for i in idx]
+            warped = rec["warped_prompt"]
+            prev = (rec["prompt_in"][0, 0])
+            crop_lo = [int(b[0]) for b in props["bbox_used_for_cropping"]]
+            sl = tuple(slice(a, b) for a, b in zip(olo, ohi))
+            results[lid] = {
+                "prompt_model_grid": warped.astype(np.int8),    # the warped mask TrackNet centres on
+                "prompt_roundtrip_identity": np.array(np.array_equal(warped, prev)),
+                "slicer": np.array(rec["slicer"], np.int64),    # [z0, z1, y0, y1, x0, x1], model grid
+                "unet_input_prompt": rec["unet_input"][0, 1],  # the prompt channel the U-Net gets (padded patch)
+                "unet_input_image": rec["unet_input"][0, 0],
+                "patch_logits": rec["unet_output"][0],          # U-Net output for the padded patch
+                "orig_lo": np.array([a + c for a, c in zip(olo, crop_lo)], np.int64),
+                "orig_logits": orig[(slice(None),) + sl],
+                "mask": mask,
+            }
+        info = {"crop_box": [[int(a), int(b)] for a, b in props["bbox_used_for_cropping"]],
+                "model_shape": [int(v) for v in fu.shape[1:]],
+                "cropped_shape": [int(v) for v in props["shape_after_cropping_and_before_resampling"]],
+                "patch_size": [int(v) for v in cm.patch_size]}
+    finally:
+        for h in hooks:
+            h.remove()
+        tracknet.compute_warped_image_multiNC = saved_warp
+        dp.crop_to_nonzero = saved_crop
+        tracknet.TrackNet.get_patch_around_mask = original_patch_fn
+    return results, info, errors
+
+
+def stage_upstream_track(work: Path, commit: str) -> None:
+    """Run upstream's tracker on every TRACK_CASES case; results go to ``work/raw/trackmask.npz``."""
+    import importlib.metadata as md
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    track = json.loads((work / "manifest.json").read_text())["track"]
+    root = Path(track["root"])
+    c = torch.load(root / "LesionLocatorTrack" / "fold_0" / "checkpoint_final.pth", map_location="cpu",
+                   weights_only=False)
+    if state_dict_sha256(c["network_weights"]) != track["sha256"]:
+        raise RuntimeError("the Track checkpoint changed between stages")
+    (work / "raw").mkdir(exist_ok=True)
+    arrays, infos, timings = {}, {}, {}
+    for name, case in track["cases"].items():
+        infos[name] = {}
+        for variant in TRACK_VARIANTS:
+            out_dir = work / "upstream_out" / "track" / name / variant
+            out_dir.mkdir(parents=True, exist_ok=True)
+            t0 = time.time()
+            res, info, errors = run_upstream_track(str(root / "LesionLocatorTrack"), case["image"], case["masks"],
+                                                   variant, out_dir)
+            timings[f"{name}/{variant}"] = round(time.time() - t0, 2)
+            infos[name].update(info)
+            if errors:
+                infos[name].setdefault("errors", {})[variant] = errors
+            for lid, r in res.items():
+                for key, val in r.items():
+                    arrays[f"{name}/{variant}/{lid}/{key}"] = val
+            print(f"track {name} {variant}: lesions {sorted(res)}, errors {errors} ({timings[f'{name}/{variant}']} s)",
+                  flush=True)
+    np.savez(work / "raw" / f"{TRACK_FIXTURE}.npz", **arrays)
+    versions = {p: md.version(p) for p in ("lesionlocator", "torch", "dynamic_network_architectures", "numpy",
+                                           "scipy", "scikit-image", "batchgenerators", "SimpleITK")}
+    (work / "raw" / "upstream_track.json").write_text(json.dumps(
+        {"versions": versions, "cases": infos, "timings_s": timings, "commit": commit}, indent=1))
+
+
+def _bbox(mask: np.ndarray):
+    idx = [np.flatnonzero(np.any(mask, axis=tuple(b for b in range(mask.ndim) if b != a))) for a in range(mask.ndim)]
+    return [int(i[0]) for i in idx], [int(i[-1]) + 1 for i in idx]
+
+
+def pack_track(work: Path, fixtures: Path) -> dict:
+    """Write ``<fixtures>/trackmask.npz`` from the raw upstream results; return its metadata entry."""
+    import SimpleITK as sitk
+
+    manifest = json.loads((work / "manifest.json").read_text())
+    track = manifest["track"]
+    up = json.loads((work / "raw" / "upstream_track.json").read_text())
+    raw = np.load(work / "raw" / f"{TRACK_FIXTURE}.npz")
+    out, cases = {}, {}
+    for name, case in track["cases"].items():
+        for lid, f in enumerate(case["masks"], start=1):
+            out[f"{name}/{lid}/previous_mask"] = sitk.GetArrayFromImage(sitk.ReadImage(f)).astype(np.uint8)
+            for variant in TRACK_VARIANTS:
+                pre = f"{name}/{variant}/{lid}/"
+                if pre + "mask" not in raw.files:
+                    continue
+                out[pre + "mask"] = raw[pre + "mask"].astype(np.uint8)
+                out[pre + "slicer"] = raw[pre + "slicer"]
+                out[pre + "prompt_roundtrip_identity"] = raw[pre + "prompt_roundtrip_identity"]
+                out[pre + "unet_input_prompt"] = raw[pre + "unet_input_prompt"].astype(np.int8)
+                pm = raw[pre + "prompt_model_grid"]
+                lo, hi = _bbox(pm != 0)
+                out[pre + "prompt_model_grid_lo"] = np.array(lo, np.int64)
+                out[pre + "prompt_model_grid"] = pm[tuple(slice(a, b) for a, b in zip(lo, hi))].astype(np.int8)
+                out[pre + "prompt_model_grid_sum"] = np.array(int(np.sum(pm)))
+                if variant != TRACK_VARIANTS[0]:
+                    continue
+                lg = raw[pre + "patch_logits"]
+                s = lattice_step(lg.shape[1:], TRACK_MODEL_MAX_VOXELS)
+                out[pre + "patch_logits"] = lg[:, ::s, ::s, ::s]
+                out[pre + "patch_step"] = np.array(s)
+                og = raw[pre + "orig_logits"]
+                s = lattice_step(og.shape[1:], TRACK_ORIG_MAX_VOXELS)
+                out[pre + "orig_logits"] = og[:, ::s, ::s, ::s]
+                out[pre + "orig_step"] = np.array(s)
+                out[pre + "orig_lo"] = lo = raw[pre + "orig_lo"]
+                out[pre + "orig_hi"] = lo + np.array(og.shape[1:])
+        cases[name] = dict(up["cases"][name], image=f"{name}.nii.gz", array_sha256=case["array_sha256"],
+                           masks=[{"centre_zyx_voxels": list(c), "semi_axes_zyx_mm": list(a)}
+                                  for c, a in TRACK_CASES[name]["masks"]])
+    np.savez_compressed(fixtures / f"{TRACK_FIXTURE}.npz", **out)
+    return {
+        "file": f"{TRACK_FIXTURE}.npz",
+        "upstream_env_versions": up["versions"],
+        "commit": up["commit"],
+        "checkpoint": {"builder": "Testing/build_test_models.build_tiny_checkpoint(root, seed=0) -> LesionLocatorTrack",
+                       "state_dict_sha256": track["sha256"]},
+        "call": "LesionLocatorSegTracker.track_single_lesion(lesion, None, follow-up, image, image, out, "
+                "[previous mask files], properties, DefaultPreprocessor) per lesion, baseline = follow-up = the case "
+                "image, use_mirroring False, fold 0; the tracker's attributes set as its __init__ does, network from "
+                "LesionLocatorTrainerTrack.build_network_architecture with reg_net replaced by a stub and "
+                "lesionlocator.modules.tracknet.compute_warped_image_multiNC by the identity (registration "
+                "bypassed); the Track checkpoint's U-Net weights and unet_patch_size loaded strictly",
+        "compared_variant": TRACK_VARIANTS[0],
+        "variants": {"fp32": "the follow-up image passed as float32 (upstream's track() passes float16 and runs the "
+                             "U-Net under fp16 autocast on CUDA; on the CPU its float32 U-Net rejects the float16 "
+                             "input: 'RuntimeError: Input type (c10::Half) and bias type (float) should be the same', "
+                             "observed with this harness)",
+                     "fp32_fixednonzero": "fp32, and DefaultPreprocessor's crop_to_nonzero called with "
+                                          "nonzero_label=0: upstream (list-of-masks branch) otherwise feeds the -1 "
+                                          "that nnU-Net writes into a segmentation where the image is 0 outside "
+                                          "its filled nonzero region to TrackNet as prompt voxels (value -1, "
+                                          "counted by the centre of mass); its instance-label branch "
+                                          "(prompts == lesion index) does not"},
+        "array_keys": "<case>/<lesion>/previous_mask (uint8, the mask file on the image grid, z y x); "
+                      "<case>/<variant>/<lesion>/...: mask (the exported <case>_lesion_<id>.nii.gz), slicer ([z0, z1, y0, "
+                      "y1, x0, x1] of the patch in the unpadded model grid, get_patch_around_mask), "
+                      "unet_input_prompt (int8, the prompt channel of the U-Net input, patch size, after pad_input), "
+                      "prompt_model_grid (the preprocessed previous mask TrackNet centres its patch on, int8, "
+                      "cropped to its nonzero box starting at prompt_model_grid_lo; prompt_model_grid_sum its sum "
+                      "over the whole grid), prompt_roundtrip_identity (TrackNet's 175^3 nearest-exact round trip "
+                      "left it unchanged); compared variant only: patch_logits (the U-Net output for its whole input patch, which starts at "
+                      "slicer start - (patch_size - slicer extent) // 2, lattice [::patch_step]), "
+                      "orig_logits (TrackNet's output, patch logits and [1, 0] elsewhere, resampled by upstream's "
+                      "resampling_fn_probabilities, at voxels orig_lo + orig_step * index inside [orig_lo, orig_hi), "
+                      "the box of original voxels whose interpolation reads a patch voxel)",
+        "cases": cases,
+        "timings_s": up["timings_s"],
+    }
+
+
+def run_track_only(work: Path, fixtures: Path, upstream_python: str, commit: str) -> None:
+    """Record only the previous-mask fixture: write trackmask.npz and add the ``trackmask`` entry to an existing
+    metadata.json, leaving every other fixture file as it is."""
+    manifest = {"track": stage_track_inputs(work)}
+    import torch
+    manifest["torch_ours"] = torch.__version__
+    (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    subprocess.run([upstream_python, str(Path(__file__).resolve()), "--stage", "upstream-track", "--work", str(work),
+                    "--commit", commit], check=True, env=dict(os.environ, PYTHONPATH=""), cwd=str(work))
+    entry = pack_track(work, fixtures)
+    meta_file = fixtures / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    meta[TRACK_FIXTURE] = entry
+    meta_file.write_text(json.dumps(meta, indent=1))
+    print(f"{fixtures / (TRACK_FIXTURE + '.npz')}: {(fixtures / (TRACK_FIXTURE + '.npz')).stat().st_size / 1e3:.1f} kB")
 
 
 # --------------------------------------------------------------------------- driver
@@ -603,9 +965,11 @@ def main(argv=None):
     ap.add_argument("--out", default=str(FIXTURES), help="fixture folder")
     ap.add_argument("--commit", default=os.environ.get("LESIONLOCATOR_UPSTREAM_COMMIT", UPSTREAM_COMMIT_DEFAULT),
                     help="the upstream commit that is installed (recorded in metadata.json)")
-    ap.add_argument("--stage", choices=["all", "upstream", "pack"], default="all",
+    ap.add_argument("--stage", choices=["all", "upstream", "pack", "track", "upstream-track"], default="all",
                     help="all (default); upstream: only the upstream runs (upstream python); pack: only rewrite "
-                         "the fixtures from an existing --work folder")
+                         "the fixtures from an existing --work folder; track: only the previous-mask fixture "
+                         "(trackmask.npz, added to the existing metadata.json; other files untouched); "
+                         "upstream-track: its upstream runs (upstream python)")
     ap.add_argument("--no-cli-check", action="store_true",
                     help="skip running upstream's LesionLocator_segment command on every case (about 13 s each) to "
                          "check that the in-process harness reproduces its masks")
@@ -614,9 +978,18 @@ def main(argv=None):
     work.mkdir(parents=True, exist_ok=True)
     if a.stage == "upstream":
         stage_upstream(work, a.commit, cli_check=not a.no_cli_check)
+        if "track" in json.loads((work / "manifest.json").read_text()):
+            stage_upstream_track(work, a.commit)
+        return
+    if a.stage == "upstream-track":
+        stage_upstream_track(work, a.commit)
+        return
+    if a.stage == "track":
+        run_track_only(work, Path(a.out), a.upstream_python, a.commit)
         return
     if a.stage == "all":
         manifest = stage_inputs(work)
+        manifest["track"] = stage_track_inputs(work)
         (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
         env = dict(os.environ, PYTHONPATH="")
         subprocess.run([a.upstream_python, str(Path(__file__).resolve()), "--stage", "upstream",

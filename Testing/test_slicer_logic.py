@@ -5,6 +5,7 @@ would use, so they can assert exact voxels; the end-to-end tests run the tiny ra
 model through the in-process runner and compare with the library called directly.
 """
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import vtk
 from LesionLocatorLib.image import Image
 from LesionLocatorLib.model import ModelLayoutError, load_model
 from LesionLocatorLib.predict import CancelToken, Cancelled, segment as library_segment
-from LesionLocatorLib.prompts import Box, Point, PromptError, to_voxel_prompt
+from LesionLocatorLib.prompts import Box, MaskPrompt, Point, PromptError, to_voxel_prompt
 from LesionLocatorLib.runner import InProcessRunner, SegmentationResponse, SegmentationRunner
 pytest_plugins = ["slicer_harness"]  # fixtures: slicer_scene, lesionlocator_module
 
@@ -123,8 +124,8 @@ def _segments(node):
 
 class PaintingRunner:
     """A SegmentationRunner that records requests and answers with a known mask per prompt:
-    a ball of radius 2 voxels around the rounded prompt voxel (points) or the voxel box (boxes),
-    computed with the library's own world -> voxel mapping."""
+    a ball of radius 2 voxels around the rounded prompt voxel (points), the voxel box (boxes)
+    or the mask itself (mask prompts), computed with the library's own world -> voxel mapping."""
 
     def __init__(self):
         self.requests = []
@@ -141,6 +142,8 @@ class PaintingRunner:
                 c = np.round(vp.coords).astype(int)
                 zz, yy, xx = np.ogrid[:image.shape[0], :image.shape[1], :image.shape[2]]
                 mask[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= 4] = True
+            elif vp.kind == "mask":
+                mask = vp.mask.copy()
             else:
                 b = np.clip(np.asarray(vp.coords).reshape(3, 2), 0, np.asarray(image.shape)[:, None])
                 mask[b[0, 0]:b[0, 1], b[1, 0]:b[1, 1], b[2, 0]:b[2, 1]] = True
@@ -428,32 +431,80 @@ def test_user_segment_inside_the_module_node_is_never_overwritten(slicer_scene, 
     assert np.array_equal(_segment_array(node, "lesion_2", volume), user_mask.astype(bool))
 
 
+def _prompt_type(node, segment_id):
+    ref = vtk.reference("")
+    node.GetSegmentation().GetSegment(segment_id).GetTag("LesionLocator.PromptType", ref)
+    return str(ref)
+
+
 def test_refine_from_segment(slicer_scene, painting, LL):
     h = slicer_scene
     logic, runner = painting
     volume = _oblique_volume(h)
     user, user_mask = _user_segmentation(h, volume)
+    user_mtime = user.GetSegmentation().GetSegment("lesion_1").GetMTime()
 
-    # from a user's segment: a new lesion in the module's node, the user's segment untouched
+    # from a user's segment: its voxels are the mask prompt; a new lesion in the module's node,
+    # the user's segment untouched
     node = logic.refineFromSegment(volume, user, "lesion_1", modelPath="unused")
-    box = runner.requests[-1].prompts[0]
-    vp = to_voxel_prompt(box, runner.requests[-1].image)
-    hits = np.argwhere(user_mask)
-    lo, hi = np.asarray(vp.coords).reshape(3, 2).T
-    assert np.all(lo <= hits.min(0)) and np.all(hi >= hits.max(0) + 1)  # the box holds the segment
+    (prompt,) = runner.requests[-1].prompts
+    assert isinstance(prompt, MaskPrompt) and prompt.id == 1
+    sent = to_voxel_prompt(prompt, runner.requests[-1].image).mask
+    assert np.array_equal(sent, user_mask) and sent.sum() == user_mask.sum() == 320
     assert node is not user and sorted(node.GetSegmentation().GetSegmentIDs()) == ["lesion_1"]
+    assert np.array_equal(_segment_array(node, "lesion_1", volume), user_mask)
+    assert _prompt_type(node, "lesion_1") == "mask"
+    assert _segments(user) == {"lesion_1": ("My tumour", (0.1, 0.2, 0.3))}
     assert np.array_equal(_segment_array(user, "lesion_1", volume), user_mask)
+    assert user.GetSegmentation().GetSegment("lesion_1").GetMTime() == user_mtime
 
-    # from the module's own lesion: replaced in place
+    # a second segment painted into the same labelmap layer (as the Segment Editor does, with
+    # its own label value): only its own voxels are the prompt, not the layer's
+    user.GetSegmentation().AddEmptySegment("edit", "Edited")
+    edited = np.zeros(SHAPE, bool)
+    edited[10:14, 20:26, 3:9] = True
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        LL.LesionLocatorLogic._labelmapFromMask(edited, volume), user, "edit",
+        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    segmentation = user.GetSegmentation()
+    assert segmentation.GetLayerIndex("edit") == segmentation.GetLayerIndex("lesion_1")  # one shared layer
+    logic.refineFromSegment(volume, user, "edit", modelPath="unused")
+    assert np.array_equal(to_voxel_prompt(runner.requests[-1].prompts[0], runner.requests[-1].image).mask, edited)
+    assert [p.id for p in runner.requests[-1].prompts] == [2]
+    # refining the same user segment again replaces the lesion it made
+    logic.refineFromSegment(volume, user, "lesion_1", modelPath="unused")
+    assert [p.id for p in runner.requests[-1].prompts] == [1]
+    assert sorted(node.GetSegmentation().GetSegmentIDs()) == ["lesion_1", "lesion_2"]
+
+    # from the module's own lesion: replaced in place, same ID, name and colour
     points = _points(h, [_world_ras_of_voxel(volume, (5, 9, 30))])
     logic.segment(volume, points, modelPath="unused")
+    lesion3 = _segment_array(node, "lesion_3", volume)
     before = _segments(node)
-    again = logic.refineFromSegment(volume, node, "lesion_2", modelPath="unused")
+    again = logic.refineFromSegment(volume, node, "lesion_3", modelPath="unused")
     assert again is node and _segments(node) == before
-    assert [p.id for p in runner.requests[-1].prompts] == [2]
-    with pytest.raises(PromptError, match="empty"):
-        node.GetSegmentation().AddEmptySegment("nothing", "Nothing")
+    assert [p.id for p in runner.requests[-1].prompts] == [3]
+    assert np.array_equal(to_voxel_prompt(runner.requests[-1].prompts[0], runner.requests[-1].image).mask, lesion3)
+    assert _prompt_type(node, "lesion_3") == "mask"
+
+    # nothing to refine: the library's PromptError, nothing in the scene changes
+    node.GetSegmentation().AddEmptySegment("nothing", "Nothing")
+    before_ids, before_segments, n = h.node_ids(), _segments(node), len(runner.requests)
+    with pytest.raises(PromptError, match=r"segment 'Nothing' is empty: nothing to refine"):
         logic.refineFromSegment(volume, node, "nothing", modelPath="unused")
+    far = h.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "elsewhere")
+    far.GetSegmentation().AddEmptySegment("far", "Far away")
+    shifted = np.eye(4)
+    shifted[:3, 3] = (500.0, 500.0, 500.0)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        LL.LesionLocatorLogic._labelmapFromMask(user_mask, volume, slicer.util.vtkMatrixFromArray(shifted)), far,
+        "far", slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    before_ids = h.node_ids()
+    with pytest.raises(PromptError, match=r"segment 'Far away' has no voxel inside volume 'CT'"):
+        logic.refineFromSegment(volume, far, "far", modelPath="unused")
+    with pytest.raises(ValueError, match="not found"):
+        logic.refineFromSegment(volume, node, "no such segment", modelPath="unused")
+    assert h.node_ids() == before_ids and _segments(node) == before_segments and len(runner.requests) == n
 
 
 def test_result_goes_beside_the_volume_in_the_subject_hierarchy(slicer_scene, painting):
@@ -634,6 +685,193 @@ def test_worker_process_runner(slicer_scene, LL, tiny_model_root):
     assert logic._runner is None
 
 
+# ------------------------------------------------------------------------------ refine: mask prompts
+class RecordingRunner(InProcessRunner):
+    """The in-process runner, keeping the requests it ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.requests = []
+
+    def run(self, request, progress=None, cancel=None):
+        self.requests.append(request)
+        return super().run(request, progress, cancel)
+
+
+def _edited_mask():
+    """A hand-edited lesion: a ball around LESION with a slab cut away and a blob added."""
+    k, j, i = np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij")
+    mask = ((k - LESION[0]) * SPACING[2]) ** 2 + ((j - LESION[1]) * SPACING[1]) ** 2 \
+        + ((i - LESION[2]) * SPACING[0]) ** 2 <= 6.0 ** 2
+    mask[:, LESION[1] + 2:LESION[1] + 4, :] = False
+    mask[9:12, 12:15, 20:24] = True
+    return mask
+
+
+def _user_segment_in_another_frame(h, LL, volume, mask):
+    """A user's segmentation under the volume's outer transform only (not the volume's own), its
+    labelmap placed so that in world its voxels are ``mask`` on the volume's voxels."""
+    inner = volume.GetParentTransformNode()
+    user = h.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "My edits")
+    user.SetAndObserveTransformNodeID(inner.GetTransformNodeID())
+    user.GetSegmentation().AddEmptySegment("edited", "Edited lesion", [0.1, 0.2, 0.3])
+    to_parent, ijk = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    inner.GetMatrixTransformToParent(to_parent)
+    volume.GetIJKToRASMatrix(ijk)
+    ijk_to_user = slicer.util.arrayFromVTKMatrix(to_parent) @ slicer.util.arrayFromVTKMatrix(ijk)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        LL.LesionLocatorLogic._labelmapFromMask(mask, volume, slicer.util.vtkMatrixFromArray(ijk_to_user)), user,
+        "edited", slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    assert user.GetParentTransformNode() is not volume.GetParentTransformNode()
+    return user
+
+
+def _library_refine(h, volume, mask, model_root):
+    """What the library gives for ``mask`` as a mask prompt on the (independently hardened) volume."""
+    origin, spacing, direction = _hardened_lps_geometry(h, volume)
+    image = Image(slicer.util.arrayFromVolume(volume).copy(), spacing, origin, direction)
+    return library_segment(image, [MaskPrompt(1, image.with_array(mask.astype(np.uint8)))],
+                           load_model(model_root, "prev_mask", device="cpu")).masks[1]
+
+
+def test_refine_runs_the_edited_segment_as_a_mask_prompt_with_the_tiny_model(slicer_scene, LL, tiny_model_root):
+    h = slicer_scene
+    runner = RecordingRunner()
+    logic = LL.LesionLocatorLogic(runner=runner)
+    volume = _oblique_volume(h)
+    edited = _edited_mask()
+    user = _user_segment_in_another_frame(h, LL, volume, edited)
+    user_before = (_segments(user), logic.segmentMask(user, "edited", volume),
+                   user.GetSegmentation().GetSegment("edited").GetMTime())
+
+    node = logic.refineFromSegment(volume, user, "edited", modelPath=str(tiny_model_root), device="cpu")
+
+    # the request: the segment's voxels on the volume's grid, exactly, as a mask prompt
+    (request,) = runner.requests
+    (prompt,) = request.prompts
+    assert isinstance(prompt, MaskPrompt) and prompt.id == 1
+    sent = to_voxel_prompt(prompt, request.image).mask
+    assert sent.sum() == edited.sum() > 300 and np.array_equal(sent, edited)
+    # the result: what the library gives with the previous-mask model, exactly
+    expected = _library_refine(h, volume, edited, tiny_model_root)
+    assert expected.sum() > 50, "the random model must segment something for the comparison to mean anything"
+    assert np.array_equal(_segment_array(node, "lesion_1", volume), expected)
+    assert logic.runner.loads == 1 and [key[1] for key in runner._models] == ["prev_mask"]
+    assert node is not user and LL.LesionLocatorLogic.isResultNode(user) is False
+    assert sorted(node.GetSegmentation().GetSegmentIDs()) == ["lesion_1"]
+    assert _segments(user) == user_before[0]
+    assert np.array_equal(logic.segmentMask(user, "edited", volume), user_before[1])
+    assert user.GetSegmentation().GetSegment("edited").GetMTime() == user_before[2]
+
+    # the user corrects the module's lesion in place (Segment Editor) and refines it: replaced in
+    # place, same ID, name and colour; the prompt is the corrected segment
+    corrected = expected.copy()
+    corrected[8:13, 16:20, 15:20] = True
+    corrected[:, :, :LESION[2] - 3] = False
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        LL.LesionLocatorLogic._labelmapFromMask(corrected, volume), node, "lesion_1",
+        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    node.GetSegmentation().GetSegment("lesion_1").SetName("Liver metastasis")
+    before = _segments(node)
+    again = logic.refineFromSegment(volume, node, "lesion_1", modelPath=str(tiny_model_root), device="cpu")
+    assert again is node and _segments(node) == before
+    assert [p.id for p in runner.requests[-1].prompts] == [1]
+    assert np.array_equal(to_voxel_prompt(runner.requests[-1].prompts[0], runner.requests[-1].image).mask,
+                          corrected)
+    assert np.array_equal(_segment_array(node, "lesion_1", volume),
+                          _library_refine(h, volume, corrected, tiny_model_root))
+    assert logic.runner.loads == 1
+
+
+def test_refine_through_the_worker_process_gives_the_in_process_masks(slicer_scene, LL, tiny_model_root):
+    from LesionLocatorLib.runner import WorkerProcessRunner
+
+    h = slicer_scene
+    volume = _oblique_volume(h)
+    user = _user_segment_in_another_frame(h, LL, volume, _edited_mask())
+    model = str(tiny_model_root)
+    reference = LL.LesionLocatorLogic().refineFromSegment(volume, user, "edited", modelPath=model, device="cpu")
+    expected = _segment_array(reference, "lesion_1", volume)
+    h.scene.RemoveNode(reference)
+
+    logic = LL.LesionLocatorLogic()
+    logic.useWorkerProcess()
+    try:
+        assert isinstance(logic.runner, WorkerProcessRunner)
+        node = logic.refineFromSegment(volume, user, "edited", modelPath=model, device="cpu")
+        assert expected.sum() > 50 and np.array_equal(_segment_array(node, "lesion_1", volume), expected)
+        assert np.array_equal(logic.lastResponse.masks[1], expected)
+        before = h.node_ids()
+        user.GetSegmentation().AddEmptySegment("nothing", "Nothing")
+        with pytest.raises(PromptError, match="is empty: nothing to refine"):
+            logic.refineFromSegment(volume, user, "nothing", modelPath=model, device="cpu")
+        assert h.node_ids() == before and logic.runner.loads == 1
+    finally:
+        logic.cleanup()
+
+
+def test_runners_take_mask_prompts_with_the_previous_mask_model(tiny_model_root):
+    """Point, box and mask prompts in one request: each group runs with its model; the worker
+    gets the mask prompt on the image's grid in an npz and answers the in-process masks."""
+    import json
+
+    from LesionLocatorLib.runner import ModelSpec, SegmentationRequest, WorkerProcessRunner, unpack_masks
+
+    image = Image(_ct_array(), SPACING, (10.0, -20.0, 30.0), _rotation((1, 0.5, 0.3), 25))
+    centre = image.index_to_world(LESION)
+    # a mask prompt on another grid (coarser, axis-aligned): resampled onto the image's voxels
+    coarse = Image(np.zeros((8, 12, 12), np.uint8), (3.0, 3.0, 3.0), tuple(np.asarray(centre) - 16.5), np.eye(3))
+    coarse.array[3:6, 4:8, 4:8] = 1
+    # point and box off voxel centres: the NRRD the worker reads keeps the geometry to ~1e-16,
+    # which must not decide a rounding tie on the model grid
+    prompts = [Point(1, tuple(image.index_to_world((5.3, 9.2, 29.7)))),
+               Box(2, tuple(image.index_to_world((13.4, 27.6, 8.3))), tuple(image.index_to_world((16.6, 34.4, 13.7)))),
+               MaskPrompt(3, coarse)]
+    request = SegmentationRequest(image, prompts, ModelSpec(str(tiny_model_root), device="cpu"))
+    on_grid = to_voxel_prompt(prompts[2], image).mask
+    assert on_grid.sum() > 20 and list(request.prompt_masks()) == ["3"]
+    assert np.array_equal(request.prompt_masks()["3"], on_grid)
+    wire = request.prompts_json("/tmp/prompts.npz")
+    assert wire[2] == {"id": 3, "mask": {"file": "/tmp/prompts.npz", "key": "3"}}
+    json.dumps(wire)
+    with pytest.raises(ValueError, match="npz"):
+        request.prompts_json()
+
+    in_process = InProcessRunner()
+    expected = in_process.run(request)
+    assert in_process.loads == 3 and sorted(key[1] for key in in_process._models) == ["box", "point", "prev_mask"]
+    direct = library_segment(image, [prompts[2]], in_process.model(request.model, "prev_mask")).masks[3]
+    assert np.array_equal(expected.masks[3], direct)
+
+    worker = WorkerProcessRunner()
+    try:
+        written = []
+        real_savez = np.savez
+
+        def recording_savez(path, **arrays):
+            written.append((path, {k: np.array(v) for k, v in arrays.items()}))
+            return real_savez(path, **arrays)
+
+        np.savez = recording_savez
+        try:
+            got = worker.run(request)
+        finally:
+            np.savez = real_savez
+        assert sorted(got.masks) == [1, 2, 3] and worker.loads == 3
+        assert all(np.array_equal(got.masks[i], expected.masks[i]) for i in (1, 2, 3))
+        ((path, arrays),) = written  # the mask prompt, cropped to its bounding box ("Mask files")
+        assert path.endswith("prompts.npz") and set(arrays) == {"3", "3@lo", "3@shape"}
+        assert arrays["3"].shape != image.shape and np.array_equal(unpack_masks(arrays)["3"], on_grid)
+        # an empty mask prompt: the library's PromptError with its message, as in-process
+        empty = SegmentationRequest(image, [MaskPrompt(4, image.with_array(np.zeros(image.shape, np.uint8)))],
+                                    request.model)
+        for runner in (in_process, worker):
+            with pytest.raises(PromptError, match="prompt 4: the mask prompt is empty"):
+                runner.run(empty)
+    finally:
+        worker.close()
+
+
 # ------------------------------------------------------------------------------ (f) files
 EXPECTED_WIDGET_CLASSES = {
     "baselineVolumeSelector": "qMRMLNodeComboBox",
@@ -655,6 +893,7 @@ EXPECTED_WIDGET_CLASSES = {
     "statusLabel": "QLabel",
     "resultsTableView": "qMRMLTableView",
     "installDependenciesButton": "QPushButton",
+    "downloadModelButton": "QPushButton",
 }
 
 
@@ -693,7 +932,7 @@ def _cmake_list(text, variable):
     return [v for v in re.sub(r"#.*", "", found.group(1)).split()]
 
 
-def test_cmakelists_lists_every_file_the_module_needs():
+def test_cmakelists_lists_every_file_the_module_needs(LL):
     text = (MODULE_DIR / "CMakeLists.txt").read_text()
     scripts = _cmake_list(text, "MODULE_PYTHON_SCRIPTS")
     resources = _cmake_list(text, "MODULE_PYTHON_RESOURCES")
@@ -709,6 +948,12 @@ def test_cmakelists_lists_every_file_the_module_needs():
                                            f"not there: {sorted(set(library) - library_files)}")
     assert testing == ["build_test_models.py"] and (REPO / "Testing" / "build_test_models.py").is_file()
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+    # the shipped demo model and case go next to the module, where the Logic and the self-test look
+    shipped = _cmake_list(text, "SHIPPED_DATA_DIRS")
+    assert shipped == ["Models/LesionLocatorDemo", "Demo"]
+    assert "install(DIRECTORY ${CMAKE_CURRENT_SOURCE_DIR}/../Resources/${dir}" in text
+    for sub, lookup in zip(shipped, ("DEMO_MODEL_SUBPATHS", "DEMO_CASE_SUBPATHS")):
+        assert os.path.join("Resources", *sub.split("/")) in getattr(LL.LesionLocatorLogic, lookup)
     assert "slicerMacroBuildScriptedModule" in text
     top = (REPO / "CMakeLists.txt").read_text()
     assert "add_subdirectory(LesionLocator)" in top and "set(EXTENSION_DEPENDS PyTorch)" in top
@@ -1213,3 +1458,118 @@ def test_track_through_the_worker_process(slicer_scene, LL, tiny_model_root, thr
             image_module.write_image = real_write
     finally:
         logic.cleanup()
+
+
+# ------------------------------------------------------------------------------ (i) model download
+@pytest.fixture
+def zenodo(tiny_model_root, tmp_path, monkeypatch):
+    """The official model's Zenodo record on a real HTTP server on 127.0.0.1 (the archive in the
+    official layout, from the tiny model), an empty model cache, backoff waits not slept."""
+    import shutil
+
+    from http_fixture_server import FixtureServer
+    from LesionLocatorLib import zoo
+
+    archive = Path(shutil.make_archive(str(tmp_path / "LesionLocatorCheckpoint"), "zip",
+                                       root_dir=tiny_model_root.parent, base_dir=tiny_model_root.name)).read_bytes()
+    monkeypatch.setenv("LESIONLOCATOR_HOME", str(tmp_path / "cache"))
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(var, "127.0.0.1,localhost")
+    monkeypatch.setattr(zoo, "_sleep", lambda seconds: None)
+    with FixtureServer() as server:
+        server.add_record("15174217", {"LesionLocatorCheckpoint.zip": archive})
+        server.archive, server.cache = archive, tmp_path / "cache"
+        monkeypatch.setenv("LESIONLOCATOR_ZENODO_URL", server.url)
+        yield server
+
+
+def _assert_nothing_installed(cache):
+    assert not (cache / "models").exists() or list((cache / "models").iterdir()) == []
+
+
+def test_download_official_weights_selects_them_and_they_segment(slicer_scene, LL, zenodo):
+    from LesionLocatorLib import zoo
+
+    h = slicer_scene
+    logic = LL.LesionLocatorLogic()
+    assert "lesionlocator" not in [m["name"] for m in logic.availableModels()]
+    question = logic.describeDownload()
+    assert question.startswith("Download LesionLocator official checkpoint (Rokuss et al., CVPR 2025)?")
+    assert (f"LesionLocatorCheckpoint.zip: {zoo.human_size(len(zenodo.archive))} from {zenodo.url}, record 15174217, "
+            "version 1.0, licence cc-by-4.0.") in question
+
+    seen = []
+    root = logic.downloadModel(progress=lambda fraction, message: seen.append((fraction, message)))
+
+    assert root == zenodo.cache / "models" / "lesionlocator" / "LesionLocatorCheckpoint"
+    load_model(root, "point", device="cpu")  # the library's loader accepts the installed folder
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any(m.startswith("Downloading lesionlocator: ") for _, m in seen)
+    assert seen[-1][1] == f"Model 'lesionlocator' ready: {root}"
+    # selectable, and selected as the module's model
+    [entry] = [m for m in logic.availableModels() if m["name"] == "lesionlocator"]
+    assert entry["path"] == str(root) and entry["version"] == "1.0" and entry["license"] == "cc-by-4.0"
+    assert logic.getParameterNode().GetParameter(logic.PARAM_MODEL_PATH) == str(root)
+    assert logic.selectModel("lesionlocator") == str(root) == logic.selectModel("official")
+    assert logic.describeDownload("official").startswith("LesionLocator official checkpoint (Rokuss et al., CVPR "
+                                                         f"2025) is downloaded already ({root}).")
+    requests = len(zenodo.requests)
+    assert logic.downloadModel("official") == root and len(zenodo.requests) == requests  # installed: no network
+    # a segment with the selected model places a mask in the scene
+    volume = _oblique_volume(h)
+    points = _points(h, [_world_ras_of_voxel(volume, LESION)])
+    result = logic.segment(volume, points, modelPath=logic.getParameterNode().GetParameter(logic.PARAM_MODEL_PATH),
+                           device="cpu")
+    mask = _segment_array(result, "lesion_1", volume)
+    assert mask.sum() > 0 and np.array_equal(mask, logic.lastResponse.masks[1])
+
+
+@pytest.mark.parametrize("fault", ["checksum", "http-404"])
+def test_failed_download_raises_the_zoo_error_and_changes_nothing(slicer_scene, LL, zenodo, fault):
+    from LesionLocatorLib import zoo
+
+    h = slicer_scene
+    if fault == "checksum":
+        zenodo.add_record("15174217", {"LesionLocatorCheckpoint.zip": zenodo.archive},
+                          md5={"LesionLocatorCheckpoint.zip": "0" * 32})
+        error, message = zoo.ChecksumError, (r"^checksum mismatch for LesionLocatorCheckpoint.zip: expected md5 0{32}, "
+                                             r"got [0-9a-f]{32}; the downloaded file was removed")
+    else:
+        zenodo.add_fault("/content", kind="status", status=404, times=None)
+        error, message = zoo.DownloadError, r"^download of LesionLocatorCheckpoint.zip failed: HTTP 404 Not Found"
+    logic = LL.LesionLocatorLogic()
+    before = h.node_ids()
+    with pytest.raises(error, match=message):
+        logic.downloadModel()
+    assert h.node_ids() == before  # not even the parameter node: nothing was selected
+    _assert_nothing_installed(zenodo.cache)
+    assert list(zenodo.cache.rglob("*.part")) == []
+    assert "lesionlocator" not in [m["name"] for m in logic.availableModels()]
+    with pytest.raises(zoo.ModelNotFoundError, match="model 'lesionlocator' is not downloaded yet"):
+        logic.selectModel("lesionlocator")
+
+
+def test_cancel_during_the_download_installs_nothing_and_the_next_download_resumes(slicer_scene, LL, zenodo):
+    import threading
+
+    from LesionLocatorLib import zoo
+
+    h = slicer_scene
+    zenodo.piece, zenodo.delay = 16 * 1024, 0.005  # small chunks reach the client
+    logic = LL.LesionLocatorLogic()
+    before = h.node_ids()
+    with pytest.raises(zoo.DownloadCancelled, match="the partial file is kept for resuming"):
+        logic.downloadModel(progress=lambda fraction, message: logic.cancel() if fraction >= 0.45 else None)
+    assert h.node_ids() == before
+    _assert_nothing_installed(zenodo.cache)
+    [part] = zenodo.cache.rglob("*.part")
+    have = part.stat().st_size
+    assert 0 < have < len(zenodo.archive)
+    event = threading.Event()  # a caller's own flag works too
+    event.set()
+    with pytest.raises(zoo.DownloadCancelled):
+        logic.downloadModel(cancel=event)
+    root = logic.downloadModel()
+    assert zenodo.requests_to("/content")[-1]["headers"]["range"] == f"bytes={have}-"
+    assert logic.getParameterNode().GetParameter(logic.PARAM_MODEL_PATH) == str(root)

@@ -58,8 +58,9 @@ from make_upstream_fixtures import state_dict_sha256  # noqa: E402
 from LesionLocatorLib import modelgrid  # noqa: E402
 from LesionLocatorLib.image import Image, read_image  # noqa: E402
 from LesionLocatorLib.model import load_checkpoint, load_model  # noqa: E402
-from LesionLocatorLib.predict import segment  # noqa: E402
-from LesionLocatorLib.prompts import box_to_model_grid, point_to_model_grid, read_prompt_file  # noqa: E402
+from LesionLocatorLib.predict import _encode, _tiles, segment  # noqa: E402
+from LesionLocatorLib.prompts import (MaskPrompt, box_to_model_grid, point_to_model_grid,  # noqa: E402
+                                      read_prompt_file, to_voxel_prompt)
 
 FIX = HERE / "fixtures" / "upstream"
 META = json.loads((FIX / "metadata.json").read_text())
@@ -308,3 +309,194 @@ def test_dna031_state_dict_loads_into_our_network(tmp_path):
     assert len(state) == info["keys"]
     for k, v in state.items():
         assert torch.equal(ours[k], v), k
+
+
+# --------------------------------------------------------------------------- previous-mask (tracking) prompts
+# trackmask.npz: upstream's tracker (LesionLocatorSegTracker.track_single_lesion -> TrackNet.forward) on a previous
+# mask with the registration bypassed (identity warp, baseline = follow-up), recorded by make_upstream_fixtures.py
+# (see the ``trackmask`` entry of metadata.json). We feed the same mask as a MaskPrompt (the already-warped mask on
+# the follow-up's grid) to segment() with the same tiny LesionLocatorTrack model. Upstream's steps: the mask is
+# preprocessed with the plans' resampling_fn_seg (nonzero crop, one-hot spline of the seg order, >= 0.5), TrackNet
+# centres one patch on the rounded (half to even) float32 centre of mass of the model-grid mask, clamps it into the
+# grid, pads a short patch symmetrically, and the U-Net output fills the patch ([1, 0] logits elsewhere).
+#
+# Known upstream bug, fixed behaviour matched: the list-of-masks branch (one file per lesion, the autoregressive
+# path) feeds nnU-Net's -1 "outside the nonzero region" marker (written into a segmentation where the image is 0
+# outside its filled nonzero mask, e.g. a 0 HU voxel on the first or last slice) to TrackNet as prompt voxels with
+# value -1, which also count in its centre of mass. We compare against upstream with crop_to_nonzero given
+# nonzero_label=0 (variant fp32_fixednonzero) and check that the as-released fp32 run differs exactly there
+# (test_trackmask_exposes_nonzero_label_bug).
+TRACK = META.get("trackmask")
+TRACK_PAIRS = [(case, lid) for case, info in (TRACK or {}).get("cases", {}).items()
+               for lid in range(1, len(info["masks"]) + 1)]
+_TRACK_RUNS = {}
+
+
+def _track_fixture():
+    return np.load(FIX / TRACK["file"])
+
+
+@pytest.fixture(scope="module")
+def track_model(model_roots):
+    root = model_roots[META["cases"]["aniso"]["resampling"]]
+    ck = load_checkpoint(root / "LesionLocatorTrack" / "fold_0" / "checkpoint_final.pth")
+    assert state_dict_sha256(ck["network_weights"]) == TRACK["checkpoint"]["state_dict_sha256"], (
+        "the rebuilt tiny LesionLocatorTrack checkpoint differs from the one trackmask.npz was made with")
+    return load_model(root, "prev_mask", folds=[0], device="cpu", tta=False)
+
+
+def _run_ours_track(case: str, track_model):
+    """segment() with one MaskPrompt per previous mask of ``case``; records the network inputs and the
+    model-grid/original-grid logits (test-only spies that change nothing)."""
+    if case in _TRACK_RUNS:
+        return _TRACK_RUNS[case]
+    fx = _track_fixture()
+    image = _case_image(case)
+    assert hashlib.sha256(np.ascontiguousarray(image.array)).hexdigest() == TRACK["cases"][case]["array_sha256"]
+    prompts = [MaskPrompt(lid, image.with_array(fx[f"{case}/{lid}/previous_mask"].astype(bool)))
+               for lid in range(1, len(TRACK["cases"][case]["masks"]) + 1)]
+    inputs, calls = [], []
+    original_l2o = modelgrid.ModelGrid.logits_to_original
+    original_forward = track_model.forward
+
+    def spy_l2o(self, logits, lo):
+        slices, out = original_l2o(self, logits, lo)
+        calls.append({"grid": self, "logits": logits.clone(), "lo": tuple(lo), "slices": slices,
+                      "orig": None if out is None else out.clone()})
+        return slices, out
+
+    def spy_forward(x):
+        inputs.extend(x.clone())
+        return original_forward(x)
+
+    modelgrid.ModelGrid.logits_to_original = spy_l2o
+    track_model.forward = spy_forward
+    try:
+        with torch.no_grad():
+            result = segment(image, prompts, track_model, check_intensities=False)
+    finally:
+        modelgrid.ModelGrid.logits_to_original = original_l2o
+        del track_model.forward
+    assert len(inputs) == len(calls) == len(prompts)  # one patch per mask prompt
+    _TRACK_RUNS[case] = (image, prompts, result, {p.id: (x, c) for p, x, c in zip(prompts, inputs, calls)})
+    return _TRACK_RUNS[case]
+
+
+def _upstream_patch_start(slicer, patch_size):
+    """Unpadded model-grid index of the U-Net input's first voxel: upstream's slicer start minus
+    TrackNet.pad_input's low padding ((patch - extent) // 2)."""
+    s = np.asarray(slicer).reshape(3, 2)
+    return s[:, 0] - (np.asarray(patch_size) - (s[:, 1] - s[:, 0])) // 2
+
+
+needs_track = pytest.mark.skipif(TRACK is None, reason="no trackmask fixture in metadata.json")
+
+
+@needs_track
+@pytest.mark.parametrize("case,lid", TRACK_PAIRS)
+def test_trackmask_model_grid_prompt(case, lid, track_model):
+    """The previous mask on the model grid equals upstream's preprocessed (resampling_fn_seg) mask, the
+    one TrackNet centres its patch on."""
+    image, prompts, _, calls = _run_ours_track(case, track_model)
+    fx = _track_fixture()
+    pre = f"{case}/{TRACK['compared_variant']}/{lid}/"
+    assert bool(fx[pre + "prompt_roundtrip_identity"]), "upstream's 175^3 round trip changed the mask"
+    g = calls[lid][1]["grid"]
+    up_info = TRACK["cases"][case]
+    assert list(g.model_shape) == up_info["model_shape"]
+    assert [[a, a + n] for a, n in zip(g.crop_lo, g.cropped_shape)] == up_info["crop_box"]
+    mask = prompts[lid - 1].mask.array.astype(bool)
+    ours = g.extract_mask(mask, g.pad_lo, tuple(p + m for p, m in zip(g.pad_lo, g.model_shape)))
+    lo = fx[pre + "prompt_model_grid_lo"]
+    up = fx[pre + "prompt_model_grid"]
+    assert int(ours.sum()) == int(fx[pre + "prompt_model_grid_sum"]), \
+        f"{case}/{lid}: {int(ours.sum())} model-grid mask voxels, upstream {int(fx[pre + 'prompt_model_grid_sum'])}"
+    sub = ours[tuple(slice(a, a + n) for a, n in zip(lo, up.shape))]
+    assert np.array_equal(sub, up.astype(np.float32)), f"{case}/{lid}: {int(np.sum(sub != up))} voxels differ"
+
+
+@needs_track
+@pytest.mark.parametrize("case,lid", TRACK_PAIRS)
+def test_trackmask_patch_and_prompt_channel(case, lid, track_model):
+    """Same patch placement (rounded centre of mass of the model-grid mask, clamped) and, exactly, the same
+    prompt channel in the network input as upstream's TrackNet (after its pad_input)."""
+    image, prompts, _, runs = _run_ours_track(case, track_model)
+    fx = _track_fixture()
+    pre = f"{case}/{TRACK['compared_variant']}/{lid}/"
+    x, c = runs[lid]
+    g = c["grid"]
+    vp = to_voxel_prompt(prompts[lid - 1], image)
+    (tile,) = _tiles(g, *_encode(vp, g)[1:], 0.5)
+    ours_start = np.array(tile) - np.array(g.pad_lo)
+    up_start = _upstream_patch_start(fx[pre + "slicer"], TRACK["cases"][case]["patch_size"])
+    assert np.array_equal(ours_start, up_start), \
+        f"{case}/{lid}: our patch starts at {ours_start.tolist()}, upstream's at {up_start.tolist()}"
+    up = fx[pre + "unet_input_prompt"]
+    ours = x[1].numpy()
+    assert ours.shape == up.shape
+    n = int(np.sum(ours != up))
+    assert n == 0, f"{case}/{lid}: {n} prompt-channel voxels differ ({int(ours.sum())} vs {int(up.sum())} set)"
+
+
+@needs_track
+@pytest.mark.parametrize("case,lid", TRACK_PAIRS)
+def test_trackmask_masks_and_logits(case, lid, track_model):
+    """Identical exported masks; max |logit diff| < 1e-3 on the patch and on the original grid where we
+    predict; upstream's logits outside our region (its [1, 0] fill mixed in) are background."""
+    image, _, result, runs = _run_ours_track(case, track_model)
+    fx = _track_fixture()
+    pre = f"{case}/{TRACK['compared_variant']}/{lid}/"
+    _, c = runs[lid]
+    up_mask = fx[pre + "mask"].astype(bool)
+    assert up_mask.any(), f"{case}/{lid}: upstream's mask is empty (a useless fixture)"
+    n = int(np.sum(result.masks[lid] != up_mask))
+    assert n == 0, f"{case}/{lid}: {n} voxels differ ({int(result.masks[lid].sum())} vs {int(up_mask.sum())})"
+    # patch logits: upstream's U-Net output for its (padded) patch, on a lattice
+    g = c["grid"]
+    up_start = _upstream_patch_start(fx[pre + "slicer"], TRACK["cases"][case]["patch_size"])
+    start = up_start - (np.array(c["lo"]) - np.array(g.pad_lo))  # inside the block we map back
+    up = fx[pre + "patch_logits"]
+    step = int(fx[pre + "patch_step"])
+    d_patch = float(np.max(np.abs(c["logits"].numpy()[(slice(None),) + _lattice(start, step, up.shape[1:])] - up)))
+    assert d_patch < LOGIT_TOL, f"{case}/{lid}: max |patch logit diff| = {d_patch:.3g}"
+    # original grid: every voxel the patch reaches (upstream's box, its [1, 0] fill mixed in near the patch
+    # border) is in the region we map back, with the same logits
+    up_o, olo, ohi = fx[pre + "orig_logits"], fx[pre + "orig_lo"], fx[pre + "orig_hi"]
+    ostep = int(fx[pre + "orig_step"])
+    our_lo = np.array([sl.start for sl in c["slices"]])
+    our_hi = np.array([sl.stop for sl in c["slices"]])
+    assert np.all(our_lo <= olo) and np.all(our_hi >= ohi), \
+        f"{case}/{lid}: we map back [{our_lo.tolist()}, {our_hi.tolist()}), upstream's patch reaches [{olo}, {ohi})"
+    sl = _lattice(olo - our_lo, ostep, up_o.shape[1:])
+    d_orig = float(np.max(np.abs(c["orig"].numpy()[(slice(None),) + sl] - up_o)))
+    assert d_orig < LOGIT_TOL, f"{case}/{lid}: max |original-grid logit diff| = {d_orig:.3g}"
+
+
+@needs_track
+def test_trackmask_exposes_nonzero_label_bug(track_model):
+    """Upstream (fp32, unfixed) puts -1 prompt voxels where nnU-Net marks "outside the nonzero region"; apart from
+    those, its model-grid prompt and its U-Net prompt channel equal ours (and its fixed run's)."""
+    from scipy.ndimage import binary_fill_holes
+    fx = _track_fixture()
+    fixed, released = TRACK["compared_variant"], "fp32"
+    n_minus = 0
+    for case, lid in TRACK_PAIRS:
+        _, _, _, runs = _run_ours_track(case, track_model)
+        a, b = f"{case}/{fixed}/{lid}/", f"{case}/{released}/{lid}/"
+        up_fixed = fx[a + "unet_input_prompt"]
+        up_rel = fx[b + "unet_input_prompt"]
+        assert not np.any(up_fixed < 0)
+        ours = runs[lid][0][1].numpy()
+        if np.array_equal(fx[a + "slicer"], fx[b + "slicer"]):
+            keep = up_rel >= 0
+            assert np.array_equal(ours[keep], up_rel[keep])
+            assert np.array_equal(up_rel[~keep], np.full(int((~keep).sum()), -1))
+        n_minus += int(np.sum(fx[b + "prompt_model_grid"] < 0))
+        fx_lo, rel_lo = fx[a + "prompt_model_grid_lo"], fx[b + "prompt_model_grid_lo"]
+        assert np.all(rel_lo <= fx_lo)
+        sub = fx[b + "prompt_model_grid"][tuple(slice(f - r, f - r + n) for f, r, n in
+                                                 zip(fx_lo, rel_lo, fx[a + "prompt_model_grid"].shape))]
+        assert np.array_equal(sub == 1, fx[a + "prompt_model_grid"] == 1)
+    assert n_minus > 0, "no -1 prompt voxels in the released run: the fixture no longer exposes the bug"
+    image = _case_image("sepz").array
+    assert np.any(~binary_fill_holes(image != 0)), "sepz has no 0 voxel outside its filled nonzero region"
