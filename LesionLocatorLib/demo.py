@@ -10,7 +10,8 @@ Demo case layout (``Resources/Demo``)::
 
     demo_t0.nii.gz, demo_t1.nii.gz, ...              scans, in time order
     demo_t0_label.nii.gz, demo_t1_label.nii.gz, ...  ground-truth instance labels
-    demo_points.json                                 baseline prompts (upstream format)
+    demo_points.json, demo_boxes.json                baseline point / box prompts (upstream format)
+    demo_case.json                                   how it was made (CT, seed, lesions, volumes)
 """
 from __future__ import annotations
 

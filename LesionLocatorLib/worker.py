@@ -168,9 +168,10 @@ class Worker:
     def submit(self, message: dict) -> None:
         from .predict import CancelToken
 
+        token = CancelToken()
         with self.lock:
-            self.tokens[message["id"]] = CancelToken()
-        self.requests.put(message)
+            self.tokens[message["id"]] = token
+        self.requests.put((message, token))  # the token travels with its message (ids may repeat)
 
     def cancel(self, request_id: str) -> None:
         with self.lock:
@@ -180,18 +181,16 @@ class Worker:
 
     def work(self) -> None:
         while True:
-            message = self.requests.get()
-            if message is None:
+            item = self.requests.get()
+            if item is None:
                 return
-            self._run(message)
+            self._run(*item)
 
-    def _run(self, message: dict) -> None:
+    def _run(self, message: dict, token) -> None:
         from .predict import Cancelled
         from .runner import SegmentationRequest
 
         rid = message.get("id")
-        with self.lock:
-            token = self.tokens.get(rid)
         try:
             if message["type"] == "load":
                 for kind in message.get("prompt_types", ["point"]):
@@ -221,7 +220,8 @@ class Worker:
             self.channel.send({"type": "error", "id": rid, "error": type(e).__name__, "message": str(e)})
         finally:
             with self.lock:
-                self.tokens.pop(rid, None)
+                if self.tokens.get(rid) is token:  # a later message with the same id keeps its own
+                    del self.tokens[rid]
 
 
     def _track(self, message: dict, token) -> None:

@@ -121,6 +121,7 @@ def step_democase(work: Path) -> None:
         write_image(img, out / f"demo_t{t}.nii.gz")
         write_image(lab, out / f"demo_t{t}_label.nii.gz")
     write_upstream_json(prompts_from_labels(case.labels[0].array, "point"), out / "demo_points.json")
+    write_upstream_json(prompts_from_labels(case.labels[0].array, "box"), out / "demo_boxes.json")
     (out / "demo_case.json").write_text(json.dumps(
         {"source_ct": PLAN["demo_ct"], "seed": PLAN["demo_seed"],
          "lesions": [les.to_dict() for les in case.lesions]}, indent=1, default=str))
