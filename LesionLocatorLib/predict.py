@@ -247,7 +247,9 @@ def segment(image: Image, prompts, model: LoadedModel, progress=None, cancel: Ca
         mask = np.zeros(image.shape, dtype=bool)
         if slices is not None:
             prob[slices] = (1.0 - torch.softmax(orig, 0)[0]).numpy()
-            mask[slices] = (torch.argmax(orig, 0) != 0).numpy()
+            # argmax != 0, exactly (ties go to background, as argmax takes the first maximum), without
+            # argmax's slow strided reduction over the channel axis
+            mask[slices] = (orig[1:].amax(0) > orig[0]).numpy()
         masks[vp.id], probs[vp.id], regions[vp.id] = mask, prob, slices
     labels, overlaps = instance_labels(masks, probs, image, regions)
     empty = [pid for pid, m in masks.items() if regions[pid] is None or not m[regions[pid]].any()]
