@@ -1674,12 +1674,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
             if target is None:
                 node = step["node"]
                 node.SetName(unique(node.GetName()))
-                scene.AddNode(node)
-                node.CreateDefaultDisplayNodes()
-                node.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
-                node.SetNodeReferenceID(self.SOURCE_VOLUME_REFERENCE, volume.GetID())
-                node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), volume.GetID())
-                self._placeBesideVolume(node, volume)
+                self._addResultNode(node, volume)
             else:
                 node = target
                 t = len(segmentationNodes)
@@ -1893,12 +1888,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
             for spec, lesionId in zip(specs, ids):
                 node.GetSegmentation().AddSegment(self._newSegment(lesionId, spec, labelmaps[lesionId]),
                                                   self.segmentIdForLesion(lesionId))
-            scene.AddNode(node)
-            node.CreateDefaultDisplayNodes()
-            node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
-            node.SetNodeReferenceID(self.SOURCE_VOLUME_REFERENCE, volumeNode.GetID())
-            node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), volumeNode.GetID())
-            self._placeBesideVolume(node, volumeNode)
+            self._addResultNode(node, volumeNode)
             return node
         node = resultNode
         wasModified = node.StartModify()
@@ -1919,6 +1909,16 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         finally:
             node.EndModify(wasModified)
         return node
+
+    def _addResultNode(self, node, volumeNode) -> None:
+        """Add a new result segmentation to the scene on ``volumeNode``: display nodes, the volume's
+        parent transform, source-volume and reference-geometry references, placed beside the volume."""
+        slicer.mrmlScene.AddNode(node)
+        node.CreateDefaultDisplayNodes()
+        node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+        node.SetNodeReferenceID(self.SOURCE_VOLUME_REFERENCE, volumeNode.GetID())
+        node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), volumeNode.GetID())
+        self._placeBesideVolume(node, volumeNode)
 
     @staticmethod
     def _placeBesideVolume(node, volumeNode):
