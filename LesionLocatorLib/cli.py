@@ -273,7 +273,8 @@ def cmd_train(args) -> int:
     root = train(pairs, args.o, plans, epochs=args.epochs, iterations_per_epoch=args.iterations,
                  batch_size=args.batch_size, initial_lr=args.lr, seed=args.seed, init_from=args.init,
                  device=args.device, val_pairs=val, stop_after_epoch=args.stop_after_epoch,
-                 low_res_prob=args.low_res_prob)
+                 low_res_prob=args.low_res_prob, vanish_prob=args.vanish_prob,
+                 optimizer=args.optimizer)
     if root is None:
         print(f"stopped after epoch {args.stop_after_epoch} of {args.epochs}; the same command without "
               f"--stop-after-epoch (or with a later one) resumes from {Path(args.o) / 'checkpoint_latest.pth'}")
@@ -393,11 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stop-after-epoch", "--stop_after_epoch", dest="stop_after_epoch", type=int, default=None,
                    help="end this run after that epoch (the learning-rate schedule still spans --epochs); "
                         "run again to resume, e.g. with other training data")
+    r.add_argument("--vanish-prob", "--vanish_prob", dest="vanish_prob", type=float, default=0.0,
+                   help="share of previous-mask samples showing a vanished lesion (prompt on lesion-free "
+                        "tissue, empty target), so tracking learns to report vanished lesions")
     r.add_argument("--low-res-prob", "--low_res_prob", dest="low_res_prob", type=float, default=0.0,
                    help="share of training samples made to look like scans coarser than the model spacing "
                         "(down- and up-sampled image, 0.33-1 zoom per axis)")
     r.add_argument("--iterations", type=int, default=50, help="iterations per epoch")
     r.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=2)
+    r.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
+                   help="sgd: nnU-Net's (Nesterov, momentum 0.99, --lr 1e-2); adamw: try --lr 1e-3")
     r.add_argument("--lr", type=float, default=1e-2)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--init", default=None, help="checkpoint to fine-tune from (same architecture)")

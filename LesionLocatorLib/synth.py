@@ -99,6 +99,13 @@ class SynthConfig:
     kind_weights: tuple = (("ellipsoid", 0.35), ("lobulated", 0.4), ("spiculated", 0.25))
     min_gap_mm: float = 5.0                       # free space between lesions' outer extents
     partial_volume_sigma_vox: float = 0.6         # alpha = Gaussian-smoothed mask
+    # visibility: the lesion's rim or core differs from the median of the tissue around it
+    # by at least max(min_contrast_hu, contrast_per_spread * spread), where spread is the
+    # larger of the local noise and the surroundings' robust spread (heterogeneous tissue
+    # such as fat next to muscle hides a lesion of small contrast), at most max_contrast_hu
+    min_contrast_hu: float = 60.0
+    contrast_per_spread: float = 2.0
+    max_contrast_hu: float = 180.0
     # lesion level (7.1)
     amplitudes: tuple = AMPLITUDES
     sigma_s_range: tuple = (4.0, 5.5)             # mm (voxels of the 1 mm grid)
@@ -460,6 +467,31 @@ def _appearance_values(rng, appearance: str, local_hu: float):
     return wall, core, rng.uniform(0.25, 0.45)
 
 
+def visible_values(rim: float, core: float, rim_frac: float, local_hu: float, needed_hu: float,
+                   upward: bool) -> tuple:
+    """(rim, core) in HU with at least ``needed_hu`` of contrast against ``local_hu``.
+
+    The component that already stands out more (the rim of a rim-enhancing lesion, the
+    fluid core of a necrotic one, the single value of a homogeneous lesion) is moved away
+    from the surrounding tissue until its contrast is ``needed_hu``; ``upward`` gives the
+    direction when it equals the surroundings. The other component is unchanged, except
+    that a homogeneous lesion (``rim_frac == 0``) keeps ``rim == core``."""
+    if rim_frac == 0:
+        d = rim - local_hu
+        if abs(d) >= needed_hu:
+            return rim, core
+        v = local_hu + (needed_hu if (d > 0 or (d == 0 and upward)) else -needed_hu)
+        return v, v
+    d_rim, d_core = rim - local_hu, core - local_hu
+    if max(abs(d_rim), abs(d_core)) >= needed_hu:
+        return rim, core
+    if abs(d_rim) >= abs(d_core):
+        up = d_rim > 0 or (d_rim == 0 and upward)
+        return local_hu + (needed_hu if up else -needed_hu), core
+    up = d_core > 0 or (d_core == 0 and upward)
+    return rim, local_hu + (needed_hu if up else -needed_hu)
+
+
 def _local_noise_hu(crop: np.ndarray, region: np.ndarray) -> float:
     hp = crop - ndimage.uniform_filter(crop, 3)
     vals = hp[region & (crop > -150) & (crop < 250)]
@@ -550,6 +582,12 @@ class _State:
         local_hu = float(np.median(crop[shell])) if shell.any() else 40.0
         noise_hu = _local_noise_hu(crop, shell)
         rim, core, rim_frac = _appearance_values(rng, appearance, local_hu)
+        if shell.any():
+            spread = 1.4826 * float(np.median(np.abs(crop[shell] - local_hu)))
+            needed = min(max(self.cfg.min_contrast_hu, self.cfg.contrast_per_spread * max(spread, noise_hu)),
+                         self.cfg.max_contrast_hu)
+            rim, core = visible_values(rim, core, rim_frac, local_hu, needed,
+                                       upward=appearance in ("hyperdense", "rim_enhancing", "solid"))
         depth = ndimage.distance_transform_edt(S, sampling=sp)
         r_eq = (3 * S.sum() * np.prod(sp) / (4 * np.pi)) ** (1 / 3)
         if rim_frac > 0 and r_eq > 2 * sp.min():

@@ -172,15 +172,23 @@ def load_case(image_path, label_path, configuration: dict) -> Case:
 
 
 def simulate_sample(case: Case, rng: np.random.Generator, patch, normalize, prompt_type: str,
-                    low_res_prob: float = 0.0) -> tuple:
+                    low_res_prob: float = 0.0, vanish_prob: float = 0.0) -> tuple:
     """(input (2, *patch) float32, target (1, *patch) float32) for one random lesion of ``case``.
 
     ``low_res_prob``: probability of simulating a scan coarser than the model spacing (see
-    :func:`simulate_low_resolution`)."""
+    :func:`simulate_low_resolution`). ``vanish_prob``: probability that a mask-prompt sample
+    shows a lesion that has vanished (:func:`vanished_mask`: the previous mask lies on tissue
+    without a lesion, the target is empty), so that tracking can report ``vanished``."""
     grid = case.grid
     pid = int(rng.choice(list(case.lesions)))
     sl, idx = case.lesions[pid]
     lesion = case.labels == pid
+    prompt_mask = None
+    if prompt_type == "mask" and rng.random() < vanish_prob:
+        prompt_mask = vanished_mask(case, perturb_mask(lesion, sl, rng), rng)
+        if prompt_mask is not None:
+            lesion = np.zeros_like(lesion)
+            idx = np.argwhere(prompt_mask)
     voxel = idx[rng.integers(len(idx))]
     centre = np.round(grid.original_to_model(voxel)).astype(int) + np.asarray(grid.pad_lo)
     jitter = rng.integers(-np.asarray(patch) // 4, np.asarray(patch) // 4 + 1)
@@ -201,7 +209,9 @@ def simulate_sample(case: Case, rng: np.random.Generator, patch, normalize, prom
                         np.minimum(box[:, 1] + grow[:, 1], grid.model_shape)], 1)
         paint_prompt(x[1], "box", box.ravel(), offset)
     else:
-        x[1] = grid.extract_mask(perturb_mask(lesion, sl, rng), lo, hi)
+        if prompt_mask is None:
+            prompt_mask = perturb_mask(lesion, sl, rng)
+        x[1] = grid.extract_mask(prompt_mask, lo, hi)
     # mirroring augmentation (the axes test-time augmentation uses) and mild intensity jitter
     for axis in (1, 2, 3):
         if rng.random() < 0.5:
@@ -222,6 +232,34 @@ def simulate_low_resolution(block: np.ndarray, rng: np.random.Generator, zoom_ra
     small = ndimage.zoom(block, small_shape / np.asarray(block.shape), order=1, grid_mode=True, mode="nearest")
     return ndimage.zoom(small, np.asarray(block.shape) / small.shape, order=1, grid_mode=True,
                         mode="nearest").astype(np.float32)[tuple(slice(0, n) for n in block.shape)]
+
+
+def vanished_mask(case: Case, mask: np.ndarray, rng: np.random.Generator, max_shift_mm: float = 60.0,
+                  margin: int = 2, tries: int = 20) -> np.ndarray | None:
+    """``mask`` (a previous lesion mask, original voxel grid) moved by up to ``max_shift_mm`` per
+    axis to where the image has no lesion within ``margin`` voxels of its bounding box and the
+    tissue under it is body (mean above -900 HU, lung included): what a tracked lesion's warped
+    mask covers after the lesion vanished. None when ``tries`` random moves find no such place."""
+    idx = np.argwhere(mask)
+    shape = np.asarray(mask.shape)
+    limit = np.maximum(np.round(max_shift_mm / np.asarray(case.image.spacing_zyx)).astype(int), 1)
+    image = np.asarray(case.image.array)
+    # moves that keep the mask and its margin inside the image
+    low = np.maximum(-limit, margin - idx.min(0))
+    high = np.minimum(limit, shape - margin - 1 - idx.max(0))
+    if (low > high).any():
+        return None
+    for _ in range(tries):
+        moved = idx + rng.integers(low, high + 1)
+        lo, hi = moved.min(0) - margin, moved.max(0) + margin + 1
+        if case.labels[tuple(slice(a, b) for a, b in zip(lo, hi))].any():
+            continue
+        if image[tuple(moved.T)].mean() <= -900:
+            continue
+        out = np.zeros_like(mask)
+        out[tuple(moved.T)] = True
+        return out
+    return None
 
 
 def perturb_mask(mask: np.ndarray, sl, rng: np.random.Generator) -> np.ndarray:
@@ -260,14 +298,18 @@ def _dice(pred: torch.Tensor, y: torch.Tensor) -> float:
 def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: int = 50, batch_size: int = 2,
           initial_lr: float = 1e-2, seed: int = 0, init_from=None, device: str = "auto", val_pairs=None,
           val_samples: int = 16, prompt_types=PROMPT_TYPES, progress=None, log=print,
-          stop_after_epoch: int | None = None, low_res_prob: float = 0.0) -> Path | None:
+          stop_after_epoch: int | None = None, low_res_prob: float = 0.0,
+          vanish_prob: float = 0.0, optimizer: str = "sgd") -> Path | None:
     """Train (or fine-tune from ``init_from``, a checkpoint of the same architecture) and write a
     model root ``out_dir/LesionLocatorCheckpoint``. Resumes from ``out_dir/checkpoint_latest.pth``.
 
     ``stop_after_epoch``: end this run after that epoch, before ``epochs`` (the learning-rate
     schedule still spans ``epochs``), and return None; a later call resumes, possibly with other
     data (training in phases, or across runs on a machine with a time limit). ``low_res_prob``:
-    share of training samples made to look like coarser scans (:func:`simulate_low_resolution`)."""
+    share of training samples made to look like coarser scans (:func:`simulate_low_resolution`).
+    ``vanish_prob``: share of mask-prompt samples whose lesion has vanished (empty target).
+    ``optimizer``: "sgd" (nnU-Net's: Nesterov, momentum 0.99) or "adamw" (weight decay 1e-2;
+    use an ``initial_lr`` near 1e-3); both with the poly schedule."""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
@@ -297,7 +339,12 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
     loss_fn = DeepSupervisionWrapper(DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False},
                                                     {}, weight_ce=1, weight_dice=1,
                                                     dice_class=MemoryEfficientSoftDiceLoss), weights)
-    optimizer = torch.optim.SGD(network.parameters(), initial_lr, weight_decay=3e-5, momentum=0.99, nesterov=True)
+    if optimizer == "sgd":
+        optimizer = torch.optim.SGD(network.parameters(), initial_lr, weight_decay=3e-5, momentum=0.99, nesterov=True)
+    elif optimizer == "adamw":
+        optimizer = torch.optim.AdamW(network.parameters(), initial_lr, weight_decay=1e-2)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}: use 'sgd' or 'adamw'")
     scheduler = PolyLRScheduler(optimizer, initial_lr, epochs)
     scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" else None
     logging = {"train_losses": [], "val_dice": [], "ema_fg_dice": [], "lrs": [], "epoch_seconds": []}
@@ -328,7 +375,8 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
         bar = tqdm(range(iterations_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", leave=False)
         for _ in bar:
             samples = [simulate_sample(cases[rng.integers(len(cases))], rng, patch, normalize,
-                                       prompt_types[rng.integers(len(prompt_types))], low_res_prob)
+                                       prompt_types[rng.integers(len(prompt_types))], low_res_prob,
+                                       vanish_prob)
                        for _ in range(batch_size)]
             x = torch.from_numpy(np.stack([s[0] for s in samples])).to(dev)
             y = torch.from_numpy(np.stack([s[1] for s in samples])).to(dev)

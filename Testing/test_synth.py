@@ -249,3 +249,38 @@ def test_config_defaults_follow_the_supplement():
     assert (cfg.p_blur, cfg.blur_sigma_vox) == (0.1, (0.1, 0.2))
     assert (cfg.p_brightness, cfg.brightness) == (0.15, (0.75, 1.25))
     assert (cfg.p_contrast, cfg.contrast) == (0.15, (0.75, 1.25))
+
+
+# ------------------------------------------------------------------ visibility
+def test_visible_values_push_the_standing_out_part_away_from_the_tissue():
+    from LesionLocatorLib.synth import visible_values
+    # homogeneous lesions: both values move together, in their own direction
+    assert visible_values(30.0, 30.0, 0.0, 40.0, 60.0, upward=False) == (-20.0, -20.0)
+    assert visible_values(55.0, 55.0, 0.0, 40.0, 60.0, upward=False) == (100.0, 100.0)
+    assert visible_values(40.0, 40.0, 0.0, 40.0, 60.0, upward=True) == (100.0, 100.0)
+    assert visible_values(-50.0, -50.0, 0.0, 40.0, 60.0, upward=False) == (-50.0, -50.0)   # already visible
+    # rim-enhancing: the rim stands out more and is moved; necrotic: the fluid core is
+    assert visible_values(70.0, 20.0, 0.3, 40.0, 60.0, upward=True) == (100.0, 20.0)
+    assert visible_values(45.0, 0.0, 0.3, 40.0, 60.0, upward=False) == (45.0, -20.0)
+
+
+def test_homogeneous_lesions_differ_from_their_surroundings_by_the_minimum_contrast(ct):
+    def contrasts(**overrides):
+        c = make_case(ct, n_lesions=6, n_followups=0, seed=5, diameter_range_mm=(8.0, 20.0),
+                      intensity_transform=False, **overrides)
+        img, lab = np.asarray(c.images[0].array, float), c.labels[0].array
+        out = []
+        for les in c.lesions:
+            if les.appearance not in ("hypodense", "hyperdense", "solid", "ground_glass"):
+                continue
+            m = lab == les.id
+            core = ndimage.binary_erosion(m, iterations=1)
+            dist = ndimage.distance_transform_edt(~m, sampling=c.images[0].spacing_zyx)
+            shell = (dist > 1.5) & (dist < 5.0) & (lab == 0)
+            out.append(abs(np.median(img[core if core.any() else m]) - np.median(img[shell])))
+        return np.array(out)
+    visible = contrasts()
+    assert len(visible) >= 3 and visible.min() >= 0.75 * SynthConfig().min_contrast_hu, visible
+    # the same lesions without the rule: some are fainter than that
+    faint = contrasts(min_contrast_hu=0.0, contrast_per_spread=0.0)
+    assert faint.min() < 0.75 * SynthConfig().min_contrast_hu, faint

@@ -125,3 +125,29 @@ def test_prompt_simulation_targets_the_chosen_lesion_only(data):
             assert (y[0] * (1 - x[1])).sum() == 0
         else:  # a perturbed copy of the lesion
             assert (x[1] * y[0]).sum() / x[1].sum() > 0.5
+
+
+def test_vanished_lesion_samples_put_the_previous_mask_on_lesion_free_body_with_an_empty_target(data):
+    case = train_module.load_case(data / "images" / "c0.nii.gz", data / "labels" / "c0.nii.gz",
+                                  PLANS["configurations"]["3d_fullres"])
+    normalize = train_module.ct_normalizer(PLANS["foreground_intensity_properties_per_channel"]["0"])
+    rng = np.random.default_rng(0)
+    lesion = case.labels == 1
+    for _ in range(5):
+        moved = train_module.vanished_mask(case, lesion, rng)
+        assert moved is not None and moved.sum() == lesion.sum(), "the same shape, moved"
+        assert not (moved & (case.labels > 0)).any(), "on tissue without any lesion"
+        assert np.asarray(case.image.array)[moved].mean() > -900, "inside the body"
+    x, y = train_module.simulate_sample(case, rng, (32, 48, 48), normalize, "mask", vanish_prob=1.0)
+    assert x[1].sum() > 50 and not y.any()
+    # points and boxes are never made empty, and a mask sample without vanish_prob has its lesion
+    for kind in ("point", "box", "mask"):
+        prob = 0.0 if kind == "mask" else 1.0
+        assert train_module.simulate_sample(case, rng, (32, 48, 48), normalize, kind, vanish_prob=prob)[1].any()
+
+
+def test_vanished_mask_gives_none_when_no_lesion_free_place_exists(data):
+    case = train_module.load_case(data / "images" / "c0.nii.gz", data / "labels" / "c0.nii.gz",
+                                  PLANS["configurations"]["3d_fullres"])
+    everything = np.ones_like(case.labels, dtype=bool)
+    assert train_module.vanished_mask(case, everything, np.random.default_rng(0)) is None

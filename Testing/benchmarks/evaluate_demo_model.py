@@ -3,11 +3,13 @@
 Segmentation (baseline): point prompts at the lesion centre, at a random voxel
 inside the lesion (off-centre), and box prompts; tracking: baseline masks
 tracked through the follow-ups with the track model and a registration backend.
-Prints tables, writes ``results/evaluate_<model name>.json`` and, per case, the
-prediction/ground-truth label images that ``lesionlocator evaluate`` reads.
+Writes the prediction/ground-truth instance label images per prompt type
+(``WORKDIR/segmentation/<prompt>/{pred,gt}``) and of the follow-ups
+(``WORKDIR/tracking/{pred,gt}``), runs ``lesionlocator evaluate`` on each (its tables are the
+numbers of the model card) and writes ``results/evaluate_<model name>.json``.
 
 Usage: python Testing/benchmarks/evaluate_demo_model.py WORKDIR [-m MODEL] [--cases 4] [--lesions 6]
-       [--followups 3] [--min-diameter 10] [--registration simpleitk]
+       [--followups 3] [--min-diameter 10] [--registration simpleitk] [--tta]
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("--followups", type=int, default=3)
     ap.add_argument("--min-diameter", type=float, default=10.0, help="smallest lesion diameter (mm)")
     ap.add_argument("--registration", default="simpleitk")
+    ap.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8 flips)")
     ap.add_argument("--seed", type=int, default=100)
     ap.add_argument("--p-vanish", type=float, default=0.2,
                     help="probability that a lesion vanishes during the follow-ups (the evaluation needs >= 1)")
@@ -51,14 +54,16 @@ def main() -> None:
 
     work = Path(a.work)
     ct = read_ct(Path(fetch_registry_cts(work / "ct_cache", [a.ct])[a.ct]))
-    seg = {k: load_model(a.m, k, device="cpu") for k in ("point", "box")}
-    trk = load_model(a.m, "prev_mask", device="cpu")
+    seg = {k: load_model(a.m, k, device="cpu", tta=a.tta) for k in ("point", "box")}
+    trk = load_model(a.m, "prev_mask", device="cpu", tta=a.tta)
+    prompt_folders = {"point (centre)": "point_centre", "point (off-centre)": "point_offcentre", "box": "box"}
     rng = np.random.default_rng(a.seed)
     seg_rows, track_rows, statuses = [], [], []
     timings = {}
     for c in range(a.cases):
         case = make_case(ct, n_lesions=a.lesions, n_followups=a.followups, seed=a.seed + c,
-                         diameter_range_mm=(a.min_diameter, 40.0), p_vanish=a.p_vanish)
+                         diameter_range_mm=(a.min_diameter, 40.0), p_vanish=a.p_vanish,
+                         p_new=0.0)   # tracking follows the baseline lesions: no new ones in the truth
         base, lab = case.images[0], case.labels[0].array
         ids = [int(i) for i in np.unique(lab) if i > 0]
         centre = prompts_from_labels(lab, "point")
@@ -68,6 +73,9 @@ def main() -> None:
         for name, prompts, model in (("point (centre)", centre, seg["point"]), ("point (off-centre)", offc, seg["point"]),
                                      ("box", boxes, seg["box"])):
             res = segment(base, prompts, model)
+            folder = work / "segmentation" / prompt_folders[name]
+            write_image(res.labels, folder / "pred" / f"case{c}.nii.gz")
+            write_image(case.labels[0], folder / "gt" / f"case{c}.nii.gz")
             for i in ids:
                 seg_rows.append({"case": c, "prompt": name, "lesion_id": i, "dice": dice(res.masks[i], lab == i),
                                  "diameter_mm": next(l_.diameter_mm for l_ in case.lesions if l_.id == i)})
@@ -75,16 +83,22 @@ def main() -> None:
         result = track(case.images, [MaskPrompt(i, base.with_array(lab == i)) for i in ids], trk,
                        registration=a.registration)
         timings[f"case {c}"] = {"total_s": time.perf_counter() - t0, **result.timings}
-        out = work / "tracking" / f"case{c}"
+        out = work / "tracking"
         for t in range(1, len(case.images)):
-            write_image(result.labels[t], out / "pred" / f"t{t}.nii.gz")
-            write_image(case.labels[t], out / "gt" / f"t{t}.nii.gz")
+            write_image(result.labels[t], out / "pred" / f"case{c}_t{t}.nii.gz")
+            write_image(case.labels[t], out / "gt" / f"case{c}_t{t}.nii.gz")
             track_rows += evaluate_case(result.labels[t], case.labels[t], lesion_ids=ids, case=f"case{c}_t{t}",
                                         patient=f"case{c}")
         for les in case.lesions:
             if les.id in result.status:
                 statuses.append({"case": c, "lesion_id": les.id, "truth": les.status,
                                  "tracked": result.status[les.id]})
+
+    from LesionLocatorLib.cli import main as cli_main
+    for name, folder in [*prompt_folders.items(), ("tracking", "../tracking")]:
+        folder = (work / "segmentation" / folder).resolve()
+        print(f"\n$ lesionlocator evaluate --pred {folder / 'pred'} --gt {folder / 'gt'}    # {name}")
+        cli_main(["evaluate", "--pred", str(folder / "pred"), "--gt", str(folder / "gt")])
 
     summary = {}
     for name in ("point (centre)", "point (off-centre)", "box"):
@@ -99,11 +113,11 @@ def main() -> None:
     print("\nLesions that vanish in the ground truth: truth vs tracker status")
     for s in vanish:
         print(f"  case {s['case']} lesion {s['lesion_id']}: {s['truth']} / {s['tracked']}")
-    doc = {"model": a.m, "ct": a.ct, "cases": a.cases, "lesions_per_case": a.lesions, "followups": a.followups,
+    doc = {"model": a.m, "tta": a.tta, "ct": a.ct, "cases": a.cases, "lesions_per_case": a.lesions, "followups": a.followups,
            "min_diameter_mm": a.min_diameter, "segmentation": summary, "tracking": agg, "vanishing": vanish,
            "statuses": statuses, "timings": timings}
     (HERE / "results").mkdir(exist_ok=True)
-    path = HERE / "results" / f"evaluate_{Path(a.m).name}.json"
+    path = HERE / "results" / f"evaluate_{Path(a.m).name}{'_tta' if a.tta else ''}.json"
     path.write_text(json.dumps(doc, indent=1, default=str))
     print(f"\nwrote {path}")
 
