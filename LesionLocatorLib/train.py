@@ -318,6 +318,8 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from .model import _network_state, load_checkpoint, select_device
 
+    if optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"unknown optimizer {optimizer!r}: use 'sgd' or 'adamw'")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = select_device(device)
@@ -341,10 +343,8 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
                                                     dice_class=MemoryEfficientSoftDiceLoss), weights)
     if optimizer == "sgd":
         optimizer = torch.optim.SGD(network.parameters(), initial_lr, weight_decay=3e-5, momentum=0.99, nesterov=True)
-    elif optimizer == "adamw":
-        optimizer = torch.optim.AdamW(network.parameters(), initial_lr, weight_decay=1e-2)
     else:
-        raise ValueError(f"unknown optimizer {optimizer!r}: use 'sgd' or 'adamw'")
+        optimizer = torch.optim.AdamW(network.parameters(), initial_lr, weight_decay=1e-2)
     scheduler = PolyLRScheduler(optimizer, initial_lr, epochs)
     scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" else None
     logging = {"train_losses": [], "val_dice": [], "ema_fg_dice": [], "lrs": [], "epoch_seconds": []}

@@ -151,3 +151,16 @@ def test_vanished_mask_gives_none_when_no_lesion_free_place_exists(data):
                                   PLANS["configurations"]["3d_fullres"])
     everything = np.ones_like(case.labels, dtype=bool)
     assert train_module.vanished_mask(case, everything, np.random.default_rng(0)) is None
+
+
+def test_adamw_optimizer_is_used_and_resumed_and_an_unknown_one_is_refused(data):
+    pairs = find_pairs(data / "images", data / "labels")
+    train(pairs, data / "run", PLANS, epochs=1, iterations_per_epoch=1, val_samples=1, device="cpu",
+          initial_lr=1e-3, optimizer="adamw", log=lambda m: None)
+    state = load_checkpoint(data / "run" / "checkpoint_latest.pth")["optimizer_state"]
+    assert "exp_avg" in next(iter(state["state"].values())), "AdamW's moment estimates are saved"
+    assert state["param_groups"][0]["weight_decay"] == 1e-2
+    with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
+        train(pairs, data / "other", PLANS, epochs=1, iterations_per_epoch=1, device="cpu", optimizer="adam",
+              log=lambda m: None)
+    assert not (data / "other").exists(), "refused before anything is written"
