@@ -56,7 +56,8 @@ def main() -> None:
     ct = read_ct(Path(fetch_registry_cts(work / "ct_cache", [a.ct])[a.ct]))
     seg = {k: load_model(a.m, k, device="cpu", tta=a.tta) for k in ("point", "box")}
     trk = load_model(a.m, "prev_mask", device="cpu", tta=a.tta)
-    prompt_folders = {"point (centre)": "point_centre", "point (off-centre)": "point_offcentre", "box": "box"}
+    folders = {name: work / "segmentation" / slug for name, slug in
+               (("point (centre)", "point_centre"), ("point (off-centre)", "point_offcentre"), ("box", "box"))}
     rng = np.random.default_rng(a.seed)
     seg_rows, track_rows, statuses = [], [], []
     timings = {}
@@ -73,7 +74,7 @@ def main() -> None:
         for name, prompts, model in (("point (centre)", centre, seg["point"]), ("point (off-centre)", offc, seg["point"]),
                                      ("box", boxes, seg["box"])):
             res = segment(base, prompts, model)
-            folder = work / "segmentation" / prompt_folders[name]
+            folder = folders[name]
             write_image(res.labels, folder / "pred" / f"case{c}.nii.gz")
             write_image(case.labels[0], folder / "gt" / f"case{c}.nii.gz")
             for i in ids:
@@ -95,8 +96,7 @@ def main() -> None:
                                  "tracked": result.status[les.id]})
 
     from LesionLocatorLib.cli import main as cli_main
-    for name, folder in [*prompt_folders.items(), ("tracking", "../tracking")]:
-        folder = (work / "segmentation" / folder).resolve()
+    for name, folder in {**folders, "tracking": work / "tracking"}.items():
         print(f"\n$ lesionlocator evaluate --pred {folder / 'pred'} --gt {folder / 'gt'}    # {name}")
         cli_main(["evaluate", "--pred", str(folder / "pred"), "--gt", str(folder / "gt")])
 
