@@ -260,6 +260,16 @@ def cmd_track(args) -> int:
     return 1 if failed else 0
 
 
+def _box_jitter(text: str):
+    """``--box-jitter-mm``: millimetres (>= 0), or 'legacy' (None)."""
+    if text == "legacy":
+        return None
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 or 'legacy', got {text}")
+    return value
+
+
 def cmd_train(args) -> int:
     import json as _json
     from .train import find_pairs, make_plans, train
@@ -274,7 +284,7 @@ def cmd_train(args) -> int:
                  batch_size=args.batch_size, initial_lr=args.lr, seed=args.seed, init_from=args.init,
                  device=args.device, val_pairs=val, stop_after_epoch=args.stop_after_epoch,
                  low_res_prob=args.low_res_prob, vanish_prob=args.vanish_prob,
-                 optimizer=args.optimizer)
+                 optimizer=args.optimizer, box_jitter_mm=args.box_jitter_mm, cpu_bf16=args.cpu_bf16)
     if root is None:
         print(f"stopped after epoch {args.stop_after_epoch} of {args.epochs}; the same command without "
               f"--stop-after-epoch (or with a later one) resumes from {Path(args.o) / 'checkpoint_latest.pth'}")
@@ -405,6 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
                    help="sgd: nnU-Net's (Nesterov, momentum 0.99, --lr 1e-2); adamw: try --lr 1e-3")
     r.add_argument("--lr", type=float, default=1e-2)
+    r.add_argument("--box-jitter-mm", "--box_jitter_mm", dest="box_jitter_mm", type=_box_jitter, default=8.0,
+                   help="box prompts: the lesion's bounding box grown by U[0, this] mm per axis (default 8); "
+                        "'legacy': U[0, 10] model voxels per side (training runs before 2026-12)")
+    r.add_argument("--cpu-bf16", "--cpu_bf16", dest="cpu_bf16", action="store_true",
+                   help="on the CPU, train in bfloat16 autocast (1.6-1.8x faster with AVX512-BF16/AMX)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--init", default=None, help="checkpoint to fine-tune from (same architecture)")
     r.add_argument("-device", "--device", default="auto")

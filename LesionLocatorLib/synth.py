@@ -106,6 +106,9 @@ class SynthConfig:
     min_contrast_hu: float = 60.0
     contrast_per_spread: float = 2.0
     max_contrast_hu: float = 180.0
+    # lesions with a wall (rim-enhancing, necrotic core): the wall gets that contrast, so the outline
+    # is visible; False: the part that stands out more (the rim or the core; before 2026-12)
+    visible_wall: bool = True
     # lesion level (7.1)
     amplitudes: tuple = AMPLITUDES
     sigma_s_range: tuple = (4.0, 5.5)             # mm (voxels of the 1 mm grid)
@@ -468,28 +471,30 @@ def _appearance_values(rng, appearance: str, local_hu: float):
 
 
 def visible_values(rim: float, core: float, rim_frac: float, local_hu: float, needed_hu: float,
-                   upward: bool) -> tuple:
-    """(rim, core) in HU with at least ``needed_hu`` of contrast against ``local_hu``.
+                   upward: bool, wall: bool = True) -> tuple:
+    """(rim, core) in HU such that the lesion's outline has at least ``needed_hu`` of contrast
+    against ``local_hu``.
 
-    The component that already stands out more (the rim of a rim-enhancing lesion, the
-    fluid core of a necrotic one, the single value of a homogeneous lesion) is moved away
-    from the surrounding tissue until its contrast is ``needed_hu``; ``upward`` gives the
-    direction when it equals the surroundings. The other component is unchanged, except
-    that a homogeneous lesion (``rim_frac == 0``) keeps ``rim == core``."""
-    if rim_frac == 0:
-        d = rim - local_hu
-        if abs(d) >= needed_hu:
+    What touches the surrounding tissue is moved away from it until its contrast is
+    ``needed_hu``: the single value of a homogeneous lesion (``rim_frac == 0``, ``rim == core``
+    stays true) or the rim (wall) of a rim-enhancing or necrotic lesion; the core inside the
+    wall is unchanged. A rim moves upward (an enhancing wall) unless it is already darker than
+    the tissue and ``upward`` is False; a homogeneous value moves in the direction of its
+    difference (``upward`` when it equals the surroundings). Without this, a necrotic lesion's
+    wall (tissue -10..+20 HU) was invisible and its label reached beyond what the image shows.
+    ``wall=False``: the older rule, which moved the part of a walled lesion that stood out more
+    (often the fluid core, leaving the wall invisible), kept to reproduce older datasets."""
+    if rim_frac > 0 and not wall and abs(core - local_hu) > abs(rim - local_hu):
+        if abs(core - local_hu) >= needed_hu:
             return rim, core
-        v = local_hu + (needed_hu if (d > 0 or (d == 0 and upward)) else -needed_hu)
-        return v, v
-    d_rim, d_core = rim - local_hu, core - local_hu
-    if max(abs(d_rim), abs(d_core)) >= needed_hu:
+        up = core > local_hu or (core == local_hu and upward)
+        return rim, local_hu + (needed_hu if up else -needed_hu)
+    d = rim - local_hu
+    if abs(d) >= needed_hu:
         return rim, core
-    if abs(d_rim) >= abs(d_core):
-        up = d_rim > 0 or (d_rim == 0 and upward)
-        return local_hu + (needed_hu if up else -needed_hu), core
-    up = d_core > 0 or (d_core == 0 and upward)
-    return rim, local_hu + (needed_hu if up else -needed_hu)
+    up = (d > 0 or upward) if rim_frac > 0 and wall else (d > 0 or (d == 0 and upward))
+    v = local_hu + (needed_hu if up else -needed_hu)
+    return (v, v) if rim_frac == 0 else (v, core)
 
 
 def _robust_sigma(values: np.ndarray) -> float:
@@ -591,7 +596,9 @@ class _State:
             needed = min(max(self.cfg.min_contrast_hu, self.cfg.contrast_per_spread * max(spread, noise_hu)),
                          self.cfg.max_contrast_hu)
             rim, core = visible_values(rim, core, rim_frac, local_hu, needed,
-                                       upward=appearance in ("hyperdense", "rim_enhancing", "solid"))
+                                       upward=appearance in ("hyperdense", "rim_enhancing", "solid") or (
+                                           appearance == "necrotic_core" and self.cfg.visible_wall),
+                                       wall=self.cfg.visible_wall)
         depth = ndimage.distance_transform_edt(S, sampling=sp)
         r_eq = (3 * S.sum() * np.prod(sp) / (4 * np.pi)) ** (1 / 3)
         if rim_frac > 0 and r_eq > 2 * sp.min():

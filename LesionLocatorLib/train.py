@@ -7,7 +7,8 @@ type, cuts the patch the network would see at inference (the same model grid as
 and simulates the prompt as the paper describes (section 2.5):
 
 * point: a random voxel of the lesion, drawn as a ball of radius 5 voxels;
-* box: the lesion's bounding box grown by U[0, 10] voxels on each side;
+* box: the lesion's bounding box grown along each axis by U[0, ``box_jitter_mm``] (default 8 mm,
+  the paper's U[0, 10] voxels at its ~0.8 mm spacing), split at random between both sides;
 * mask: the lesion mask, perturbed (shifted, dilated or eroded) as a propagated
   previous mask would be.
 
@@ -19,6 +20,7 @@ runs it. Training resumes from ``checkpoint_latest.pth``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ CT_INTENSITIES = {  # upstream's published LesionLocatorSeg plans
     "min": -1411.0, "percentile_00_5": -918.0, "percentile_99_5": 723.0, "std": 282.3602283405916,
 }
 PROMPT_TYPES = ("point", "box", "mask")
+BOX_JITTER_MM = 8.0   # the paper's U[0, 10] voxels at upstream's ~0.8 mm in-plane spacing
 
 
 class TrainingDataError(ValueError):
@@ -172,8 +175,15 @@ def load_case(image_path, label_path, configuration: dict) -> Case:
 
 
 def simulate_sample(case: Case, rng: np.random.Generator, patch, normalize, prompt_type: str,
-                    low_res_prob: float = 0.0, vanish_prob: float = 0.0) -> tuple:
+                    low_res_prob: float = 0.0, vanish_prob: float = 0.0,
+                    box_jitter_mm: float | None = BOX_JITTER_MM) -> tuple:
     """(input (2, *patch) float32, target (1, *patch) float32) for one random lesion of ``case``.
+
+    ``box_jitter_mm``: a box prompt is the lesion's bounding box grown along each axis by
+    U[0, box_jitter_mm] millimetres in total (a sloppy user's box), split at random between the two
+    sides. In millimetres, not model voxels: on a coarse model grid the paper's U[0, 10] voxels
+    would grow a 10 mm lesion's box to 50 mm, far looser than the boxes users draw. None: that
+    older scheme (U[0, 10] model voxels on each side; training runs before 2026-12).
 
     ``low_res_prob``: probability of simulating a scan coarser than the model spacing (see
     :func:`simulate_low_resolution`). ``vanish_prob``: probability that a mask-prompt sample
@@ -204,7 +214,12 @@ def simulate_sample(case: Case, rng: np.random.Generator, patch, normalize, prom
     elif prompt_type == "box":
         box = box_to_model_grid([v for s in sl for v in (s.start, s.stop)], grid.crop_lo, grid.cropped_shape,
                                 grid.model_shape).reshape(3, 2)
-        grow = rng.integers(0, 11, size=(3, 2))
+        if box_jitter_mm is None:
+            grow = rng.integers(0, 11, size=(3, 2))
+        else:
+            total = rng.uniform(0, box_jitter_mm, size=3) / np.asarray(grid.target_spacing)  # model voxels per axis
+            share = rng.uniform(0, 1, size=3)
+            grow = np.round(np.stack([total * share, total * (1 - share)], 1)).astype(int)
         box = np.stack([np.maximum(box[:, 0] - grow[:, 0], 0),
                         np.minimum(box[:, 1] + grow[:, 1], grid.model_shape)], 1)
         paint_prompt(x[1], "box", box.ravel(), offset)
@@ -299,7 +314,8 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
           initial_lr: float = 1e-2, seed: int = 0, init_from=None, device: str = "auto", val_pairs=None,
           val_samples: int = 16, prompt_types=PROMPT_TYPES, progress=None, log=print,
           stop_after_epoch: int | None = None, low_res_prob: float = 0.0,
-          vanish_prob: float = 0.0, optimizer: str = "sgd") -> Path | None:
+          vanish_prob: float = 0.0, optimizer: str = "sgd", box_jitter_mm: float | None = BOX_JITTER_MM,
+          cpu_bf16: bool = False) -> Path | None:
     """Train (or fine-tune from ``init_from``, a checkpoint of the same architecture) and write a
     model root ``out_dir/LesionLocatorCheckpoint``. Resumes from ``out_dir/checkpoint_latest.pth``.
 
@@ -309,7 +325,11 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
     share of training samples made to look like coarser scans (:func:`simulate_low_resolution`).
     ``vanish_prob``: share of mask-prompt samples whose lesion has vanished (empty target).
     ``optimizer``: "sgd" (nnU-Net's: Nesterov, momentum 0.99) or "adamw" (weight decay 1e-2;
-    use an ``initial_lr`` near 1e-3); both with the poly schedule."""
+    use an ``initial_lr`` near 1e-3); both with the poly schedule. ``box_jitter_mm``: see
+    :func:`simulate_sample`. ``cpu_bf16``: on the CPU, run the network's forward and backward
+    passes in bfloat16 autocast (weights, loss and validation stay float32): 1.6-1.8x faster
+    training steps on CPUs with AVX512-BF16 or AMX, slower elsewhere. On CUDA, AMP (float16)
+    is always used."""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
@@ -347,6 +367,14 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
         optimizer = torch.optim.AdamW(network.parameters(), initial_lr, weight_decay=1e-2)
     scheduler = PolyLRScheduler(optimizer, initial_lr, epochs)
     scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" else None
+    if scaler is not None:
+        def autocast():
+            return torch.autocast("cuda")
+    elif cpu_bf16:
+        def autocast():
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+    else:
+        autocast = contextlib.nullcontext
     logging = {"train_losses": [], "val_dice": [], "ema_fg_dice": [], "lrs": [], "epoch_seconds": []}
     start_epoch = 0
     latest = out_dir / "checkpoint_latest.pth"
@@ -364,7 +392,8 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
         log(f"initialised from {init_from} (missing keys: {len(missing.missing_keys)})")
     val_rng = np.random.default_rng(seed + 999)
     val_set = [simulate_sample(val_cases[i % len(val_cases)], val_rng, patch, normalize,
-                               prompt_types[i % len(prompt_types)]) for i in range(val_samples)]
+                               prompt_types[i % len(prompt_types)], box_jitter_mm=box_jitter_mm)
+               for i in range(val_samples)]
     from tqdm import tqdm
     last = epochs if stop_after_epoch is None else min(int(stop_after_epoch), epochs)
     for epoch in range(start_epoch, last):
@@ -376,14 +405,14 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
         for _ in bar:
             samples = [simulate_sample(cases[rng.integers(len(cases))], rng, patch, normalize,
                                        prompt_types[rng.integers(len(prompt_types))], low_res_prob,
-                                       vanish_prob)
+                                       vanish_prob, box_jitter_mm)
                        for _ in range(batch_size)]
             x = torch.from_numpy(np.stack([s[0] for s in samples])).to(dev)
             y = torch.from_numpy(np.stack([s[1] for s in samples])).to(dev)
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", enabled=scaler is not None):
+            with autocast():
                 out = network(x)
-                loss = loss_fn(out, _downsample_targets(y, len(out)))
+            loss = loss_fn([o.float() for o in out], _downsample_targets(y, len(out)))
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
@@ -401,7 +430,7 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
             dices = [_dice(network(torch.from_numpy(x[None]).to(dev))[0].argmax(1), torch.from_numpy(y).to(dev))
                      for x, y in val_set]
         val = float(np.mean(dices))
-        logging["train_losses"].append(float(np.mean(losses)))
+        logging["train_losses"].append(float(np.mean(losses)) if losses else float("nan"))
         logging["val_dice"].append(val)
         ema = val if not logging["ema_fg_dice"] else 0.9 * logging["ema_fg_dice"][-1] + 0.1 * val
         logging["ema_fg_dice"].append(ema)

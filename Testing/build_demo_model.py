@@ -30,20 +30,25 @@ sys.path.insert(0, str(REPO))
 PLAN = {
     "features": [16, 32, 64, 96], "blocks": [1, 2, 2, 2], "batch_size": 2, "seed": 0,
     "train_ct": "chest_1p5mm", "train_cases": 20, "val_cases": 1, "lesions_per_case": 8, "followups": 2,
-    # dataset -> lesion diameters (mm) and generator settings; the first two were made before
-    # synth enforced a minimum lesion contrast (many soft-tissue lesions were barely visible:
-    # the overrides reproduce them), the "vis_" ones with the generator's defaults
+    # dataset -> lesion diameters (mm) and generator settings; the overrides reproduce datasets made
+    # with older generators: "data_" before synth enforced a minimum lesion contrast (many
+    # soft-tissue lesions were barely visible), "vis_" before the wall of a necrotic lesion had to
+    # stand out (its label reached beyond the visible core); "wall_" with the generator's defaults
     "datasets": {"data_4to50mm": ([4.0, 50.0], {"min_contrast_hu": 0.0, "contrast_per_spread": 0.0}),
                  "data_10to50mm": ([10.0, 50.0], {"min_contrast_hu": 0.0, "contrast_per_spread": 0.0}),
-                 "vis_4to50mm": ([4.0, 50.0], {}), "vis_10to50mm": ([10.0, 50.0], {})},
+                 "vis_4to50mm": ([4.0, 50.0], {"visible_wall": False}),
+                 "vis_10to50mm": ([10.0, 50.0], {"visible_wall": False}),
+                 "wall_4to50mm": ([4.0, 50.0], {}), "wall_10to50mm": ([10.0, 50.0], {})},
     # training folders made of links to the datasets' cases (names prefixed by the dataset);
     # validation: the last dataset's validation case
-    "mixtures": {"data_mixed": ["data_4to50mm", "data_10to50mm"], "vis_mixed": ["vis_4to50mm", "vis_10to50mm"]},
-    # Four training runs, each resumable (checkpoint_latest.pth in its folder); a run's ``phases``
-    # share one poly learning-rate schedule over ``epochs``. The first two are the 2026-11-30
-    # candidate (fine grid); the third moves it to the shipped, coarser grid (3.4x fewer voxels
-    # per patch, so 3.4x more iterations per hour on 2 cores) and trains on both datasets; the
-    # fourth continues on the datasets with visible lesions.
+    "mixtures": {"data_mixed": ["data_4to50mm", "data_10to50mm"], "vis_mixed": ["vis_4to50mm", "vis_10to50mm"],
+                 "wall_mixed": ["wall_4to50mm", "wall_10to50mm"]},
+    # Training runs, each resumable (checkpoint_latest.pth in its folder); a run's ``phases``
+    # share one poly learning-rate schedule over ``epochs``; each run starts from the previous
+    # one. The first two are the 2026-11-30 candidate (fine grid); the third moves it to the
+    # coarser grid (3.4x fewer voxels per patch, so 3.4x more iterations per hour on 2 cores) and
+    # trains on both datasets; the fourth continues on the datasets with visible lesions, the
+    # fifth on lesions with visible walls and tight boxes. The last run is the installed model.
     "runs": [
         # lesions of every size first, then measurable ones (>= 10 mm, as RECIST), which the
         # first phase under-segmented, then the same with half of the samples made to look like
@@ -63,10 +68,16 @@ PLAN = {
          # (stopped at epoch 48 of 90 when the barely visible lesions of its data were found)
          "phases": [{"data": "data_mixed", "until_epoch": 21, "low_res_prob": 0.3},
                     {"data": "data_mixed", "until_epoch": 48, "low_res_prob": 0.3, "vanish_prob": 0.15}]},
-        # the shipped model: run2's weights trained on visible lesions
+        # run2's weights trained on visible lesions
         {"out": "run3", "patch": [32, 48, 48], "spacing": [2.5, 2.0, 2.0], "epochs": 70, "iterations": 250,
          "lr": 5e-3, "init": "run2/checkpoint_latest.pth",
          "phases": [{"data": "vis_mixed", "until_epoch": 70, "low_res_prob": 0.3, "vanish_prob": 0.15}]},
+        # run3's weights on lesions whose wall is visible too, with box prompts as tight as users draw
+        # them (8 mm of jitter per axis; runs 1-3 grew boxes by up to 10 model voxels = 20-25 mm per
+        # side) and bfloat16 steps (1.6x faster on this CPU)
+        {"out": "run4", "patch": [32, 48, 48], "spacing": [2.5, 2.0, 2.0], "epochs": 100, "iterations": 250,
+         "lr": 5e-3, "init": "run3/checkpoint_latest.pth", "box_jitter_mm": 8.0, "cpu_bf16": True,
+         "phases": [{"data": "wall_mixed", "until_epoch": 100, "low_res_prob": 0.3, "vanish_prob": 0.15}]},
     ],
     "demo_ct": "abdomen_3mm", "demo_seed": 2026, "demo_lesions": 4, "demo_diameter_mm": [20.0, 45.0],
     # demo lesions: measurable (RECIST >= 10 mm at the 3 mm demo resolution), solid-organ and wall lesions
@@ -148,7 +159,8 @@ def step_train(work: Path) -> None:
                    "--iterations", str(run["iterations"]), "--batch-size", str(PLAN["batch_size"]),
                    "--seed", str(PLAN["seed"]), "--low-res-prob", str(phase["low_res_prob"]),
                    "--vanish-prob", str(phase.get("vanish_prob", 0.0)),
-                   "--lr", str(run["lr"]), *init]
+                   "--lr", str(run["lr"]), "--box-jitter-mm", str(run.get("box_jitter_mm", "legacy")),
+                   *(["--cpu-bf16"] if run.get("cpu_bf16") else []), *init]
             print(" ".join(cmd), flush=True)
             subprocess.run(cmd, check=True, cwd=REPO)
 

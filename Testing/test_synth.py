@@ -259,9 +259,39 @@ def test_visible_values_push_the_standing_out_part_away_from_the_tissue():
     assert visible_values(55.0, 55.0, 0.0, 40.0, 60.0, upward=False) == (100.0, 100.0)
     assert visible_values(40.0, 40.0, 0.0, 40.0, 60.0, upward=True) == (100.0, 100.0)
     assert visible_values(-50.0, -50.0, 0.0, 40.0, 60.0, upward=False) == (-50.0, -50.0)   # already visible
-    # rim-enhancing: the rim stands out more and is moved; necrotic: the fluid core is
+    # lesions with a wall: the wall (the outline) is moved, upward (enhancing) unless darker and not
+    # upward; the core inside is unchanged
     assert visible_values(70.0, 20.0, 0.3, 40.0, 60.0, upward=True) == (100.0, 20.0)
-    assert visible_values(45.0, 0.0, 0.3, 40.0, 60.0, upward=False) == (45.0, -20.0)
+    assert visible_values(45.0, 0.0, 0.3, 40.0, 60.0, upward=True) == (100.0, 0.0)    # necrotic: wall ~ tissue
+    assert visible_values(35.0, 0.0, 0.3, 40.0, 60.0, upward=True) == (100.0, 0.0)
+    assert visible_values(35.0, 90.0, 0.3, 40.0, 60.0, upward=False) == (-20.0, 90.0)
+    assert visible_values(120.0, 0.0, 0.3, 40.0, 60.0, upward=True) == (120.0, 0.0)   # already visible
+    # the older rule (wall=False, older datasets): the part that stands out more moves
+    assert visible_values(70.0, 20.0, 0.3, 40.0, 60.0, upward=True, wall=False) == (100.0, 20.0)
+    assert visible_values(45.0, 0.0, 0.3, 40.0, 60.0, upward=False, wall=False) == (45.0, -20.0)
+
+
+def test_the_wall_of_rim_and_necrotic_lesions_stands_out_from_the_tissue(ct):
+    def wall_contrasts(**overrides):
+        c = make_case(ct, n_lesions=5, n_followups=0, seed=4, diameter_range_mm=(12.0, 20.0),
+                      intensity_transform=False, location_weights=(("soft_tissue", 1.0),), **overrides)
+        img, lab = np.asarray(c.images[0].array, float), c.labels[0].array
+        sp = c.images[0].spacing_zyx
+        out = []
+        for les in c.lesions:
+            if les.appearance not in ("rim_enhancing", "necrotic_core"):
+                continue
+            m = lab == les.id
+            inside = ndimage.distance_transform_edt(m, sampling=sp)
+            outside = ndimage.distance_transform_edt(~m, sampling=sp)
+            wall = m & (inside > 1.0) & (inside <= 2.5)      # the wall, clear of the partial-volume border
+            shell = (outside > 1.5) & (outside < 5.0) & (lab == 0)
+            out.append(abs(np.median(img[wall]) - np.median(img[shell])))
+        return np.array(out)
+    walls = wall_contrasts()
+    assert len(walls) >= 2 and walls.min() >= 0.5 * SynthConfig().min_contrast_hu, walls
+    faint = wall_contrasts(min_contrast_hu=0.0, contrast_per_spread=0.0)
+    assert faint.min() < 0.25 * SynthConfig().min_contrast_hu, faint
 
 
 def test_homogeneous_lesions_differ_from_their_surroundings_by_the_minimum_contrast(ct):

@@ -123,8 +123,30 @@ def test_prompt_simulation_targets_the_chosen_lesion_only(data):
             assert (x[1] * y[0]).sum() > 0
         elif kind == "box":  # the (grown) box holds the whole target
             assert (y[0] * (1 - x[1])).sum() == 0
-        else:  # a perturbed copy of the lesion
-            assert (x[1] * y[0]).sum() / x[1].sum() > 0.5
+        else:  # a perturbed copy of the lesion (shifted by <= 2 voxels, dilated or eroded by one)
+            assert 2 * (x[1] * y[0]).sum() / (x[1].sum() + y[0].sum()) > 0.3
+
+
+def test_box_prompts_grow_by_at_most_the_jitter_in_millimetres(data):
+    config = PLANS["configurations"]["3d_fullres"]
+    case = train_module.load_case(data / "images" / "c0.nii.gz", data / "labels" / "c0.nii.gz", config)
+    normalize = train_module.ct_normalizer(PLANS["foreground_intensity_properties_per_channel"]["0"])
+    spacing = np.asarray(config["spacing"])
+    tight_rng, loose_rng = np.random.default_rng(1), np.random.default_rng(1)   # the same draws
+    growth = []
+    for _ in range(30):
+        tight, y = train_module.simulate_sample(case, tight_rng, (32, 48, 48), normalize, "box", box_jitter_mm=0.0)
+        loose, y2 = train_module.simulate_sample(case, loose_rng, (32, 48, 48), normalize, "box", box_jitter_mm=8.0)
+        assert np.array_equal(y, y2), "the same lesion and patch"
+        tight_box, loose_box, target = (np.argwhere(v > 0) for v in (tight[1], loose[1], y[0]))
+        for box in (tight_box, loose_box):
+            assert (box.min(0) <= target.min(0)).all() and (box.max(0) >= target.max(0)).all()
+        # without jitter: the lesion's box on the model grid (box_to_model_grid's rounding + 1 voxel per side)
+        assert ((tight_box.max(0) - tight_box.min(0)) - (target.max(0) - target.min(0)) <= 4).all()
+        growth.append((loose_box.max(0) - loose_box.min(0)) - (tight_box.max(0) - tight_box.min(0)))
+    growth = np.asarray(growth) * spacing      # mm the jitter added per axis
+    assert growth.min() >= 0 and growth.max() <= 8.0 + spacing.max() + 1e-6, growth.max(0)
+    assert growth.mean() > 2.0, "boxes are jittered, not all tight"
 
 
 def test_vanished_lesion_samples_put_the_previous_mask_on_lesion_free_body_with_an_empty_target(data):
@@ -164,3 +186,42 @@ def test_adamw_optimizer_is_used_and_resumed_and_an_unknown_one_is_refused(data)
         train(pairs, data / "other", PLANS, epochs=1, iterations_per_epoch=1, device="cpu", optimizer="adam",
               log=lambda m: None)
     assert not (data / "other").exists(), "refused before anything is written"
+
+
+def test_cpu_bf16_training_steps_follow_the_float32_ones(data):
+    pairs = find_pairs(data / "images", data / "labels")
+
+    def weights(folder, **kw):
+        root = train(pairs, data / folder, PLANS, epochs=1, val_samples=1, device="cpu", log=lambda m: None, **kw)
+        return load_checkpoint(root / "LesionLocatorSeg" / "point_optimized" / "fold_0" /
+                               "checkpoint_final.pth")["network_weights"]
+    start = weights("start", iterations_per_epoch=0)        # the same seed: the same initial weights
+    fp32 = weights("fp32", iterations_per_epoch=3)
+    bf16 = weights("bf16", iterations_per_epoch=3, cpu_bf16=True)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in bf16.values() if v.is_floating_point())
+    convs = [k for k, v in start.items() if v.ndim == 5]
+    step32 = torch.cat([(fp32[k] - start[k]).ravel() for k in convs])
+    step16 = torch.cat([(bf16[k] - start[k]).ravel() for k in convs])
+    cosine = float(torch.nn.functional.cosine_similarity(step32, step16, dim=0))
+    assert step16.abs().max() > 0 and cosine > 0.9, cosine
+
+
+def test_box_jitter_option_of_the_train_command(data, capsys):
+    from LesionLocatorLib.cli import build_parser, main
+    base = ["train", "--images", str(data / "images"), "--labels", str(data / "labels"), "-o", str(data / "run")]
+    assert build_parser().parse_args(base).box_jitter_mm == 8.0
+    assert build_parser().parse_args(base + ["--box-jitter-mm", "legacy"]).box_jitter_mm is None
+    assert build_parser().parse_args(base + ["--box-jitter-mm", "0"]).box_jitter_mm == 0.0
+    with pytest.raises(SystemExit):
+        main(base + ["--box-jitter-mm", "-3"])
+    assert "must be >= 0 or 'legacy', got -3" in capsys.readouterr().err
+    assert not (data / "run").exists()
+    # the legacy scheme grows each side by up to 10 model voxels
+    case = train_module.load_case(data / "images" / "c0.nii.gz", data / "labels" / "c0.nii.gz",
+                                  PLANS["configurations"]["3d_fullres"])
+    normalize = train_module.ct_normalizer(PLANS["foreground_intensity_properties_per_channel"]["0"])
+    rng = np.random.default_rng(3)
+    extents = [np.ptp(np.argwhere(train_module.simulate_sample(case, rng, (32, 48, 48), normalize, "box",
+                                                               box_jitter_mm=None)[0][1] > 0), 0)
+               for _ in range(10)]
+    assert np.max(extents, 0)[1] > 20, "legacy boxes are much looser than 8 mm of jitter"
