@@ -284,7 +284,8 @@ def cmd_train(args) -> int:
                  batch_size=args.batch_size, initial_lr=args.lr, seed=args.seed, init_from=args.init,
                  device=args.device, val_pairs=val, stop_after_epoch=args.stop_after_epoch,
                  low_res_prob=args.low_res_prob, vanish_prob=args.vanish_prob,
-                 optimizer=args.optimizer, box_jitter_mm=args.box_jitter_mm, cpu_bf16=args.cpu_bf16)
+                 optimizer=args.optimizer, box_jitter_mm=args.box_jitter_mm, cpu_bf16=args.cpu_bf16,
+                 intensity_augmentation=args.intensity_augmentation)
     if root is None:
         print(f"stopped after epoch {args.stop_after_epoch} of {args.epochs}; the same command without "
               f"--stop-after-epoch (or with a later one) resumes from {Path(args.o) / 'checkpoint_latest.pth'}")
@@ -420,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'legacy': U[0, 10] model voxels per side (training runs before 2026-12)")
     r.add_argument("--cpu-bf16", "--cpu_bf16", dest="cpu_bf16", action="store_true",
                    help="on the CPU, train in bfloat16 autocast (1.6-1.8x faster with AVX512-BF16/AMX)")
+    r.add_argument("--intensity-augmentation", "--intensity_augmentation", dest="intensity_augmentation",
+                   action="store_true", help="nnU-Net's intensity augmentations (noise, blur, brightness, "
+                                             "contrast, gamma) of the image channel")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--init", default=None, help="checkpoint to fine-tune from (same architecture)")
     r.add_argument("-device", "--device", default="auto")

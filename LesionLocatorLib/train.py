@@ -176,7 +176,7 @@ def load_case(image_path, label_path, configuration: dict) -> Case:
 
 def simulate_sample(case: Case, rng: np.random.Generator, patch, normalize, prompt_type: str,
                     low_res_prob: float = 0.0, vanish_prob: float = 0.0,
-                    box_jitter_mm: float | None = BOX_JITTER_MM) -> tuple:
+                    box_jitter_mm: float | None = BOX_JITTER_MM, intensity_augmentation: bool = False) -> tuple:
     """(input (2, *patch) float32, target (1, *patch) float32) for one random lesion of ``case``.
 
     ``box_jitter_mm``: a box prompt is the lesion's bounding box grown along each axis by
@@ -184,6 +184,8 @@ def simulate_sample(case: Case, rng: np.random.Generator, patch, normalize, prom
     sides. In millimetres, not model voxels: on a coarse model grid the paper's U[0, 10] voxels
     would grow a 10 mm lesion's box to 50 mm, far looser than the boxes users draw. None: that
     older scheme (U[0, 10] model voxels on each side; training runs before 2026-12).
+    ``intensity_augmentation``: also :func:`augment_intensity` (noise, blur, brightness,
+    contrast, gamma), so that a model trained on few CTs relies less on their exact grey values.
 
     ``low_res_prob``: probability of simulating a scan coarser than the model spacing (see
     :func:`simulate_low_resolution`). ``vanish_prob``: probability that a mask-prompt sample
@@ -234,7 +236,36 @@ def simulate_sample(case: Case, rng: np.random.Generator, patch, normalize, prom
     x[0] = x[0] * rng.uniform(0.9, 1.1) + rng.uniform(-0.1, 0.1)
     if rng.random() < low_res_prob:
         x[0] = simulate_low_resolution(x[0], rng)
+    if intensity_augmentation:
+        x[0] = augment_intensity(x[0], rng)
     return np.ascontiguousarray(x), np.ascontiguousarray(y)
+
+
+def augment_intensity(block: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """nnU-Net's default intensity augmentations of a normalised image block (z, y, x), each
+    applied with its own probability: Gaussian noise (p 0.1, variance U[0, 0.1]), Gaussian blur
+    (p 0.2, sigma U[0.5, 1] voxels), brightness (p 0.15, x U[0.75, 1.25]), contrast (p 0.15,
+    U[0.75, 1.25] around the mean, clipped to the block's range) and gamma (p 0.3, U[0.7, 1.5]
+    on the block rescaled to [0, 1]; inverted image with p 0.1)."""
+    out = np.asarray(block, np.float32)
+    if rng.random() < 0.1:
+        out = out + rng.normal(0.0, np.sqrt(rng.uniform(0.0, 0.1)), out.shape).astype(np.float32)
+    if rng.random() < 0.2:
+        out = ndimage.gaussian_filter(out, rng.uniform(0.5, 1.0))
+    if rng.random() < 0.15:
+        out = out * rng.uniform(0.75, 1.25)
+    if rng.random() < 0.15:
+        lo, hi, mean = out.min(), out.max(), out.mean()
+        out = np.clip((out - mean) * rng.uniform(0.75, 1.25) + mean, lo, hi)
+    for inverted, p in ((True, 0.1), (False, 0.3)):
+        if rng.random() < p:
+            lo, hi = float(out.min()), float(out.max())
+            if hi - lo < 1e-6:
+                continue
+            unit = (out - lo) / (hi - lo)
+            unit = 1.0 - (1.0 - unit) ** rng.uniform(0.7, 1.5) if inverted else unit ** rng.uniform(0.7, 1.5)
+            out = unit * (hi - lo) + lo
+    return out.astype(np.float32)
 
 
 def simulate_low_resolution(block: np.ndarray, rng: np.random.Generator, zoom_range=(0.33, 1.0)) -> np.ndarray:
@@ -315,7 +346,7 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
           val_samples: int = 16, prompt_types=PROMPT_TYPES, progress=None, log=print,
           stop_after_epoch: int | None = None, low_res_prob: float = 0.0,
           vanish_prob: float = 0.0, optimizer: str = "sgd", box_jitter_mm: float | None = BOX_JITTER_MM,
-          cpu_bf16: bool = False) -> Path | None:
+          cpu_bf16: bool = False, intensity_augmentation: bool = False) -> Path | None:
     """Train (or fine-tune from ``init_from``, a checkpoint of the same architecture) and write a
     model root ``out_dir/LesionLocatorCheckpoint``. Resumes from ``out_dir/checkpoint_latest.pth``.
 
@@ -329,7 +360,7 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
     :func:`simulate_sample`. ``cpu_bf16``: on the CPU, run the network's forward and backward
     passes in bfloat16 autocast (weights, loss and validation stay float32): 1.6-1.8x faster
     training steps on CPUs with AVX512-BF16 or AMX, slower elsewhere. On CUDA, AMP (float16)
-    is always used."""
+    is always used. ``intensity_augmentation``: see :func:`augment_intensity`."""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
@@ -405,7 +436,7 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
         for _ in bar:
             samples = [simulate_sample(cases[rng.integers(len(cases))], rng, patch, normalize,
                                        prompt_types[rng.integers(len(prompt_types))], low_res_prob,
-                                       vanish_prob, box_jitter_mm)
+                                       vanish_prob, box_jitter_mm, intensity_augmentation)
                        for _ in range(batch_size)]
             x = torch.from_numpy(np.stack([s[0] for s in samples])).to(dev)
             y = torch.from_numpy(np.stack([s[1] for s in samples])).to(dev)

@@ -206,12 +206,14 @@ def test_cpu_bf16_training_steps_follow_the_float32_ones(data):
     assert step16.abs().max() > 0 and cosine > 0.9, cosine
 
 
-def test_box_jitter_option_of_the_train_command(data, capsys):
+def test_box_jitter_and_other_options_of_the_train_command(data, capsys):
     from LesionLocatorLib.cli import build_parser, main
     base = ["train", "--images", str(data / "images"), "--labels", str(data / "labels"), "-o", str(data / "run")]
     assert build_parser().parse_args(base).box_jitter_mm == 8.0
     assert build_parser().parse_args(base + ["--box-jitter-mm", "legacy"]).box_jitter_mm is None
     assert build_parser().parse_args(base + ["--box-jitter-mm", "0"]).box_jitter_mm == 0.0
+    assert not build_parser().parse_args(base).intensity_augmentation
+    assert build_parser().parse_args(base + ["--intensity-augmentation", "--cpu-bf16"]).cpu_bf16
     with pytest.raises(SystemExit):
         main(base + ["--box-jitter-mm", "-3"])
     assert "must be >= 0 or 'legacy', got -3" in capsys.readouterr().err
@@ -225,3 +227,14 @@ def test_box_jitter_option_of_the_train_command(data, capsys):
                                                                box_jitter_mm=None)[0][1] > 0), 0)
                for _ in range(10)]
     assert np.max(extents, 0)[1] > 20, "legacy boxes are much looser than 8 mm of jitter"
+
+
+def test_intensity_augmentation_changes_about_two_thirds_of_the_blocks_reproducibly():
+    block = np.random.default_rng(0).normal(size=(8, 16, 16)).astype(np.float32)
+    first = [train_module.augment_intensity(block, np.random.default_rng(s)) for s in range(300)]
+    again = [train_module.augment_intensity(block, np.random.default_rng(s)) for s in range(300)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again)), "deterministic for a seed"
+    assert all(a.dtype == np.float32 and a.shape == block.shape and np.isfinite(a).all() for a in first)
+    changed = np.mean([not np.allclose(a, block) for a in first])
+    # nothing applied with probability 0.9 * 0.8 * 0.85 * 0.85 * 0.9 * 0.7 = 0.328
+    assert 0.57 < changed < 0.77, changed

@@ -6,10 +6,11 @@ tracked through the follow-ups with the track model and a registration backend.
 Writes the prediction/ground-truth instance label images per prompt type
 (``WORKDIR/segmentation/<prompt>/{pred,gt}``) and of the follow-ups
 (``WORKDIR/tracking/{pred,gt}``), runs ``lesionlocator evaluate`` on each (its tables are the
-numbers of the model card) and writes ``results/evaluate_<model name>.json``.
+numbers of the model card) and writes ``results/evaluate_<name>.json``. ``-m`` may also be a
+training checkpoint (``checkpoint_latest.pth``) to evaluate a run in progress.
 
-Usage: python Testing/benchmarks/evaluate_demo_model.py WORKDIR [-m MODEL] [--cases 4] [--lesions 6]
-       [--followups 3] [--min-diameter 10] [--registration simpleitk] [--tta]
+Usage: python Testing/benchmarks/evaluate_demo_model.py WORKDIR [-m MODEL|CHECKPOINT] [--cases 4] [--lesions 6]
+       [--followups 3] [--min-diameter 10] [--registration simpleitk] [--tta] [--name NAME]
 """
 from __future__ import annotations
 
@@ -26,10 +27,26 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parents[1]))
 
 
+def model_root(model: str, work: Path) -> str:
+    """``model`` itself, or for a training checkpoint (``.pth``) the model root it is written to
+    (``work/model``), so that a run in progress can be evaluated."""
+    if not model.endswith(".pth"):
+        return model
+    from LesionLocatorLib.model import load_checkpoint
+    from LesionLocatorLib.train import export_model
+    ckpt = load_checkpoint(model)
+    root = export_model(ckpt["network_weights"], ckpt["init_args"]["plans"], ckpt["logging"],
+                        int(ckpt["current_epoch"]), work / "model")
+    print(f"{root}: checkpoint of epoch {ckpt['current_epoch']}")
+    return str(root)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("work")
-    ap.add_argument("-m", default=str(HERE.parents[1] / "Resources" / "Models" / "LesionLocatorDemo"))
+    ap.add_argument("-m", default=str(HERE.parents[1] / "Resources" / "Models" / "LesionLocatorDemo"),
+                    help="model root, or a training checkpoint (checkpoint_latest.pth of a run in progress), "
+                         "which is first written as a model root to WORKDIR/model")
     ap.add_argument("--ct", default="abdomen_3mm", help="registry CT name (not used for training)")
     ap.add_argument("--cases", type=int, default=4)
     ap.add_argument("--lesions", type=int, default=6)
@@ -38,6 +55,7 @@ def main() -> None:
     ap.add_argument("--registration", default="simpleitk")
     ap.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8 flips)")
     ap.add_argument("--seed", type=int, default=100)
+    ap.add_argument("--name", default=None, help="results/evaluate_NAME.json (default: the model folder's name)")
     ap.add_argument("--p-vanish", type=float, default=0.2,
                     help="probability that a lesion vanishes during the follow-ups (the evaluation needs >= 1)")
     a = ap.parse_args()
@@ -53,6 +71,7 @@ def main() -> None:
     from LesionLocatorLib.track import track
 
     work = Path(a.work)
+    a.m = model_root(a.m, work)
     ct = read_ct(Path(fetch_registry_cts(work / "ct_cache", [a.ct])[a.ct]))
     seg = {k: load_model(a.m, k, device="cpu", tta=a.tta) for k in ("point", "box")}
     trk = load_model(a.m, "prev_mask", device="cpu", tta=a.tta)
@@ -120,7 +139,7 @@ def main() -> None:
            "min_diameter_mm": a.min_diameter, "segmentation": summary, "tracking": agg, "vanishing": vanish,
            "statuses": statuses, "timings": timings}
     (HERE / "results").mkdir(exist_ok=True)
-    path = HERE / "results" / f"evaluate_{Path(a.m).name}{'_tta' if a.tta else ''}.json"
+    path = HERE / "results" / f"evaluate_{a.name or Path(a.m).name}{'_tta' if a.tta else ''}.json"
     path.write_text(json.dumps(doc, indent=1, default=str))
     print(f"\nwrote {path}")
 
