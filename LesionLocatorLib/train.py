@@ -42,6 +42,7 @@ CT_INTENSITIES = {  # upstream's published LesionLocatorSeg plans
     "min": -1411.0, "percentile_00_5": -918.0, "percentile_99_5": 723.0, "std": 282.3602283405916,
 }
 PROMPT_TYPES = ("point", "box", "mask")
+PERTURB_MARGIN = 4    # voxels around a lesion's bounding box that its perturbed mask may reach
 BOX_JITTER_MM = 8.0   # the paper's U[0, 10] voxels at upstream's ~0.8 mm in-plane spacing
 
 
@@ -131,6 +132,8 @@ class Case:
     labels: np.ndarray
     grid: ModelGrid
     lesions: dict  # id -> (slices of its bounding box, voxel indices (N, 3))
+    model_image: np.ndarray  # the normalised image on the padded model grid (z, y, x), float32
+    model_lesions: dict  # id -> (lo: its block's first padded model-grid voxel, bool block): resampled as a label
 
 
 def find_pairs(images_dir, labels_dir) -> list:
@@ -156,7 +159,11 @@ def find_pairs(images_dir, labels_dir) -> list:
     return [(imgs[k], labs[k]) for k in sorted(imgs)]
 
 
-def load_case(image_path, label_path, configuration: dict) -> Case:
+def load_case(image_path, label_path, configuration: dict, normalize) -> Case:
+    """One training image and its instance labels, with the image and every lesion resampled to the
+    model grid once (as nnU-Net preprocesses its training data): a sample is then a slice of
+    them, the blocks :meth:`ModelGrid.extract` and :meth:`ModelGrid.extract_mask` would give.
+    ``normalize``: original-resolution float32 HU -> normalised values (:func:`ct_normalizer`)."""
     image, labels = read_image(image_path), read_image(label_path)
     if not image.same_geometry(labels):
         raise TrainingDataError(f"{label_path} does not have the geometry of {image_path} "
@@ -171,10 +178,38 @@ def load_case(image_path, label_path, configuration: dict) -> Case:
         lesions[pid] = (sl, idx)
     if not lesions:
         raise TrainingDataError(f"{label_path} has no lesion")
-    return Case(Path(image_path).name, image, lab, grid, lesions)
+    model_image = grid.extract(image.array, (0, 0, 0), grid.padded_shape, normalize)
+    model_lesions = {pid: _mask_block(grid, lab == pid, sl) for pid, (sl, _) in lesions.items()}
+    return Case(Path(image_path).name, image, lab, grid, lesions, model_image, model_lesions)
 
 
-def simulate_sample(case: Case, rng: np.random.Generator, patch, normalize, prompt_type: str,
+def _mask_block(grid: ModelGrid, mask: np.ndarray, sl) -> tuple:
+    """(lo, block): a lesion ``mask`` (original grid, bounding box ``sl``) resampled to the model
+    grid (:meth:`ModelGrid.extract_mask`) over the model-grid rows its bounding box reaches
+    (padded coordinates); outside them the resampled mask is empty."""
+    lo, hi = [], []
+    for axis, s in enumerate(sl):
+        c0 = min(max(s.start - grid.crop_lo[axis], 0), grid.cropped_shape[axis] - 1)
+        c1 = min(max(s.stop - grid.crop_lo[axis], c0 + 1), grid.cropped_shape[axis])
+        rows = np.flatnonzero(np.any(grid.mask_weights(axis)[0][:, c0:c1] != 0, axis=1))
+        lo.append(int(rows[0]) + grid.pad_lo[axis])
+        hi.append(int(rows[-1]) + 1 + grid.pad_lo[axis])
+    return np.asarray(lo), grid.extract_mask(mask, lo, hi) > 0
+
+
+def _paste(block_lo, block: np.ndarray, lo, shape) -> np.ndarray:
+    """float32 array of ``shape`` whose voxel 0 is padded model-grid voxel ``lo``, holding the part of
+    ``block`` (first voxel ``block_lo``) that falls inside it, zeros elsewhere."""
+    out = np.zeros(shape, np.float32)
+    a = np.maximum(block_lo, lo)
+    b = np.minimum(block_lo + block.shape, np.asarray(lo) + shape)
+    if (b > a).all():
+        out[tuple(slice(i - j, k - j) for i, j, k in zip(a, lo, b))] = \
+            block[tuple(slice(i - j, k - j) for i, j, k in zip(a, block_lo, b))]
+    return out
+
+
+def simulate_sample(case: Case, rng: np.random.Generator, patch, prompt_type: str,
                     low_res_prob: float = 0.0, vanish_prob: float = 0.0,
                     box_jitter_mm: float | None = BOX_JITTER_MM, intensity_augmentation: bool = False) -> tuple:
     """(input (2, *patch) float32, target (1, *patch) float32) for one random lesion of ``case``.
@@ -194,12 +229,12 @@ def simulate_sample(case: Case, rng: np.random.Generator, patch, normalize, prom
     grid = case.grid
     pid = int(rng.choice(list(case.lesions)))
     sl, idx = case.lesions[pid]
-    lesion = case.labels == pid
-    prompt_mask = None
+    lesion = case.labels == pid if prompt_type == "mask" else None
+    prompt_mask, vanished = None, False
     if prompt_type == "mask" and rng.random() < vanish_prob:
         prompt_mask = vanished_mask(case, perturb_mask(lesion, sl, rng), rng)
         if prompt_mask is not None:
-            lesion = np.zeros_like(lesion)
+            vanished = True
             idx = np.argwhere(prompt_mask)
     voxel = idx[rng.integers(len(idx))]
     centre = np.round(grid.original_to_model(voxel)).astype(int) + np.asarray(grid.pad_lo)
@@ -207,8 +242,10 @@ def simulate_sample(case: Case, rng: np.random.Generator, patch, normalize, prom
     lo = np.clip(centre - np.asarray(patch) // 2 + jitter, 0, np.maximum(np.asarray(grid.padded_shape) - patch, 0))
     hi = lo + np.asarray(patch)
     x = np.zeros((2,) + tuple(patch), np.float32)
-    x[0] = grid.extract(case.image.array, lo, hi, normalize)
-    y = grid.extract_mask(lesion, lo, hi)[None]
+    x[0] = case.model_image[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    y = np.zeros((1,) + tuple(patch), np.float32)
+    if not vanished:
+        y[0] = _paste(*case.model_lesions[pid], lo, tuple(patch))
     offset = tuple(int(a - p) for a, p in zip(lo, grid.pad_lo))
     if prompt_type == "point":
         paint_prompt(x[1], "point", point_to_model_grid(voxel, grid.crop_lo, grid.cropped_shape, grid.model_shape),
@@ -228,7 +265,10 @@ def simulate_sample(case: Case, rng: np.random.Generator, patch, normalize, prom
     else:
         if prompt_mask is None:
             prompt_mask = perturb_mask(lesion, sl, rng)
-        x[1] = grid.extract_mask(prompt_mask, lo, hi)
+            region = _grown(sl, PERTURB_MARGIN)
+        else:
+            region = tuple(slice(a, b + 1) for a, b in zip(idx.min(0), idx.max(0)))
+        x[1] = _paste(*_mask_block(grid, prompt_mask, region), lo, tuple(patch))
     # mirroring augmentation (the axes test-time augmentation uses) and mild intensity jitter
     for axis in (1, 2, 3):
         if rng.random() < 0.5:
@@ -308,11 +348,16 @@ def vanished_mask(case: Case, mask: np.ndarray, rng: np.random.Generator, max_sh
     return None
 
 
+def _grown(sl, margin: int) -> tuple:
+    """Slices ``sl`` grown by ``margin`` voxels on each side (the stop may pass the array's end)."""
+    return tuple(slice(max(s.start - margin, 0), s.stop + margin) for s in sl)
+
+
 def perturb_mask(mask: np.ndarray, sl, rng: np.random.Generator) -> np.ndarray:
     """A previous-timepoint-like version of a lesion mask: shifted by up to a fifth of its
-    extent (at most 2 voxels) per axis and dilated or eroded by one voxel (never empty)."""
-    pad = 4
-    box = tuple(slice(max(s.start - pad, 0), s.stop + pad) for s in sl)
+    extent (at most 2 voxels) per axis and dilated or eroded by one voxel (never empty); it lies
+    inside the bounding box ``sl`` grown by ``PERTURB_MARGIN`` voxels."""
+    box = _grown(sl, PERTURB_MARGIN)
     part = mask[box]
     limit = np.minimum(2, np.array([(s.stop - s.start) // 5 for s in sl]))
     shift = rng.integers(-limit, limit + 1)
@@ -379,8 +424,8 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
     config = plans["configurations"]["3d_fullres"]
     patch = tuple(config["patch_size"])
     normalize = ct_normalizer(plans["foreground_intensity_properties_per_channel"]["0"])
-    cases = [load_case(i, lab, config) for i, lab in pairs]
-    val_cases = [load_case(i, lab, config) for i, lab in (val_pairs or [])] or cases
+    cases = [load_case(i, lab, config, normalize) for i, lab in pairs]
+    val_cases = [load_case(i, lab, config, normalize) for i, lab in (val_pairs or [])] or cases
     cm = PlansManager(plans).get_configuration("3d_fullres")
     network = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
                                      cm.network_arch_init_kwargs_req_import, 2, 2, allow_init=True,
@@ -393,10 +438,10 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
                                                     {}, weight_ce=1, weight_dice=1,
                                                     dice_class=MemoryEfficientSoftDiceLoss), weights)
     if optimizer == "sgd":
-        optimizer = torch.optim.SGD(network.parameters(), initial_lr, weight_decay=3e-5, momentum=0.99, nesterov=True)
+        opt = torch.optim.SGD(network.parameters(), initial_lr, weight_decay=3e-5, momentum=0.99, nesterov=True)
     else:
-        optimizer = torch.optim.AdamW(network.parameters(), initial_lr, weight_decay=1e-2)
-    scheduler = PolyLRScheduler(optimizer, initial_lr, epochs)
+        opt = torch.optim.AdamW(network.parameters(), initial_lr, weight_decay=1e-2)
+    scheduler = PolyLRScheduler(opt, initial_lr, epochs)
     scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" else None
     if scaler is not None:
         def autocast():
@@ -411,8 +456,12 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
     latest = out_dir / "checkpoint_latest.pth"
     if latest.exists():
         ckpt = load_checkpoint(latest)
+        saved_with = optimizer_name(ckpt["optimizer_state"])
+        if saved_with != optimizer:
+            raise ValueError(f"{latest} was written by the {saved_with!r} optimizer: resume with "
+                             f"optimizer {saved_with!r} (--optimizer {saved_with}) or train into another folder")
         network.load_state_dict(ckpt["network_weights"])
-        optimizer.load_state_dict(ckpt["optimizer_state"])
+        opt.load_state_dict(ckpt["optimizer_state"])
         logging = ckpt["logging"]
         start_epoch = int(ckpt["current_epoch"])
         rng = np.random.default_rng([seed, start_epoch])
@@ -422,7 +471,7 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
         missing = network.load_state_dict(state, strict=False)
         log(f"initialised from {init_from} (missing keys: {len(missing.missing_keys)})")
     val_rng = np.random.default_rng(seed + 999)
-    val_set = [simulate_sample(val_cases[i % len(val_cases)], val_rng, patch, normalize,
+    val_set = [simulate_sample(val_cases[i % len(val_cases)], val_rng, patch,
                                prompt_types[i % len(prompt_types)], box_jitter_mm=box_jitter_mm)
                for i in range(val_samples)]
     from tqdm import tqdm
@@ -434,26 +483,26 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
         losses = []
         bar = tqdm(range(iterations_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", leave=False)
         for _ in bar:
-            samples = [simulate_sample(cases[rng.integers(len(cases))], rng, patch, normalize,
+            samples = [simulate_sample(cases[rng.integers(len(cases))], rng, patch,
                                        prompt_types[rng.integers(len(prompt_types))], low_res_prob,
                                        vanish_prob, box_jitter_mm, intensity_augmentation)
                        for _ in range(batch_size)]
             x = torch.from_numpy(np.stack([s[0] for s in samples])).to(dev)
             y = torch.from_numpy(np.stack([s[1] for s in samples])).to(dev)
-            optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             with autocast():
                 out = network(x)
             loss = loss_fn([o.float() for o in out], _downsample_targets(y, len(out)))
             if scaler is not None:
                 scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
-                scaler.step(optimizer)
+                scaler.step(opt)
                 scaler.update()
             else:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
-                optimizer.step()
+                opt.step()
             losses.append(float(loss.detach()))
             bar.set_postfix_str(f"loss {np.mean(losses):.3f}")
         network.eval()
@@ -465,12 +514,12 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
         logging["val_dice"].append(val)
         ema = val if not logging["ema_fg_dice"] else 0.9 * logging["ema_fg_dice"][-1] + 0.1 * val
         logging["ema_fg_dice"].append(ema)
-        logging["lrs"].append(float(optimizer.param_groups[0]["lr"]))
+        logging["lrs"].append(float(opt.param_groups[0]["lr"]))
         logging["epoch_seconds"].append(time.perf_counter() - t0)
         log(f"epoch {epoch + 1}/{epochs}: loss {logging['train_losses'][-1]:.4f}, validation Dice {val:.3f}, "
             f"{logging['epoch_seconds'][-1]:.0f} s")
         save_atomically(checkpoint_dict(network.state_dict(), plans, logging=logging, epoch=epoch + 1,
-                                        optimizer_state=optimizer.state_dict()), latest)
+                                        optimizer_state=opt.state_dict()), latest)
         plot_curves(logging, out_dir / "progress.png")
         if progress:
             progress((epoch + 1) / epochs, f"epoch {epoch + 1}: validation Dice {val:.3f}")
@@ -478,6 +527,13 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
         log(f"stopped after epoch {last} of {epochs}: run again to resume from {latest}")
         return None
     return export_model(network.state_dict(), plans, logging, epochs, out_dir)
+
+
+def optimizer_name(optimizer_state: dict) -> str:
+    """Which optimizer of :func:`train` wrote a checkpoint's ``optimizer_state``: "adamw" (its
+    parameter groups carry Adam's ``betas``) or "sgd"."""
+    groups = optimizer_state.get("param_groups") or [{}]
+    return "adamw" if "betas" in groups[0] else "sgd"
 
 
 def export_model(state: dict, plans: dict, logging: dict, epochs: int, out_dir: Path) -> Path:

@@ -42,12 +42,16 @@ PLAN = {
                  # the chest CT resampled to 3 mm first: lesions, noise and texture made at the
                  # resolution of common (and the evaluation's) 3 mm scans; simulating coarse scans
                  # from 1.5 mm patches blurs noise instead of coarsening it
-                 "wall_3mm_10to50mm": ([10.0, 50.0], {"ct_spacing_mm": 3.0})},
+                 "wall_3mm_10to50mm": ([10.0, 50.0], {"ct_spacing_mm": 3.0}),
+                 # 40 cases (a 3 mm case takes 1.2 s to make, a 1.5 mm one 11.5 s): more lesions,
+                 # placements and follow-up deformations at the resolution of the evaluation CT
+                 "wall_3mm_x40_10to50mm": ([10.0, 50.0], {"ct_spacing_mm": 3.0, "cases": 40})},
     # training folders made of links to the datasets' cases (names prefixed by the dataset);
     # validation: the last dataset's validation case
     "mixtures": {"data_mixed": ["data_4to50mm", "data_10to50mm"], "vis_mixed": ["vis_4to50mm", "vis_10to50mm"],
                  "wall_mixed": ["wall_4to50mm", "wall_10to50mm"],
-                 "wall_1p5_3mm": ["wall_10to50mm", "wall_3mm_10to50mm"]},
+                 "wall_1p5_3mm": ["wall_10to50mm", "wall_3mm_10to50mm"],
+                 "wall_1p5_3mm_x40": ["wall_10to50mm", "wall_3mm_x40_10to50mm"]},
     # Training runs, each resumable (checkpoint_latest.pth in its folder); a run's ``phases``
     # share one poly learning-rate schedule over ``epochs``; each run starts from the previous
     # one. The first two are the 2026-11-30 candidate (fine grid); the third moves it to the
@@ -98,6 +102,13 @@ PLAN = {
          "lr": 5e-3, "init": "run5/checkpoint_latest.pth", "box_jitter_mm": 8.0, "cpu_bf16": True,
          "intensity_augmentation": True,
          "phases": [{"data": "wall_1p5_3mm", "until_epoch": 80, "low_res_prob": 0.3, "vanish_prob": 0.15}]},
+        # One run from random weights with everything the chain above learned (visible lesions and
+        # walls, tight boxes, vanished-lesion samples, coarse-scan and intensity augmentation,
+        # bfloat16 steps, 2/3 of the cases made at 3 mm), so that the model needs no older run:
+        # planned over 300 epochs (~39 s each on 2 cores, 3.3 h), resumed across sessions
+        {"out": "run7", "patch": [32, 48, 48], "spacing": [2.5, 2.0, 2.0], "epochs": 300, "iterations": 250,
+         "lr": 1e-2, "init": None, "box_jitter_mm": 8.0, "cpu_bf16": True, "intensity_augmentation": True,
+         "phases": [{"data": "wall_1p5_3mm_x40", "until_epoch": 300, "low_res_prob": 0.3, "vanish_prob": 0.15}]},
     ],
     "demo_ct": "abdomen_3mm", "demo_seed": 2026, "demo_lesions": 4, "demo_diameter_mm": [20.0, 45.0],
     # demo lesions: measurable (RECIST >= 10 mm at the 3 mm demo resolution), solid-organ and wall lesions
@@ -124,20 +135,29 @@ def read_ct(path: Path, spacing_mm: float | None = None):
                                          (spacing_mm,) * 3, img.GetDirection(), -1024, img.GetPixelID()))
 
 
+def datasets_of_final_model() -> list[str]:
+    """The datasets the training runs of the installed model read (mixtures resolved)."""
+    names = [phase["data"] for run in runs_of_final_model(PLAN["runs"]) for phase in run["phases"]]
+    return list(dict.fromkeys(part for name in names for part in PLAN["mixtures"].get(name, [name])))
+
+
 def step_data(work: Path, only=None) -> None:
-    """The training datasets of PLAN (``only``: those names), then the mixtures' link folders."""
+    """The training datasets (``only``: those names; default: those of the installed model's
+    runs), then the mixtures' link folders."""
     from registry_ct import fetch_registry_cts
     from LesionLocatorLib.image import write_image
     from LesionLocatorLib.synth import make_case
 
     cts = fetch_registry_cts(work / "ct_cache", [PLAN["train_ct"], PLAN["demo_ct"]])
-    datasets = PLAN["datasets"] if only is None else {k: PLAN["datasets"][k] for k in only}
+    only = datasets_of_final_model() if only is None else only
+    datasets = {k: PLAN["datasets"][k] for k in only}
     for dataset, (diameter_mm, overrides) in datasets.items():
         overrides = dict(overrides)
         ct = read_ct(Path(cts[PLAN["train_ct"]]), overrides.pop("ct_spacing_mm", None))
+        n_train = overrides.pop("cases", PLAN["train_cases"])
         data = work / dataset
-        for seed in range(PLAN["train_cases"] + PLAN["val_cases"]):
-            part = "" if seed < PLAN["train_cases"] else "val_"   # the last case(s): validation only
+        for seed in range(n_train + PLAN["val_cases"]):
+            part = "" if seed < n_train else "val_"   # the last case(s): validation only
             name = f"chest_s{seed}"
             if (data / f"{part}labels" / f"{name}_t{PLAN['followups']}.nii.gz").exists():
                 continue
@@ -167,12 +187,23 @@ def _link(target: Path, link: Path) -> None:
         link.symlink_to(target.resolve())
 
 
+def runs_of_final_model(runs: list[dict]) -> list[dict]:
+    """The runs the last run of ``runs`` builds on, oldest first: its ``init`` names a checkpoint
+    inside an earlier run's folder (``"run2/checkpoint_latest.pth"``), that run's ``init`` the
+    one before, and so on; runs outside that chain are history and are not repeated."""
+    by_out = {run["out"]: run for run in runs}
+    chain = [runs[-1]]
+    while chain[0]["init"]:
+        chain.insert(0, by_out[Path(chain[0]["init"]).parts[0]])
+    return chain
+
+
 def step_train(work: Path) -> None:
-    """The training runs of PLAN in order; each resumes from its ``checkpoint_latest.pth``
-    (phases of a run too; a phase already done returns at once), and a finished run (its
-    model root exists) is skipped. ``init``: the checkpoint (relative to ``work``) a run
-    starts from."""
-    for run in PLAN["runs"]:
+    """The training runs the installed (last) model needs, in order; each resumes from its
+    ``checkpoint_latest.pth`` (phases of a run too; a phase already done returns at once), and a
+    finished run (its model root exists) is skipped. ``init``: the checkpoint (relative to
+    ``work``) a run starts from."""
+    for run in runs_of_final_model(PLAN["runs"]):
         out = work / run["out"]
         if (out / "LesionLocatorCheckpoint").exists():
             print(f"{out}: done", flush=True)

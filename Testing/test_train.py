@@ -14,6 +14,7 @@ from LesionLocatorLib.train import TrainingDataError, find_pairs, make_plans, sa
 from phantoms import ct_phantom
 
 PLANS = make_plans((4, 8, 16), (1, 1, 1), (32, 48, 48), spacing=(2.5, 1.5, 1.5))
+NORMALIZE = train_module.ct_normalizer(PLANS["foreground_intensity_properties_per_channel"]["0"])
 
 
 @pytest.fixture()
@@ -89,7 +90,7 @@ def test_mismatched_training_folders(data):
     write_image(small, data / "labels" / "g.nii.gz")
     with pytest.raises(TrainingDataError, match="does not have the geometry of"):
         train_module.load_case(data / "images" / "g.nii.gz", data / "labels" / "g.nii.gz",
-                               PLANS["configurations"]["3d_fullres"])
+                               PLANS["configurations"]["3d_fullres"], NORMALIZE)
 
 
 def test_full_disk_leaves_no_truncated_checkpoint(tmp_path, monkeypatch):
@@ -110,13 +111,38 @@ def test_full_disk_leaves_no_truncated_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in target.parent.iterdir()] == ["checkpoint_final.pth"]
 
 
+def test_training_samples_are_slices_of_the_case_resampled_once(tmp_path):
+    """load_case resamples image and lesions to the model grid once; the blocks cut from them equal
+    what ModelGrid.extract / extract_mask give for that block (the inference path), here on a thick-
+    slice scan whose z axis nnU-Net resamples separately, with padding in y and x."""
+    config = make_plans((4, 8, 16), (1, 1, 1), (32, 48, 48), spacing=(2.0, 1.0, 1.0))["configurations"]["3d_fullres"]
+    img, lab = ct_phantom(shape_zyx=(24, 64, 64), spacing_xyz=(0.7, 0.7, 3.0), seed=3,
+                          lesions=[((12, 30, 25), 6.0, 110), ((10, 40, 45), 4.0, -30)])
+    write_image(img, tmp_path / "img.nii.gz")
+    write_image(lab, tmp_path / "lab.nii.gz")
+    case = train_module.load_case(tmp_path / "img.nii.gz", tmp_path / "lab.nii.gz", config, NORMALIZE)
+    grid, patch = case.grid, np.array([32, 48, 48])
+    assert grid.data_methods[0] != grid.data_methods[1], "z is resampled on its own"
+    assert grid.pad_lo[1] > 0 and case.model_image.shape == grid.padded_shape
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        lo = rng.integers(0, np.asarray(grid.padded_shape) - patch + 1)
+        block = tuple(slice(a, b) for a, b in zip(lo, lo + patch))
+        np.testing.assert_allclose(case.model_image[block], grid.extract(img.array, lo, lo + patch, NORMALIZE),
+                                   atol=1e-5)
+        for pid in (1, 2):
+            expected = grid.extract_mask(lab.array == pid, lo, lo + patch)
+            assert np.array_equal(train_module._paste(*case.model_lesions[pid], lo, tuple(patch)), expected)
+    whole = [grid.extract_mask(lab.array == pid, (0, 0, 0), grid.padded_shape).sum() for pid in (1, 2)]
+    assert [case.model_lesions[pid][1].sum() for pid in (1, 2)] == whole and min(whole) > 0
+
+
 def test_prompt_simulation_targets_the_chosen_lesion_only(data):
     case = train_module.load_case(data / "images" / "c0.nii.gz", data / "labels" / "c0.nii.gz",
-                                  PLANS["configurations"]["3d_fullres"])
-    normalize = train_module.ct_normalizer(PLANS["foreground_intensity_properties_per_channel"]["0"])
+                                  PLANS["configurations"]["3d_fullres"], NORMALIZE)
     rng = np.random.default_rng(0)
     for kind in ("point", "box", "mask"):
-        x, y = train_module.simulate_sample(case, rng, (32, 48, 48), normalize, kind)
+        x, y = train_module.simulate_sample(case, rng, (32, 48, 48), kind)
         assert x.shape == (2, 32, 48, 48) and y.shape == (1, 32, 48, 48)
         assert x[1].any() and y.any(), f"{kind} prompt and target drawn"
         if kind == "point":  # the click is a voxel of the lesion: the ball overlaps it
@@ -129,14 +155,13 @@ def test_prompt_simulation_targets_the_chosen_lesion_only(data):
 
 def test_box_prompts_grow_by_at_most_the_jitter_in_millimetres(data):
     config = PLANS["configurations"]["3d_fullres"]
-    case = train_module.load_case(data / "images" / "c0.nii.gz", data / "labels" / "c0.nii.gz", config)
-    normalize = train_module.ct_normalizer(PLANS["foreground_intensity_properties_per_channel"]["0"])
+    case = train_module.load_case(data / "images" / "c0.nii.gz", data / "labels" / "c0.nii.gz", config, NORMALIZE)
     spacing = np.asarray(config["spacing"])
     tight_rng, loose_rng = np.random.default_rng(1), np.random.default_rng(1)   # the same draws
     growth = []
     for _ in range(30):
-        tight, y = train_module.simulate_sample(case, tight_rng, (32, 48, 48), normalize, "box", box_jitter_mm=0.0)
-        loose, y2 = train_module.simulate_sample(case, loose_rng, (32, 48, 48), normalize, "box", box_jitter_mm=8.0)
+        tight, y = train_module.simulate_sample(case, tight_rng, (32, 48, 48), "box", box_jitter_mm=0.0)
+        loose, y2 = train_module.simulate_sample(case, loose_rng, (32, 48, 48), "box", box_jitter_mm=8.0)
         assert np.array_equal(y, y2), "the same lesion and patch"
         tight_box, loose_box, target = (np.argwhere(v > 0) for v in (tight[1], loose[1], y[0]))
         for box in (tight_box, loose_box):
@@ -151,8 +176,7 @@ def test_box_prompts_grow_by_at_most_the_jitter_in_millimetres(data):
 
 def test_vanished_lesion_samples_put_the_previous_mask_on_lesion_free_body_with_an_empty_target(data):
     case = train_module.load_case(data / "images" / "c0.nii.gz", data / "labels" / "c0.nii.gz",
-                                  PLANS["configurations"]["3d_fullres"])
-    normalize = train_module.ct_normalizer(PLANS["foreground_intensity_properties_per_channel"]["0"])
+                                  PLANS["configurations"]["3d_fullres"], NORMALIZE)
     rng = np.random.default_rng(0)
     lesion = case.labels == 1
     for _ in range(5):
@@ -160,28 +184,36 @@ def test_vanished_lesion_samples_put_the_previous_mask_on_lesion_free_body_with_
         assert moved is not None and moved.sum() == lesion.sum(), "the same shape, moved"
         assert not (moved & (case.labels > 0)).any(), "on tissue without any lesion"
         assert np.asarray(case.image.array)[moved].mean() > -900, "inside the body"
-    x, y = train_module.simulate_sample(case, rng, (32, 48, 48), normalize, "mask", vanish_prob=1.0)
+    x, y = train_module.simulate_sample(case, rng, (32, 48, 48), "mask", vanish_prob=1.0)
     assert x[1].sum() > 50 and not y.any()
     # points and boxes are never made empty, and a mask sample without vanish_prob has its lesion
     for kind in ("point", "box", "mask"):
         prob = 0.0 if kind == "mask" else 1.0
-        assert train_module.simulate_sample(case, rng, (32, 48, 48), normalize, kind, vanish_prob=prob)[1].any()
+        assert train_module.simulate_sample(case, rng, (32, 48, 48), kind, vanish_prob=prob)[1].any()
 
 
 def test_vanished_mask_gives_none_when_no_lesion_free_place_exists(data):
     case = train_module.load_case(data / "images" / "c0.nii.gz", data / "labels" / "c0.nii.gz",
-                                  PLANS["configurations"]["3d_fullres"])
+                                  PLANS["configurations"]["3d_fullres"], NORMALIZE)
     everything = np.ones_like(case.labels, dtype=bool)
     assert train_module.vanished_mask(case, everything, np.random.default_rng(0)) is None
 
 
-def test_adamw_optimizer_is_used_and_resumed_and_an_unknown_one_is_refused(data):
+def test_adamw_optimizer_is_used_and_resumed_and_another_or_unknown_one_is_refused(data):
     pairs = find_pairs(data / "images", data / "labels")
     train(pairs, data / "run", PLANS, epochs=1, iterations_per_epoch=1, val_samples=1, device="cpu",
           initial_lr=1e-3, optimizer="adamw", log=lambda m: None)
     state = load_checkpoint(data / "run" / "checkpoint_latest.pth")["optimizer_state"]
     assert "exp_avg" in next(iter(state["state"].values())), "AdamW's moment estimates are saved"
     assert state["param_groups"][0]["weight_decay"] == 1e-2
+    before = (data / "run" / "checkpoint_latest.pth").read_bytes()
+    with pytest.raises(ValueError, match=r"written by the 'adamw' optimizer: resume with optimizer 'adamw'"):
+        train(pairs, data / "run", PLANS, epochs=2, iterations_per_epoch=1, val_samples=1, device="cpu",
+              optimizer="sgd", log=lambda m: None)
+    assert (data / "run" / "checkpoint_latest.pth").read_bytes() == before, "the checkpoint is left as it was"
+    train(pairs, data / "run", PLANS, epochs=2, iterations_per_epoch=1, val_samples=1, device="cpu",
+          initial_lr=1e-3, optimizer="adamw", log=lambda m: None)
+    assert load_checkpoint(data / "run" / "checkpoint_latest.pth")["current_epoch"] == 2, "resumed with AdamW"
     with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
         train(pairs, data / "other", PLANS, epochs=1, iterations_per_epoch=1, device="cpu", optimizer="adam",
               log=lambda m: None)
@@ -220,10 +252,9 @@ def test_box_jitter_and_other_options_of_the_train_command(data, capsys):
     assert not (data / "run").exists()
     # the legacy scheme grows each side by up to 10 model voxels
     case = train_module.load_case(data / "images" / "c0.nii.gz", data / "labels" / "c0.nii.gz",
-                                  PLANS["configurations"]["3d_fullres"])
-    normalize = train_module.ct_normalizer(PLANS["foreground_intensity_properties_per_channel"]["0"])
+                                  PLANS["configurations"]["3d_fullres"], NORMALIZE)
     rng = np.random.default_rng(3)
-    extents = [np.ptp(np.argwhere(train_module.simulate_sample(case, rng, (32, 48, 48), normalize, "box",
+    extents = [np.ptp(np.argwhere(train_module.simulate_sample(case, rng, (32, 48, 48), "box",
                                                                box_jitter_mm=None)[0][1] > 0), 0)
                for _ in range(10)]
     assert np.max(extents, 0)[1] > 20, "legacy boxes are much looser than 8 mm of jitter"
@@ -238,3 +269,17 @@ def test_intensity_augmentation_changes_about_two_thirds_of_the_blocks_reproduci
     changed = np.mean([not np.allclose(a, block) for a in first])
     # nothing applied with probability 0.9 * 0.8 * 0.85 * 0.85 * 0.9 * 0.7 = 0.328
     assert 0.57 < changed < 0.77, changed
+
+
+def test_the_build_plan_repeats_only_the_runs_the_installed_model_builds_on():
+    import build_demo_model as build
+    runs = [{"out": "a", "init": None}, {"out": "b", "init": None},
+            {"out": "c", "init": "b/checkpoint_latest.pth"}, {"out": "d", "init": "c/run/checkpoint_final.pth"}]
+    assert [r["out"] for r in build.runs_of_final_model(runs)] == ["b", "c", "d"]
+    assert [r["out"] for r in build.runs_of_final_model(runs[:2])] == ["b"]
+    # every dataset a run of the plan reads is made by the data step
+    needed = build.datasets_of_final_model()
+    assert needed and set(needed) <= set(build.PLAN["datasets"])
+    for run in build.PLAN["runs"]:
+        for phase in run["phases"]:
+            assert all(d in build.PLAN["datasets"] for d in build.PLAN["mixtures"].get(phase["data"], [phase["data"]]))
