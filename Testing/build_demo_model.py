@@ -6,11 +6,18 @@ Steps (each skipped when its output exists, so an interrupted run resumes):
    (:mod:`registry_ct`); make synthetic training cases with
    :func:`LesionLocatorLib.synth.make_case` from the **chest** CT only.
 2. ``train``: ``lesionlocator train`` (small ResEnc U-Net, see PLAN below).
+   A run that is not finished resumes from ``WORKDIR/<run>/checkpoint_latest.pth`` or, on a new
+   machine, from the copy that ``keep`` left in ``Testing/demo_build_state/<run>/``.
 3. ``install``: copy the trained model root to ``Resources/Models/LesionLocatorDemo``.
 4. ``democase``: a baseline and two follow-ups from the **abdomen** CT (never
    used for training) into ``Resources/Demo`` (+ ground truth, point prompts).
 
-Usage: ``python Testing/build_demo_model.py WORKDIR [--steps data train install democase]``
+``keep`` (not run by default): copy the checkpoint of the unfinished run to
+``Testing/demo_build_state/<run>/checkpoint_latest.pth`` (weights, optimizer state, epoch and
+learning curves, ~14 MB), to be committed, so that training on machines that do not outlive
+a session goes on where the last one stopped.
+
+Usage: ``python Testing/build_demo_model.py WORKDIR [--steps data train install democase keep]``
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+STATE = HERE / "demo_build_state"   # committed checkpoints of unfinished runs (see ``keep``)
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
@@ -208,6 +216,11 @@ def step_train(work: Path) -> None:
         if (out / "LesionLocatorCheckpoint").exists():
             print(f"{out}: done", flush=True)
             continue
+        kept = STATE / run["out"] / "checkpoint_latest.pth"
+        if kept.exists() and not (out / "checkpoint_latest.pth").exists():
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copy(kept, out / "checkpoint_latest.pth")
+            print(f"{out}: resuming from the kept {kept.relative_to(REPO)}", flush=True)
         init = ["--init", str(work / run["init"])] if run["init"] else []
         for phase in run["phases"]:
             data = work / phase["data"]
@@ -225,6 +238,18 @@ def step_train(work: Path) -> None:
                    *(["--intensity-augmentation"] if run.get("intensity_augmentation") else []), *init]
             print(" ".join(cmd), flush=True)
             subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def step_keep(work: Path) -> None:
+    """Copy the latest checkpoint of each unfinished run of the installed model into ``STATE``."""
+    for run in runs_of_final_model(PLAN["runs"]):
+        latest = work / run["out"] / "checkpoint_latest.pth"
+        if (work / run["out"] / "LesionLocatorCheckpoint").exists() or not latest.exists():
+            continue
+        target = STATE / run["out"] / "checkpoint_latest.pth"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(latest, target)
+        print(f"kept {target.relative_to(REPO)} ({target.stat().st_size / 1e6:.1f} MB): commit it")
 
 
 def step_install(work: Path) -> None:
@@ -262,12 +287,14 @@ def step_democase(work: Path) -> None:
     print(f"demo case in {out}")
 
 
-STEPS = {"data": step_data, "train": step_train, "install": step_install, "democase": step_democase}
+STEPS = {"data": step_data, "train": step_train, "install": step_install, "democase": step_democase,
+         "keep": step_keep}
+DEFAULT_STEPS = ["data", "train", "install", "democase"]
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("work")
-    ap.add_argument("--steps", nargs="+", default=list(STEPS), choices=list(STEPS))
+    ap.add_argument("--steps", nargs="+", default=DEFAULT_STEPS, choices=list(STEPS))
     a = ap.parse_args()
     for s in a.steps:
         t0 = time.perf_counter()

@@ -283,3 +283,20 @@ def test_the_build_plan_repeats_only_the_runs_the_installed_model_builds_on():
     for run in build.PLAN["runs"]:
         for phase in run["phases"]:
             assert all(d in build.PLAN["datasets"] for d in build.PLAN["mixtures"].get(phase["data"], [phase["data"]]))
+
+
+def test_the_build_keeps_the_unfinished_run_for_the_next_machine(tmp_path, monkeypatch):
+    import build_demo_model as build
+    monkeypatch.setattr(build, "STATE", tmp_path / "repo_state")
+    monkeypatch.setattr(build, "REPO", tmp_path)
+    last = build.PLAN["runs"][-1]["out"]
+    work = tmp_path / "work"
+    save_atomically({"current_epoch": 7}, work / last / "checkpoint_latest.pth")
+    build.step_keep(work)
+    kept = tmp_path / "repo_state" / last / "checkpoint_latest.pth"
+    assert torch.load(kept)["current_epoch"] == 7
+    # a finished run (its model root exists) is not kept again
+    kept.unlink()
+    (work / last / "LesionLocatorCheckpoint").mkdir()
+    build.step_keep(work)
+    assert not kept.exists()
