@@ -41,23 +41,37 @@ def model_root(model: str, work: Path) -> str:
     return str(root)
 
 
+def evaluation_case(ct, index: int, a):
+    """The ``index``-th synthetic evaluation case (seed ``a.seed + index``) made in ``ct`` with the
+    settings of the parsed arguments ``a`` (lesions, follow-ups, diameters, vanishing)."""
+    from LesionLocatorLib.synth import make_case
+    return make_case(ct, n_lesions=a.lesions, n_followups=a.followups, seed=a.seed + index,
+                     diameter_range_mm=(a.min_diameter, 40.0), p_vanish=a.p_vanish,
+                     p_new=0.0)   # tracking follows the baseline lesions: no new ones in the truth
+
+
+def case_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options that choose the evaluation cases (shared with ``lesion_visibility.py``)."""
+    ap.add_argument("--ct", default="abdomen_3mm", help="registry CT name (not used for training)")
+    ap.add_argument("--cases", type=int, default=4)
+    ap.add_argument("--lesions", type=int, default=6)
+    ap.add_argument("--followups", type=int, default=3)
+    ap.add_argument("--min-diameter", type=float, default=10.0, help="smallest lesion diameter (mm)")
+    ap.add_argument("--seed", type=int, default=100)
+    ap.add_argument("--p-vanish", type=float, default=0.2,
+                    help="probability that a lesion vanishes during the follow-ups (the evaluation needs >= 1)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("work")
     ap.add_argument("-m", default=str(HERE.parents[1] / "Resources" / "Models" / "LesionLocatorDemo"),
                     help="model root, or a training checkpoint (checkpoint_latest.pth of a run in progress), "
                          "which is first written as a model root to WORKDIR/model")
-    ap.add_argument("--ct", default="abdomen_3mm", help="registry CT name (not used for training)")
-    ap.add_argument("--cases", type=int, default=4)
-    ap.add_argument("--lesions", type=int, default=6)
-    ap.add_argument("--followups", type=int, default=3)
-    ap.add_argument("--min-diameter", type=float, default=10.0, help="smallest lesion diameter (mm)")
+    case_arguments(ap)
     ap.add_argument("--registration", default="simpleitk")
     ap.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8 flips)")
-    ap.add_argument("--seed", type=int, default=100)
     ap.add_argument("--name", default=None, help="results/evaluate_NAME.json (default: the model folder's name)")
-    ap.add_argument("--p-vanish", type=float, default=0.2,
-                    help="probability that a lesion vanishes during the follow-ups (the evaluation needs >= 1)")
     a = ap.parse_args()
 
     from build_demo_model import read_ct
@@ -67,7 +81,6 @@ def main() -> None:
     from LesionLocatorLib.model import load_model
     from LesionLocatorLib.predict import segment
     from LesionLocatorLib.prompts import MaskPrompt, VoxelPrompt, prompts_from_labels
-    from LesionLocatorLib.synth import make_case
     from LesionLocatorLib.track import track
 
     work = Path(a.work)
@@ -81,9 +94,7 @@ def main() -> None:
     seg_rows, track_rows, statuses = [], [], []
     timings = {}
     for c in range(a.cases):
-        case = make_case(ct, n_lesions=a.lesions, n_followups=a.followups, seed=a.seed + c,
-                         diameter_range_mm=(a.min_diameter, 40.0), p_vanish=a.p_vanish,
-                         p_new=0.0)   # tracking follows the baseline lesions: no new ones in the truth
+        case = evaluation_case(ct, c, a)
         base, lab = case.images[0], case.labels[0].array
         ids = [int(i) for i in np.unique(lab) if i > 0]
         centre = prompts_from_labels(lab, "point")
