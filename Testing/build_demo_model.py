@@ -113,7 +113,9 @@ PLAN = {
         # One run from random weights with everything the chain above learned (visible lesions and
         # walls, tight boxes, vanished-lesion samples, coarse-scan and intensity augmentation,
         # bfloat16 steps, 2/3 of the cases made at 3 mm), so that the model needs no older run:
-        # planned over 300 epochs (~39 s each on 2 cores, 3.3 h), resumed across sessions
+        # planned over 300 epochs (55-75 s each on 2 cores), resumed across sessions; at epoch 207
+        # (2026-12-01, kept in Testing/demo_build_state): abdomen point 0.743 / off-centre 0.671 /
+        # box 0.759, tracking CPM@25 0.939, MED 2.86 mm; demo case 0.765 (lesion 1: 0.50-0.60)
         {"out": "run7", "patch": [32, 48, 48], "spacing": [2.5, 2.0, 2.0], "epochs": 300, "iterations": 250,
          "lr": 1e-2, "init": None, "box_jitter_mm": 8.0, "cpu_bf16": True, "intensity_augmentation": True,
          "phases": [{"data": "wall_1p5_3mm_x40", "until_epoch": 300, "low_res_prob": 0.3, "vanish_prob": 0.15}]},
