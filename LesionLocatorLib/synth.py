@@ -497,7 +497,7 @@ def visible_values(rim: float, core: float, rim_frac: float, local_hu: float, ne
     return (v, v) if rim_frac == 0 else (v, core)
 
 
-def _robust_sigma(values: np.ndarray) -> float:
+def robust_sigma(values: np.ndarray) -> float:
     """Standard deviation estimated from the median absolute deviation (1.4826 x MAD)."""
     return 1.4826 * float(np.median(np.abs(values - np.median(values))))
 
@@ -507,7 +507,7 @@ def _local_noise_hu(crop: np.ndarray, region: np.ndarray) -> float:
     vals = hp[region & (crop > -150) & (crop < 250)]
     if vals.size < 50:
         return 12.0
-    return float(np.clip(_robust_sigma(vals) * 1.2, 3.0, 40.0))
+    return float(np.clip(robust_sigma(vals) * 1.2, 3.0, 40.0))
 
 
 # --------------------------------------------------------------------------- state
@@ -592,7 +592,7 @@ class _State:
         noise_hu = _local_noise_hu(crop, shell)
         rim, core, rim_frac = _appearance_values(rng, appearance, local_hu)
         if shell.any():
-            spread = _robust_sigma(crop[shell])
+            spread = robust_sigma(crop[shell])
             needed = min(max(self.cfg.min_contrast_hu, self.cfg.contrast_per_spread * max(spread, noise_hu)),
                          self.cfg.max_contrast_hu)
             rim, core = visible_values(rim, core, rim_frac, local_hu, needed,

@@ -36,6 +36,9 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parents[1]))
 
+from LesionLocatorLib.metrics import dice  # noqa: E402  (after the path set-up)
+from LesionLocatorLib.synth import robust_sigma  # noqa: E402
+
 NEAR_VOXELS = 2        # the oracle knows the lesion to within this many voxels
 SMOOTH_VOXELS = 0.7    # Gaussian sigma of the smoothing before thresholding
 THRESHOLDS = 50        # grey values tried (percentiles of the neighbourhood)
@@ -51,7 +54,7 @@ def threshold_oracle_dice(image: np.ndarray, lesion: np.ndarray, others: np.ndar
     best = 0.0
     for t in np.percentile(grey[near], np.linspace(1, 99, THRESHOLDS)):
         for chosen in (near & (grey > t), near & (grey < t)):
-            best = max(best, 2.0 * (chosen & target).sum() / (chosen.sum() + target.sum()))
+            best = max(best, dice(chosen, target))
     return float(best)
 
 
@@ -62,8 +65,7 @@ def contrast_and_noise(image: np.ndarray, lesion: np.ndarray, others: np.ndarray
     core = core if core.any() else lesion
     shell = ndimage.binary_dilation(lesion, iterations=3) & ~ndimage.binary_dilation(lesion) & ~others
     values = image[shell].astype(np.float32)
-    noise = 1.4826 * float(np.median(np.abs(values - np.median(values))))
-    return float(np.median(image[core]) - np.median(values)), noise
+    return float(np.median(image[core]) - np.median(values)), robust_sigma(values)
 
 
 def main() -> None:
@@ -71,7 +73,7 @@ def main() -> None:
     from build_demo_model import read_ct
     from registry_ct import fetch_registry_cts
     from LesionLocatorLib.image import read_image
-    from LesionLocatorLib.metrics import dice, format_table
+    from LesionLocatorLib.metrics import format_table
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("work")
