@@ -6,7 +6,10 @@ tracked through the follow-ups with the track model and a registration backend.
 Writes the prediction/ground-truth instance label images per prompt type
 (``WORKDIR/segmentation/<prompt>/{pred,gt}``) and of the follow-ups
 (``WORKDIR/tracking/{pred,gt}``), runs ``lesionlocator evaluate`` on each (its tables are the
-numbers of the model card) and writes ``results/evaluate_<name>.json``. ``-m`` may also be a
+numbers of the model card) and writes ``results/evaluate_<name>.json``. Each follow-up is also
+segmented with its true lesion masks as prompts: the Dice it reaches beside the tracked Dice (same
+lesions) separates the network's share of the tracking error from the propagation's (registration,
+errors carried over from earlier timepoints). ``-m`` may also be a
 training checkpoint (``checkpoint_latest.pth``) to evaluate a run in progress.
 
 Usage: python Testing/benchmarks/evaluate_demo_model.py WORKDIR [-m MODEL|CHECKPOINT] [--cases 4] [--lesions 6]
@@ -91,7 +94,7 @@ def main() -> None:
     folders = {name: work / "segmentation" / slug for name, slug in
                (("point (centre)", "point_centre"), ("point (off-centre)", "point_offcentre"), ("box", "box"))}
     rng = np.random.default_rng(a.seed)
-    seg_rows, track_rows, statuses = [], [], []
+    seg_rows, track_rows, statuses, true_prompt_rows = [], [], [], []
     timings = {}
     for c in range(a.cases):
         case = evaluation_case(ct, c, a)
@@ -120,6 +123,17 @@ def main() -> None:
             write_image(case.labels[t], out / "gt" / f"case{c}_t{t}.nii.gz")
             track_rows += evaluate_case(result.labels[t], case.labels[t], lesion_ids=ids, case=f"case{c}_t{t}",
                                         patient=f"case{c}")
+            # the same follow-up segmented with its true masks as prompts: what tracking would reach
+            # without propagation (registration, earlier errors), i.e. the segmentation network's share
+            truth = case.labels[t].array
+            present = [i for i in ids if (truth == i).any()]
+            if present:
+                exact = segment(case.images[t], [MaskPrompt(i, case.images[t].with_array(truth == i)) for i in present],
+                                trk)
+                for i in present:
+                    true_prompt_rows.append({"case": c, "timepoint": t, "lesion_id": i,
+                                             "true_prompt_dice": dice(exact.masks[i], truth == i),
+                                             "tracked_dice": dice(result.masks[t].get(i, np.zeros(truth.shape, bool)), truth == i)})
         for les in case.lesions:
             if les.id in result.status:
                 statuses.append({"case": c, "lesion_id": les.id, "truth": les.status,
@@ -142,12 +156,19 @@ def main() -> None:
     agg = aggregate(track_rows)
     print("\nTracking (%s registration)" % a.registration)
     print(format_table([agg]))
+    true_prompt = {k: float(np.mean([r[k] for r in true_prompt_rows])) if true_prompt_rows else None
+                   for k in ("tracked_dice", "true_prompt_dice")}
+    if true_prompt_rows:
+        print(f"\nFollow-up lesions present in the truth ({len(true_prompt_rows)}): mean Dice tracked "
+              f"{true_prompt['tracked_dice']:.3f}, with the true mask as prompt {true_prompt['true_prompt_dice']:.3f} "
+              f"(the network's share of the tracking error)")
     vanish = [s for s in statuses if "vanished" in s["truth"]]
     print("\nLesions that vanish in the ground truth: truth vs tracker status")
     for s in vanish:
         print(f"  case {s['case']} lesion {s['lesion_id']}: {s['truth']} / {s['tracked']}")
     doc = {"model": a.m, "tta": a.tta, "ct": a.ct, "cases": a.cases, "lesions_per_case": a.lesions, "followups": a.followups,
-           "min_diameter_mm": a.min_diameter, "segmentation": summary, "tracking": agg, "vanishing": vanish,
+           "min_diameter_mm": a.min_diameter, "segmentation": summary, "tracking": agg, "follow_up_true_prompt": true_prompt,
+           "follow_up_lesions": true_prompt_rows, "vanishing": vanish,
            "statuses": statuses, "timings": timings}
     (HERE / "results").mkdir(exist_ok=True)
     path = HERE / "results" / f"evaluate_{a.name or Path(a.m).name}{'_tta' if a.tta else ''}.json"

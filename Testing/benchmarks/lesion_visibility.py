@@ -1,6 +1,6 @@
 """How well the synthetic evaluation lesions can be told apart from their surroundings by grey value.
 
-For every baseline lesion of the evaluation cases of ``evaluate_demo_model.py`` (same CT,
+For every lesion (baseline and follow-ups) of the evaluation cases of ``evaluate_demo_model.py`` (same CT,
 seeds and settings), a *threshold oracle* that knows the lesion to within 2 voxels: on the image
 smoothed with a Gaussian of 0.7 voxels, the voxels within 2 voxels of the lesion (other lesions
 excluded) above, or below, one grey value; the best Dice with the lesion over 50 grey values
@@ -15,7 +15,8 @@ With ``--pred FOLDER`` (e.g. ``WORKDIR/segmentation/point_centre/pred`` written 
 ``evaluate_demo_model.py`` with the same case options) the model's Dice per lesion is put beside
 the oracle's.
 
-Prints a table per lesion appearance and location and writes ``results/lesion_visibility_NAME.json``.
+Prints a table per lesion appearance and location (baseline lesions), one per timepoint (the
+follow-ups' lesions too) and writes ``results/lesion_visibility_NAME.json``.
 
 Usage: python Testing/benchmarks/lesion_visibility.py WORKDIR [--pred FOLDER] [--name NAME]
        [evaluate_demo_model.py's case options]
@@ -85,24 +86,27 @@ def main() -> None:
     rows = []
     for c in range(a.cases):
         case = evaluation_case(ct, c, a)
-        image, labels = case.images[0].array, case.labels[0].array
         pred = read_image(Path(a.pred) / f"case{c}.nii.gz").array if a.pred else None
-        for les in case.lesions:
-            lesion = labels == les.id
-            if not lesion.any():
-                continue
-            others = (labels > 0) & ~lesion
-            contrast, noise = contrast_and_noise(image, lesion, others)
-            row = {"case": c, "lesion_id": les.id, "appearance": les.appearance, "location": les.location,
-                   "diameter_mm": les.diameter_mm, "oracle_dice": threshold_oracle_dice(image, lesion, others),
-                   "contrast_hu": contrast, "noise_hu": noise}
-            if pred is not None:
-                row["model_dice"] = dice(pred == les.id, lesion)
-            rows.append(row)
+        for t, (scan, label_image) in enumerate(zip(case.images, case.labels)):
+            image, labels = scan.array, label_image.array
+            for les in case.lesions:
+                lesion = labels == les.id
+                if not lesion.any():
+                    continue
+                others = (labels > 0) & ~lesion
+                contrast, noise = contrast_and_noise(image, lesion, others)
+                row = {"case": c, "timepoint": t, "lesion_id": les.id, "appearance": les.appearance,
+                       "location": les.location, "diameter_mm": les.diameter_mm, "voxels": int(lesion.sum()),
+                       "oracle_dice": threshold_oracle_dice(image, lesion, others),
+                       "contrast_hu": contrast, "noise_hu": noise}
+                if pred is not None and t == 0:
+                    row["model_dice"] = dice(pred == les.id, lesion)
+                rows.append(row)
+    baseline = [r for r in rows if r["timepoint"] == 0]
     groups = defaultdict(list)
-    for r in rows:
+    for r in baseline:
         groups[(r["appearance"], r["location"])].append(r)
-    groups[("all", "all")] = rows
+    groups[("all", "all")] = baseline
     table = []
     for (appearance, location), part in sorted(groups.items(), key=lambda kv: (kv[0] == ("all", "all"), kv[0])):
         line = {"appearance": appearance, "location": location, "lesions": len(part),
@@ -116,9 +120,21 @@ def main() -> None:
     print(f"Threshold oracle on the baseline lesions of {a.cases} evaluation cases ({a.ct}); "
           "contrast, noise and diameter: medians")
     print(format_table(table))
+    # the same per timepoint: the follow-ups' lesions (grown or shrunk, resampled, transformed)
+    per_timepoint = []
+    for t in sorted({r["timepoint"] for r in rows}):
+        part = [r for r in rows if r["timepoint"] == t]
+        per_timepoint.append({"timepoint": t, "lesions": len(part),
+                              "oracle_dice": float(np.mean([r["oracle_dice"] for r in part])),
+                              "contrast_hu": float(np.median([abs(r["contrast_hu"]) for r in part])),
+                              "noise_hu": float(np.median([r["noise_hu"] for r in part])),
+                              "voxels": float(np.median([r["voxels"] for r in part]))})
+    print("\nPer timepoint (every lesion present in the truth); |contrast|, noise and voxels: medians")
+    print(format_table(per_timepoint))
     (HERE / "results").mkdir(exist_ok=True)
     path = HERE / "results" / f"lesion_visibility_{a.name}.json"
-    path.write_text(json.dumps({"ct": a.ct, "cases": a.cases, "pred": a.pred, "groups": table, "lesions": rows},
+    path.write_text(json.dumps({"ct": a.ct, "cases": a.cases, "pred": a.pred, "groups": table,
+                                "timepoints": per_timepoint, "lesions": rows},
                                indent=1, default=str))
     print(f"wrote {path}")
 
