@@ -12,10 +12,11 @@ Steps (each skipped when its output exists, so an interrupted run resumes):
 4. ``democase``: a baseline and two follow-ups from the **abdomen** CT (never
    used for training) into ``Resources/Demo`` (+ ground truth, point prompts).
 
-``keep`` (not run by default): copy the checkpoint of the unfinished run to
+``keep`` (not run by default): copy the latest checkpoint of the installed model's run to
 ``Testing/demo_build_state/<run>/checkpoint_latest.pth`` (weights, optimizer state, epoch and
 learning curves, ~14 MB), to be committed, so that training on machines that do not outlive
-a session goes on where the last one stopped.
+a session goes on where the last one stopped (a finished run's: ``train`` then only writes
+its model root, without training again).
 
 Usage: ``python Testing/build_demo_model.py WORKDIR [--steps data train install democase keep]``
 """
@@ -31,7 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-STATE = HERE / "demo_build_state"   # committed checkpoints of unfinished runs (see ``keep``)
+STATE = HERE / "demo_build_state"   # committed latest checkpoints of the runs (see ``keep``)
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
@@ -243,10 +244,11 @@ def step_train(work: Path) -> None:
 
 
 def step_keep(work: Path) -> None:
-    """Copy the latest checkpoint of each unfinished run of the installed model into ``STATE``."""
+    """Copy the latest checkpoint of each run of the installed model into ``STATE`` (of a finished
+    run too: resumed at its last epoch, ``train`` only exports it)."""
     for run in runs_of_final_model(PLAN["runs"]):
         latest = work / run["out"] / "checkpoint_latest.pth"
-        if (work / run["out"] / "LesionLocatorCheckpoint").exists() or not latest.exists():
+        if not latest.exists():
             continue
         target = STATE / run["out"] / "checkpoint_latest.pth"
         target.parent.mkdir(parents=True, exist_ok=True)

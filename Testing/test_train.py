@@ -295,8 +295,25 @@ def test_the_build_keeps_the_unfinished_run_for_the_next_machine(tmp_path, monke
     build.step_keep(work)
     kept = tmp_path / "repo_state" / last / "checkpoint_latest.pth"
     assert torch.load(kept)["current_epoch"] == 7
-    # a finished run (its model root exists) is not kept again
+    # a finished run (its model root exists) is kept too: on a new machine ``train`` only exports it
     kept.unlink()
+    save_atomically({"current_epoch": 9}, work / last / "checkpoint_latest.pth")
     (work / last / "LesionLocatorCheckpoint").mkdir()
     build.step_keep(work)
-    assert not kept.exists()
+    assert torch.load(kept)["current_epoch"] == 9
+
+
+def test_resuming_a_finished_run_trains_nothing_and_writes_its_model_root(data, tmp_path):
+    pairs = find_pairs(data / "images", data / "labels")
+    train(pairs, data / "run", PLANS, epochs=1, iterations_per_epoch=1, val_samples=2, device="cpu", log=print)
+    moved = tmp_path / "new_machine"
+    moved.mkdir()
+    (data / "run" / "checkpoint_latest.pth").rename(moved / "checkpoint_latest.pth")
+    logs = []
+    root = train(pairs, moved, PLANS, epochs=1, iterations_per_epoch=1, val_samples=2, device="cpu",
+                 log=logs.append)
+    assert not any(m.startswith("epoch ") for m in logs)
+    final = load_checkpoint(root / "LesionLocatorSeg" / "point_optimized" / "fold_0" / "checkpoint_final.pth")
+    latest = load_checkpoint(moved / "checkpoint_latest.pth")
+    assert final["network_weights"].keys() == latest["network_weights"].keys()
+    assert all(torch.equal(final["network_weights"][k], latest["network_weights"][k]) for k in latest["network_weights"])
