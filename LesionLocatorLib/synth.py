@@ -29,7 +29,10 @@ describes:
   for lesions smaller than the kernel the field is normalised so that its peak
   strain equals that at a large lesion's border.  See
   :func:`growth_displacement` for these choices and for how the voxel-wise
-  random scaling field r(x) is applied.
+  random scaling field r(x) is applied.  Across follow-ups the fields are
+  composed too: every follow-up resamples the baseline once (lesions inserted
+  later: from their insertion on), so lesions keep their texture and contrast
+  and sub-voxel growth accumulates instead of being rounded away at each step.
 * **Image level (7.2)**: elastic deformation, rotation, scaling and translation,
   then Gaussian noise, Gaussian blur, multiplicative brightness and contrast,
   with the supplement's probabilities and ranges (batchgeneratorsv2 semantics:
@@ -516,12 +519,21 @@ class _State:
 
     ``image`` holds the CT with lesions, ``clean`` the same anatomy without them
     (deformed by the same growth fields), ``label`` the lesion IDs.
+
+    Growth is resampled once from a reference state, not step after step: ``base`` holds
+    (image, clean, label) as they were before the first growth (or the last lesion insertion), and
+    ``total`` (3, z, y, x, voxels) the composed displacement from the current frame into it, so
+    the current state is ``base`` sampled at ``x + total(x)``. Resampling the previous timepoint
+    again at every follow-up would blur a lesion a little more each time (its contrast and
+    texture fade and its label drifts from what the image shows).
     """
 
     def __init__(self, ct: np.ndarray, spacing_zyx, anatomy: _Anatomy, cfg: SynthConfig):
         self.clean = ct.astype(np.float32, copy=True)
         self.image = self.clean.copy()
         self.label = np.zeros(ct.shape, np.uint16)
+        self.base = None       # (image, clean, label) that growth resamples; None: the current state
+        self.total = None      # displacement (3, z, y, x) from the current frame into ``base``; None: zero
         self.spacing = np.asarray(spacing_zyx, float)
         self.anatomy = anatomy
         self.cfg = cfg
@@ -614,24 +626,23 @@ class _State:
         alpha[self.label[sl] != 0] = 0
         crop[...] = crop * (1 - alpha) + alpha * value
         self.label[sl][S] = lid
+        self.base = self.total = None   # drawn in the current frame: growth resamples from here on
         self.rmax[lid] = float(shape["rmax"])
         self.centre_mm[lid] = np.asarray(centre_vox) * sp
         self.update_box(lid, box)
 
     def remove(self, lid: int) -> None:
-        """Let a lesion vanish: its voxels (and partial-volume border) show the clean anatomy."""
+        """Let a lesion vanish: its voxels (and partial-volume border) show the clean anatomy, in the
+        current state and in ``base`` (so that later growth does not bring it back)."""
         if lid not in self.boxes:
             return
-        box = self._expand(self.boxes[lid], [6, 6, 6])
-        sl = self._sl(box)
-        lab = self.label[sl]
-        mine = lab == lid
-        d_mine = ndimage.distance_transform_edt(~mine)
-        others = (lab != 0) & ~mine
-        d_other = ndimage.distance_transform_edt(~others) if others.any() else np.full(lab.shape, np.inf)
-        region = (d_mine <= 4.0) & (d_mine < d_other)
-        self.image[sl][region] = self.clean[sl][region]
-        lab[mine] = 0
+        _erase_lesion(self.image, self.clean, self.label, lid, self._sl(self._expand(self.boxes[lid], [6, 6, 6])))
+        if self.base is not None:
+            image, clean, label = self.base
+            where = np.argwhere(label == lid)
+            if len(where):
+                box = [[int(lo), int(hi) + 1] for lo, hi in zip(where.min(0), where.max(0))]
+                _erase_lesion(image, clean, label, lid, self._sl(self._expand(box, [6, 6, 6])))
         self.boxes.pop(lid, None)
 
     # growth ------------------------------------------------------------------
@@ -655,16 +666,40 @@ class _State:
         sl = self._sl(box)
         lab = self.label[sl]
         disp = stacked_growth_field(lab == lid, sp, amplitude, sigma_s, rng, target, cfg)
-        coords = np.indices(lab.shape, dtype=np.float32)
-        coords += disp
-        for arr in (self.image, self.clean):
-            arr[sl] = ndimage.map_coordinates(arr[sl], coords, order=1, mode="nearest")
-        self.label[sl] = ndimage.map_coordinates(lab, coords, order=0, mode="nearest")
+        if self.base is None:
+            self.base = (self.image.copy(), self.clean.copy(), self.label.copy())
+            self.total = np.zeros((3,) + self.image.shape, np.float32)
+        # current(x) = base(x + total(x)) and new(x) = current(x + disp(x)), so the new displacement
+        # is disp(x) + total(x + disp(x)) (global voxel coordinates; disp is zero outside the crop)
+        at = np.indices(lab.shape, dtype=np.float32)
+        at += np.array([s.start for s in sl], np.float32).reshape(3, 1, 1, 1) + disp
+        total = disp + np.stack([ndimage.map_coordinates(self.total[a], at, order=1, mode="nearest")
+                                 for a in range(3)])
+        self.total[(slice(None),) + sl] = total
+        at += total - disp
+        image, clean, label = self.base
+        self.image[sl] = ndimage.map_coordinates(image, at, order=1, mode="nearest")
+        self.clean[sl] = ndimage.map_coordinates(clean, at, order=1, mode="nearest")
+        self.label[sl] = ndimage.map_coordinates(label, at, order=0, mode="nearest")
         # neighbours inside the crop were pushed too: re-measure their boxes
         for other, bb in list(self.boxes.items()):
             if other != lid and all(b0 < c1 and c0 < b1 for (b0, b1), (c0, c1) in zip(bb, box)):
                 self.update_box(other, self._expand(bb, margin))
         return self.update_box(lid, box)
+
+
+def _erase_lesion(image: np.ndarray, clean: np.ndarray, label: np.ndarray, lid: int, sl) -> None:
+    """In place, within ``sl``: lesion ``lid``'s voxels and the voxels within 4 voxels of it (those
+    nearer to it than to another lesion: its partial-volume border) take ``clean``'s values, and
+    its label becomes 0."""
+    lab = label[sl]
+    mine = lab == lid
+    d_mine = ndimage.distance_transform_edt(~mine)
+    others = (lab != 0) & ~mine
+    d_other = ndimage.distance_transform_edt(~others) if others.any() else np.full(lab.shape, np.inf)
+    region = (d_mine <= 4.0) & (d_mine < d_other)
+    image[sl][region] = clean[sl][region]
+    lab[mine] = 0
 
 
 def _block_mean(a: np.ndarray, f) -> np.ndarray:
