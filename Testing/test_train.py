@@ -285,7 +285,7 @@ def test_the_build_plan_repeats_only_the_runs_the_installed_model_builds_on():
             assert all(d in build.PLAN["datasets"] for d in build.PLAN["mixtures"].get(phase["data"], [phase["data"]]))
 
 
-def test_the_build_keeps_the_unfinished_run_for_the_next_machine(tmp_path, monkeypatch):
+def test_the_build_keeps_the_run_unfinished_or_finished_for_the_next_machine(tmp_path, monkeypatch):
     import build_demo_model as build
     monkeypatch.setattr(build, "STATE", tmp_path / "repo_state")
     monkeypatch.setattr(build, "REPO", tmp_path)
@@ -305,7 +305,7 @@ def test_the_build_keeps_the_unfinished_run_for_the_next_machine(tmp_path, monke
 
 def test_resuming_a_finished_run_trains_nothing_and_writes_its_model_root(data, tmp_path):
     pairs = find_pairs(data / "images", data / "labels")
-    train(pairs, data / "run", PLANS, epochs=1, iterations_per_epoch=1, val_samples=2, device="cpu", log=print)
+    train(pairs, data / "run", PLANS, epochs=1, iterations_per_epoch=1, val_samples=2, device="cpu", log=lambda m: None)
     moved = tmp_path / "new_machine"
     moved.mkdir()
     (data / "run" / "checkpoint_latest.pth").rename(moved / "checkpoint_latest.pth")
