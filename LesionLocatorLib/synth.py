@@ -540,6 +540,7 @@ class _State:
         self.boxes = {}        # id -> [[z0, z1], [y0, y1], [x0, x1]] of the label
         self.rmax = {}         # id -> outer radius (mm) at insertion
         self.centre_mm = {}    # id -> centre (mm, z y x from voxel 0) at insertion
+        self.avoid = []        # (centre mm, radius mm) of lesions the CT already has (``make_case(avoid=)``)
 
     # boxes ----------------------------------------------------------------
     def _box(self, centre_vox, half_vox):
@@ -580,7 +581,15 @@ class _State:
             hi = (np.array([b[1] for b in bb]) - 1) * self.spacing
             r_box = float(np.linalg.norm(hi - lo) / 2.0)
             occ.append(((lo + hi) / 2.0, max(r_box, self.rmax.get(lid, 0.0))))
-        return occ
+        return occ + self.avoid
+
+    def avoid_mask(self, mask: np.ndarray) -> None:
+        """Keep new lesions away from each connected part of ``mask`` (bool, z y x, this grid)."""
+        parts, _ = ndimage.label(mask)
+        for sl in ndimage.find_objects(parts):
+            lo = np.array([s.start for s in sl]) * self.spacing
+            hi = np.array([s.stop - 1 for s in sl]) * self.spacing
+            self.avoid.append(((lo + hi) / 2.0, float(np.linalg.norm(hi - lo) / 2.0) + float(self.spacing.max())))
 
     # insertion ---------------------------------------------------------------
     def insert(self, rng, lid: int, shape: dict, appearance: str, centre_vox) -> None:
@@ -1021,7 +1030,8 @@ def _measure(label: np.ndarray, image: Image, ids, voxel_ml: float):
 
 def make_case(ct: Image, n_lesions: int = 5, n_followups: int = 2, seed: int = 0,
               config: Optional[SynthConfig] = None,
-              progress: Optional[Callable[[float, str], None]] = None, **overrides) -> SynthCase:
+              progress: Optional[Callable[[float, str], None]] = None,
+              avoid: Optional[np.ndarray] = None, **overrides) -> SynthCase:
     """Insert ``n_lesions`` synthetic lesions into a lesion-free CT and simulate follow-ups.
 
     ``ct`` is a CT in Hounsfield units (any spacing/orientation).  Returns a
@@ -1029,7 +1039,9 @@ def make_case(ct: Image, n_lesions: int = 5, n_followups: int = 2, seed: int = 0
     as ``ct``; t0 is the baseline, which gets no image-level transform) and
     label maps (uint16, voxel value = lesion ID, IDs stable over time).
     ``config`` (or keyword ``overrides`` of its fields, e.g.
-    ``spatial_transform=False``) changes the generator.
+    ``spatial_transform=False``) changes the generator.  ``avoid`` (bool, z y x, the
+    CT's grid): lesions the CT already has (e.g. a real tumour's label); synthetic
+    lesions keep ``min_gap_mm`` from their bounding spheres (at insertion).
 
     Raises ``ValueError`` for a CT without a body ("no body found ...") and when
     fewer than ``n_lesions`` lesions fit ("only K of the N requested lesions fit ...").
@@ -1051,6 +1063,10 @@ def make_case(ct: Image, n_lesions: int = 5, n_followups: int = 2, seed: int = 0
     report(0.0, "analysing anatomy")
     anatomy = _Anatomy(np.asarray(ct.array), spacing, cfg)
     state = _State(np.asarray(ct.array), spacing, anatomy, cfg)
+    if avoid is not None:
+        if np.shape(avoid) != tuple(ct.array.shape):
+            raise ValueError(f"avoid mask shape {np.shape(avoid)} differs from the CT's {tuple(ct.array.shape)}")
+        state.avoid_mask(np.asarray(avoid, bool))
     lesions: list = []
 
     def new_lesion(rng, lid, t, diameter_range):

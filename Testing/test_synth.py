@@ -203,6 +203,19 @@ def test_lesions_inside_body_and_separate(case):
         assert d[lab0 == lid].min() >= 5.0
 
 
+def test_lesions_keep_away_from_the_lesions_the_ct_already_has(ct):
+    """``avoid``: a real lesion's mask; the same seed without it puts a lesion right there."""
+    plain = make_case(ct, n_lesions=3, n_followups=0, seed=5, diameter_range_mm=(8.0, 16.0))
+    real = plain.labels[0].array == 1          # stands in for a real tumour the CT has
+    kept = make_case(ct, n_lesions=3, n_followups=0, seed=5, diameter_range_mm=(8.0, 16.0), avoid=real)
+    lab = kept.labels[0].array
+    assert len(np.unique(lab)) == 4
+    d = ndimage.distance_transform_edt(~real, sampling=ct.spacing_zyx)
+    assert d[lab > 0].min() >= 5.0             # min_gap_mm from the avoided lesion
+    with pytest.raises(ValueError, match="avoid mask shape"):
+        make_case(ct, n_lesions=1, n_followups=0, seed=5, avoid=real[:-1])
+
+
 def test_air_only_ct_is_refused():
     air = Image(np.full((20, 40, 40), -1000, np.int16), (1.0, 1.0, 2.0))
     with pytest.raises(ValueError, match="no body found"):

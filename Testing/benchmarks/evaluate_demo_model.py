@@ -44,18 +44,34 @@ def model_root(model: str, work: Path) -> str:
     return str(root)
 
 
-def evaluation_case(ct, index: int, a):
-    """The ``index``-th synthetic evaluation case (seed ``a.seed + index``) made in ``ct`` with the
-    settings of the parsed arguments ``a`` (lesions, follow-ups, diameters, vanishing)."""
+def evaluation_cts(work: Path, names: list) -> list:
+    """(CT image, mask of its real lesions or None) per registry CT name, fetched into
+    ``work/ct_cache``; a CT with a real lesion (``registry_ct.REAL_LESION_CTS``) gets no synthetic
+    lesion next to it."""
+    from build_demo_model import read_ct
+    from registry_ct import REAL_LESION_CTS, fetch_registry_cts, label_path
+    from LesionLocatorLib.image import read_image
+    paths = fetch_registry_cts(work / "ct_cache", names)
+    return [(read_ct(Path(paths[n])),
+             read_image(label_path(work / "ct_cache", n)).array > 0 if n in REAL_LESION_CTS else None)
+            for n in names]
+
+
+def evaluation_case(cts: list, index: int, a):
+    """The ``index``-th synthetic evaluation case (seed ``a.seed + index``), made in the CT
+    ``index % len(cts)`` of :func:`evaluation_cts` with the settings of the parsed arguments ``a``
+    (lesions, follow-ups, diameters, vanishing)."""
     from LesionLocatorLib.synth import make_case
+    ct, avoid = cts[index % len(cts)]
     return make_case(ct, n_lesions=a.lesions, n_followups=a.followups, seed=a.seed + index,
                      diameter_range_mm=(a.min_diameter, 40.0), p_vanish=a.p_vanish,
-                     p_new=0.0)   # tracking follows the baseline lesions: no new ones in the truth
+                     p_new=0.0, avoid=avoid)   # tracking follows the baseline lesions: no new ones in the truth
 
 
 def case_arguments(ap: argparse.ArgumentParser) -> None:
     """The options that choose the evaluation cases (shared with ``lesion_visibility.py``)."""
-    ap.add_argument("--ct", default="abdomen_3mm", help="registry CT name (not used for training)")
+    ap.add_argument("--ct", nargs="+", default=["abdomen_3mm"],
+                    help="registry CT names (not used for training); case i is made in CT i modulo their number")
     ap.add_argument("--cases", type=int, default=4)
     ap.add_argument("--lesions", type=int, default=6)
     ap.add_argument("--followups", type=int, default=3)
@@ -77,8 +93,6 @@ def main() -> None:
     ap.add_argument("--name", default=None, help="results/evaluate_NAME.json (default: the model folder's name)")
     a = ap.parse_args()
 
-    from build_demo_model import read_ct
-    from registry_ct import fetch_registry_cts
     from LesionLocatorLib.image import write_image
     from LesionLocatorLib.metrics import aggregate, dice, evaluate_case, format_table
     from LesionLocatorLib.model import load_model
@@ -88,7 +102,7 @@ def main() -> None:
 
     work = Path(a.work)
     a.m = model_root(a.m, work)
-    ct = read_ct(Path(fetch_registry_cts(work / "ct_cache", [a.ct])[a.ct]))
+    cts = evaluation_cts(work, a.ct)
     seg = {k: load_model(a.m, k, device="cpu", tta=a.tta) for k in ("point", "box")}
     trk = load_model(a.m, "prev_mask", device="cpu", tta=a.tta)
     folders = {name: work / "segmentation" / slug for name, slug in
@@ -97,7 +111,7 @@ def main() -> None:
     seg_rows, track_rows, statuses, true_prompt_rows = [], [], [], []
     timings = {}
     for c in range(a.cases):
-        case = evaluation_case(ct, c, a)
+        case = evaluation_case(cts, c, a)
         base, lab = case.images[0], case.labels[0].array
         ids = [int(i) for i in np.unique(lab) if i > 0]
         centre = prompts_from_labels(lab, "point")

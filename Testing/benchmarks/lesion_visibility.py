@@ -70,9 +70,7 @@ def contrast_and_noise(image: np.ndarray, lesion: np.ndarray, others: np.ndarray
 
 
 def main() -> None:
-    from evaluate_demo_model import case_arguments, evaluation_case
-    from build_demo_model import read_ct
-    from registry_ct import fetch_registry_cts
+    from evaluate_demo_model import case_arguments, evaluation_case, evaluation_cts
     from LesionLocatorLib.image import read_image
     from LesionLocatorLib.metrics import format_table
 
@@ -82,10 +80,10 @@ def main() -> None:
     ap.add_argument("--name", default="abdomen_3mm")
     case_arguments(ap)
     a = ap.parse_args()
-    ct = read_ct(Path(fetch_registry_cts(Path(a.work) / "ct_cache", [a.ct])[a.ct]))
+    cts = evaluation_cts(Path(a.work), a.ct)
     rows = []
     for c in range(a.cases):
-        case = evaluation_case(ct, c, a)
+        case = evaluation_case(cts, c, a)
         pred = read_image(Path(a.pred) / f"case{c}.nii.gz").array if a.pred else None
         for t, (scan, label_image) in enumerate(zip(case.images, case.labels)):
             image, labels = scan.array, label_image.array
@@ -117,7 +115,7 @@ def main() -> None:
         if a.pred:
             line["model_dice"] = float(np.mean([r["model_dice"] for r in part]))
         table.append(line)
-    print(f"Threshold oracle on the baseline lesions of {a.cases} evaluation cases ({a.ct}); "
+    print(f"Threshold oracle on the baseline lesions of {a.cases} evaluation cases ({', '.join(a.ct)}); "
           "contrast, noise and diameter: medians")
     print(format_table(table))
     # the same per timepoint: the follow-ups' lesions (grown or shrunk, resampled, transformed)
