@@ -140,6 +140,16 @@ PLAN = {
          "lr": 5e-3, "init": "run7/LesionLocatorCheckpoint/LesionLocatorSeg/point_optimized/fold_0/checkpoint_final.pth",
          "box_jitter_mm": 8.0, "cpu_bf16": True, "intensity_augmentation": True,
          "phases": [{"data": "once_chest_slab", "until_epoch": 90, "low_res_prob": 0.3, "vanish_prob": 0.15}]},
+        # Finished 2026-12-01 (98 min): abdomen point 0.852 / off-centre 0.798 / box 0.863, tracking
+        # Dice 0.538, CPM@25 1.000, MED 1.50 mm, but most vanished lesions reported ``tracked``; demo
+        # case 0.813 (lesion 1 at baseline 0.60, lesion 2 at t2 0.59): not installed. Its weights were
+        # not kept (lost with that machine); run9 replaces it.
+        # run8's recipe with twice the vanished-lesion samples (30 % of the previous-mask samples), so
+        # that a lesion that is gone is reported ``vanished`` instead of a false positive
+        {"out": "run9", "patch": [32, 48, 48], "spacing": [2.5, 2.0, 2.0], "epochs": 90, "iterations": 250,
+         "lr": 5e-3, "init": "run7/LesionLocatorCheckpoint/LesionLocatorSeg/point_optimized/fold_0/checkpoint_final.pth",
+         "box_jitter_mm": 8.0, "cpu_bf16": True, "intensity_augmentation": True,
+         "phases": [{"data": "once_chest_slab", "until_epoch": 90, "low_res_prob": 0.3, "vanish_prob": 0.3}]},
     ],
     "demo_ct": "abdomen_3mm", "demo_seed": 2026, "demo_lesions": 4, "demo_diameter_mm": [20.0, 45.0],
     # demo lesions: measurable (RECIST >= 10 mm at the 3 mm demo resolution), solid-organ and wall lesions

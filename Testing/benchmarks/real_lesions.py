@@ -28,9 +28,8 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 def real_lesion_rows(model_path: str, work: Path, offcentre: int, seed: int = 0) -> list:
     """One row per CT and prompt kind for the model at ``model_path`` (Dice, volumes in ml, s)."""
-    from registry_ct import REAL_LESION_CTS, fetch_registry_cts, label_path
-    from evaluate_demo_model import model_root
-    from LesionLocatorLib.image import read_image
+    from registry_ct import REAL_LESION_CTS
+    from evaluate_demo_model import evaluation_cts, model_root
     from LesionLocatorLib.metrics import dice, lesion_volume_ml
     from LesionLocatorLib.model import load_model
     from LesionLocatorLib.predict import segment
@@ -38,11 +37,9 @@ def real_lesion_rows(model_path: str, work: Path, offcentre: int, seed: int = 0)
 
     root = model_root(model_path, work / Path(model_path).stem)
     models = {k: load_model(root, k, device="cpu") for k in ("point", "box")}
-    paths = fetch_registry_cts(work / "ct_cache", list(REAL_LESION_CTS))
+    names = list(REAL_LESION_CTS)
     rows = []
-    for name, path in paths.items():
-        image = read_image(path)
-        truth = read_image(label_path(work / "ct_cache", name)).array > 0
+    for name, (image, truth) in zip(names, evaluation_cts(work, names)):
         rng = np.random.default_rng(seed)
         inside = np.argwhere(truth)
         prompts = {"point (centre)": [prompts_from_labels(truth.astype(np.uint8), "point")],
