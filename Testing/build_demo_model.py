@@ -145,7 +145,12 @@ PLAN = {
         # case 0.813 (lesion 1 at baseline 0.60, lesion 2 at t2 0.59): not installed. Its weights were
         # not kept (lost with that machine); run9 replaces it.
         # run8's recipe with twice the vanished-lesion samples (30 % of the previous-mask samples), so
-        # that a lesion that is gone is reported ``vanished`` instead of a false positive
+        # that a lesion that is gone is reported ``vanished`` instead of a false positive.
+        # Finished 2026-12-01 (102 min, kept in Testing/demo_build_state): abdomen point 0.847 /
+        # off-centre 0.781 / box 0.864, tracking Dice 0.620 (run8 0.538), NSD 0.480, CPM@25 1.000, MED
+        # 1.55 mm; 9 of 21 vanished lesion-timepoints reported ``vanished`` (run8: 3), no present
+        # lesion reported ``vanished``; real lung tumours 0.837-0.894 (run7 0.876-0.913); demo case
+        # 0.794 (lesion 1 at baseline 0.54, lesion 2 at t2 0.58): not installed
         {"out": "run9", "patch": [32, 48, 48], "spacing": [2.5, 2.0, 2.0], "epochs": 90, "iterations": 250,
          "lr": 5e-3, "init": "run7/LesionLocatorCheckpoint/LesionLocatorSeg/point_optimized/fold_0/checkpoint_final.pth",
          "box_jitter_mm": 8.0, "cpu_bf16": True, "intensity_augmentation": True,
