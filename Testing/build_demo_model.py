@@ -135,15 +135,15 @@ PLAN = {
          "phases": [{"data": "wall_1p5_3mm_x40", "until_epoch": 300, "low_res_prob": 0.3, "vanish_prob": 0.15}]},
         # run7's final weights fine-tuned on data of the current generator (follow-ups resampled
         # once) and on soft-tissue lesions in the upper-abdomen slab (run7's weak spot: 10-20 mm
-        # hypodense soft-tissue lesions, point Dice 0.56 on the abdomen)
-        {"out": "run8", "patch": [32, 48, 48], "spacing": [2.5, 2.0, 2.0], "epochs": 90, "iterations": 250,
-         "lr": 5e-3, "init": "run7/LesionLocatorCheckpoint/LesionLocatorSeg/point_optimized/fold_0/checkpoint_final.pth",
-         "box_jitter_mm": 8.0, "cpu_bf16": True, "intensity_augmentation": True,
-         "phases": [{"data": "once_chest_slab", "until_epoch": 90, "low_res_prob": 0.3, "vanish_prob": 0.15}]},
+        # hypodense soft-tissue lesions, point Dice 0.56 on the abdomen).
         # Finished 2026-12-01 (98 min): abdomen point 0.852 / off-centre 0.798 / box 0.863, tracking
         # Dice 0.538, CPM@25 1.000, MED 1.50 mm, but most vanished lesions reported ``tracked``; demo
         # case 0.813 (lesion 1 at baseline 0.60, lesion 2 at t2 0.59): not installed. Its weights were
         # not kept (lost with that machine); run9 replaces it.
+        {"out": "run8", "patch": [32, 48, 48], "spacing": [2.5, 2.0, 2.0], "epochs": 90, "iterations": 250,
+         "lr": 5e-3, "init": "run7/LesionLocatorCheckpoint/LesionLocatorSeg/point_optimized/fold_0/checkpoint_final.pth",
+         "box_jitter_mm": 8.0, "cpu_bf16": True, "intensity_augmentation": True,
+         "phases": [{"data": "once_chest_slab", "until_epoch": 90, "low_res_prob": 0.3, "vanish_prob": 0.15}]},
         # run8's recipe with twice the vanished-lesion samples (30 % of the previous-mask samples), so
         # that a lesion that is gone is reported ``vanished`` instead of a false positive.
         # Finished 2026-12-01 (102 min, kept in Testing/demo_build_state): abdomen point 0.847 /
