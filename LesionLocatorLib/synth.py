@@ -10,8 +10,9 @@ describes:
   low-frequency radial noise) and spiculated blobs, 3-60 mm, in the lungs
   ('lung'), in soft tissue/liver ('soft_tissue') or touching a wall (pleura or
   body wall, 'wall'); intensities relative to the local tissue (hypo-,
-  hyperdense, rim-enhancing, necrotic core; solid or ground-glass in lung) with
-  texture and noise, blended through a Gaussian-smoothed mask (partial volume).
+  hyperdense, rim-enhancing, necrotic core; solid or ground-glass in lung; never
+  darker than water in soft tissue) with texture and noise, blended through a
+  Gaussian-smoothed mask (partial volume).
   Body: HU > -500, largest component, holes filled per axial slice; lung: HU <
   -400 inside it, without airways/bowel gas.  Lesions keep ``min_gap_mm`` from
   each other, stay inside the body and far enough from the image border that
@@ -112,6 +113,12 @@ class SynthConfig:
     # lesions with a wall (rim-enhancing, necrotic core): the wall gets that contrast, so the outline
     # is visible; False: the part that stands out more (the rim or the core; before 2026-12)
     visible_wall: bool = True
+    # no soft-tissue lesion is darker than water (fluid, necrosis, cysts; fat-containing lesions
+    # aside): a hypodense lesion whose contrast rule would take it below this is drawn brighter than
+    # its surroundings instead. Without it, a "hypodense" lesion next to fat (tissue median near
+    # 0 HU) became fat-dense (-100 HU) and invisible where it touched fat; None: no floor (before
+    # 2026-12-01 (5))
+    soft_lesion_min_hu: Optional[float] = 0.0
     # lesion level (7.1)
     amplitudes: tuple = AMPLITUDES
     sigma_s_range: tuple = (4.0, 5.5)             # mm (voxels of the 1 mm grid)
@@ -448,6 +455,7 @@ _APPEARANCE = {
     "lung": (("solid", 0.55), ("ground_glass", 0.2), ("necrotic_core", 0.15), ("hyperdense", 0.1)),
     "soft": (("hypodense", 0.35), ("hyperdense", 0.2), ("rim_enhancing", 0.25), ("necrotic_core", 0.2)),
 }
+_SOFT_APPEARANCES = {name for name, _ in _APPEARANCE["soft"]}
 
 
 def _appearance_values(rng, appearance: str, local_hu: float):
@@ -498,6 +506,21 @@ def visible_values(rim: float, core: float, rim_frac: float, local_hu: float, ne
     up = (d > 0 or upward) if rim_frac > 0 and wall else (d > 0 or (d == 0 and upward))
     v = local_hu + (needed_hu if up else -needed_hu)
     return (v, v) if rim_frac == 0 else (v, core)
+
+
+def above_water(rim: float, core: float, rim_frac: float, local_hu: float, needed_hu: float,
+                min_hu: float) -> tuple:
+    """(rim, core) in HU with neither below ``min_hu`` (water: what soft-tissue lesions are made of
+    is never darker, fat aside).
+
+    A rim (or the single value of a homogeneous lesion, ``rim_frac == 0``) below ``min_hu`` moves
+    to ``needed_hu`` above the surrounding tissue's ``local_hu`` (it stays visible, now brighter
+    than its surroundings) but not below ``min_hu``; a core inside a wall is raised to ``min_hu``."""
+    if rim < min_hu:
+        rim = max(local_hu + needed_hu, min_hu)
+        if rim_frac == 0:
+            return rim, rim
+    return rim, max(core, min_hu)
 
 
 def robust_sigma(values: np.ndarray) -> float:
@@ -612,14 +635,16 @@ class _State:
         local_hu = float(np.median(crop[shell])) if shell.any() else 40.0
         noise_hu = _local_noise_hu(crop, shell)
         rim, core, rim_frac = _appearance_values(rng, appearance, local_hu)
+        needed = self.cfg.min_contrast_hu
         if shell.any():
             spread = robust_sigma(crop[shell])
-            needed = min(max(self.cfg.min_contrast_hu, self.cfg.contrast_per_spread * max(spread, noise_hu)),
-                         self.cfg.max_contrast_hu)
+            needed = min(max(needed, self.cfg.contrast_per_spread * max(spread, noise_hu)), self.cfg.max_contrast_hu)
             rim, core = visible_values(rim, core, rim_frac, local_hu, needed,
                                        upward=appearance in ("hyperdense", "rim_enhancing", "solid") or (
                                            appearance == "necrotic_core" and self.cfg.visible_wall),
                                        wall=self.cfg.visible_wall)
+        if self.cfg.soft_lesion_min_hu is not None and appearance in _SOFT_APPEARANCES:
+            rim, core = above_water(rim, core, rim_frac, local_hu, needed, self.cfg.soft_lesion_min_hu)
         depth = ndimage.distance_transform_edt(S, sampling=sp)
         r_eq = (3 * S.sum() * np.prod(sp) / (4 * np.pi)) ** (1 / 3)
         if rim_frac > 0 and r_eq > 2 * sp.min():

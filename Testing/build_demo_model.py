@@ -63,6 +63,9 @@ PLAN = {
                  "once_chest3mm_x40_10to50mm": ([10.0, 50.0], {"ct_spacing_mm": 3.0, "cases": 40}),
                  "once_slab3mm_x40_10to30mm": ([10.0, 30.0], {"ct": "abdomen_dicom", "ct_spacing_mm": 3.0,
                                                               "cases": 40, "spatial_transform": False})},
+    # generator settings under every dataset above: all were made before synth kept soft-tissue
+    # lesions at or above water density (2026-12-01), so they reproduce only without that floor
+    "dataset_generator": {"soft_lesion_min_hu": None},
     # training folders made of links to the datasets' cases (names prefixed by the dataset);
     # validation: the last dataset's validation case
     "mixtures": {"data_mixed": ["data_4to50mm", "data_10to50mm"], "vis_mixed": ["vis_4to50mm", "vis_10to50mm"],
@@ -209,7 +212,7 @@ def step_data(work: Path, only=None) -> None:
     ct_names = {overrides.get("ct", PLAN["train_ct"]) for _, overrides in datasets.values()}
     cts = fetch_registry_cts(work / "ct_cache", sorted(ct_names | {PLAN["demo_ct"]}))
     for dataset, (diameter_mm, overrides) in datasets.items():
-        overrides = dict(overrides)
+        overrides = {**PLAN["dataset_generator"], **overrides}
         ct_name = overrides.pop("ct", PLAN["train_ct"])
         ct = read_ct(Path(cts[ct_name]), overrides.pop("ct_spacing_mm", None))
         n_train = overrides.pop("cases", PLAN["train_cases"])

@@ -305,6 +305,44 @@ def test_visible_values_push_the_standing_out_part_away_from_the_tissue():
     assert visible_values(45.0, 0.0, 0.3, 40.0, 60.0, upward=False, wall=False) == (45.0, -20.0)
 
 
+def test_above_water_raises_what_the_contrast_rule_took_below_water():
+    from LesionLocatorLib.synth import above_water
+    # a homogeneous lesion pushed to fat density next to fat-rich tissue (median 4 HU, 86 HU of
+    # contrast needed): drawn 86 HU brighter than the tissue instead
+    assert above_water(-82.0, -82.0, 0.0, 4.0, 86.0, 0.0) == (90.0, 90.0)
+    # never below water even when the tissue itself is darker
+    assert above_water(-150.0, -150.0, 0.0, -100.0, 60.0, 0.0) == (0.0, 0.0)
+    # a wall below water moves up; a fluid core inside a visible wall is raised to water only
+    assert above_water(-40.0, -60.0, 0.3, 10.0, 60.0, 0.0) == (70.0, 0.0)
+    assert above_water(100.0, -30.0, 0.3, 40.0, 60.0, 0.0) == (100.0, 0.0)
+    assert above_water(-20.0, -20.0, 0.0, 40.0, 60.0, -50.0) == (-20.0, -20.0)   # above the floor: kept
+
+
+def test_soft_tissue_lesions_next_to_fat_are_not_fat_dense():
+    """Soft tissue striped with fat (7 mm bands): the surroundings' median is near 0 HU, and the
+    contrast rule alone makes some hypodense lesions fat-dense (invisible where they touch fat)."""
+    img, _ = ct_phantom(shape_zyx=SHAPE, spacing_xyz=SPACING, seed=3)
+    arr = img.array.astype(np.float32)
+    arr[((np.arange(arr.shape[2]) % 12 < 6)[None, None, :]) & (arr > -300) & (arr < 200)] -= 140.0
+    striped = img.with_array(arr.astype(np.int16))
+
+    def inner_medians(**overrides):
+        c = make_case(striped, n_lesions=6, n_followups=0, seed=5, diameter_range_mm=(10.0, 20.0),
+                      intensity_transform=False, location_weights=(("soft_tissue", 1.0),), **overrides)
+        a, lab = c.images[0].array.astype(float), c.labels[0].array
+        out = []
+        for les in c.lesions:
+            if les.appearance in ("hypodense", "hyperdense", "rim_enhancing", "necrotic_core"):
+                m = lab == les.id
+                inner = m & (ndimage.distance_transform_edt(m, sampling=c.images[0].spacing_zyx) > 2.5)
+                out.append(np.median(a[inner]))
+        return np.array(out)
+    floored = inner_medians()
+    assert len(floored) >= 3 and floored.min() > -15.0, floored      # water, plus texture and noise
+    unfloored = inner_medians(soft_lesion_min_hu=None)
+    assert unfloored.min() < -60.0, unfloored
+
+
 def test_the_wall_of_rim_and_necrotic_lesions_stands_out_from_the_tissue(ct):
     def wall_contrasts(**overrides):
         c = make_case(ct, n_lesions=5, n_followups=0, seed=4, diameter_range_mm=(12.0, 20.0),
