@@ -63,8 +63,10 @@ PLAN = {
                  "once_chest3mm_x40_10to50mm": ([10.0, 50.0], {"ct_spacing_mm": 3.0, "cases": 40}),
                  "once_slab3mm_x40_10to30mm": ([10.0, 30.0], {"ct": "abdomen_dicom", "ct_spacing_mm": 3.0,
                                                               "cases": 40, "spatial_transform": False})},
-    # generator settings under every dataset above: all were made before synth kept soft-tissue
-    # lesions at or above water density (2026-12-01), so they reproduce only without that floor
+    # generator settings under every dataset's own overrides: all datasets above were made before
+    # synth kept soft-tissue lesions at or above water density (2026-12-01), so they reproduce only
+    # without that floor; a new dataset made with the current generator overrides it with
+    # {"soft_lesion_min_hu": 0.0} (do not drop this: the datasets above would change)
     "dataset_generator": {"soft_lesion_min_hu": None},
     # training folders made of links to the datasets' cases (names prefixed by the dataset);
     # validation: the last dataset's validation case
@@ -167,7 +169,7 @@ PLAN = {
         # lesions above water): point 0.857 / off-centre 0.825 / box 0.850, tracking Dice 0.608, NSD
         # 0.478, CPM@25 1.000, MED 1.42 mm; follow-ups tracked 0.720 (run9 0.707), but 7 of 21 vanished
         # lesion-timepoints reported ``vanished`` (run9 10). Remade demo case 0.871 (lesion 2 at t1/t2
-        # 0.76 / 0.74, over-segmented by about one voxel): not installed. Next: remake the data with
+        # 0.76 / 0.74, over-segmented by about one voxel): not installed. Next: new datasets made with
         # the current generator (11-15 % of these datasets' baseline lesions are fat-dense)
         {"out": "run10", "patch": [32, 48, 48], "spacing": [2.5, 2.0, 2.0], "epochs": 120, "iterations": 250,
          "lr": 5e-3, "init": "run9/LesionLocatorCheckpoint/LesionLocatorSeg/point_optimized/fold_0/checkpoint_final.pth",
