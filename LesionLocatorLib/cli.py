@@ -285,7 +285,8 @@ def cmd_train(args) -> int:
                  device=args.device, val_pairs=val, stop_after_epoch=args.stop_after_epoch,
                  low_res_prob=args.low_res_prob, vanish_prob=args.vanish_prob,
                  optimizer=args.optimizer, box_jitter_mm=args.box_jitter_mm, cpu_bf16=args.cpu_bf16,
-                 intensity_augmentation=args.intensity_augmentation)
+                 intensity_augmentation=args.intensity_augmentation, vanish_tissue_hu=args.vanish_tissue_hu,
+                 vanish_fragment_prob=args.vanish_fragment_prob)
     if root is None:
         print(f"stopped after epoch {args.stop_after_epoch} of {args.epochs}; the same command without "
               f"--stop-after-epoch (or with a later one) resumes from {Path(args.o) / 'checkpoint_latest.pth'}")
@@ -408,6 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--vanish-prob", "--vanish_prob", dest="vanish_prob", type=float, default=0.0,
                    help="share of previous-mask samples showing a vanished lesion (prompt on lesion-free "
                         "tissue, empty target), so tracking learns to report vanished lesions")
+    r.add_argument("--vanish-tissue-hu", "--vanish_tissue_hu", dest="vanish_tissue_hu", type=float, default=None,
+                   help="vanished-lesion samples: put the previous mask on tissue whose median is within this "
+                        "many HU of the lesion's surroundings (default: anywhere in the body)")
+    r.add_argument("--vanish-fragment-prob", "--vanish_fragment_prob", dest="vanish_fragment_prob", type=float,
+                   default=0.0, help="share of vanished-lesion samples whose previous mask is a small fragment "
+                                     "(what a previous false positive leaves as the next prompt)")
     r.add_argument("--low-res-prob", "--low_res_prob", dest="low_res_prob", type=float, default=0.0,
                    help="share of training samples made to look like scans coarser than the model spacing "
                         "(down- and up-sampled image, 0.33-1 zoom per axis)")

@@ -211,7 +211,8 @@ def _paste(block_lo, block: np.ndarray, lo, shape) -> np.ndarray:
 
 def simulate_sample(case: Case, rng: np.random.Generator, patch, prompt_type: str,
                     low_res_prob: float = 0.0, vanish_prob: float = 0.0,
-                    box_jitter_mm: float | None = BOX_JITTER_MM, intensity_augmentation: bool = False) -> tuple:
+                    box_jitter_mm: float | None = BOX_JITTER_MM, intensity_augmentation: bool = False,
+                    vanish_tissue_hu: float | None = None, vanish_fragment_prob: float = 0.0) -> tuple:
     """(input (2, *patch) float32, target (1, *patch) float32) for one random lesion of ``case``.
 
     ``box_jitter_mm``: a box prompt is the lesion's bounding box grown along each axis by
@@ -225,16 +226,20 @@ def simulate_sample(case: Case, rng: np.random.Generator, patch, prompt_type: st
     ``low_res_prob``: probability of simulating a scan coarser than the model spacing (see
     :func:`simulate_low_resolution`). ``vanish_prob``: probability that a mask-prompt sample
     shows a lesion that has vanished (:func:`vanished_mask`: the previous mask lies on tissue
-    without a lesion, the target is empty), so that tracking can report ``vanished``."""
+    without a lesion, the target is empty), so that tracking can report ``vanished``;
+    ``vanish_tissue_hu`` and ``vanish_fragment_prob``: where that mask lies and what is left of it
+    (see :func:`vanished_mask` and :func:`fragment`)."""
     grid = case.grid
     pid = int(rng.choice(list(case.lesions)))
     sl, idx = case.lesions[pid]
     lesion = case.labels == pid if prompt_type == "mask" else None
     prompt_mask, vanished = None, False
     if prompt_type == "mask" and rng.random() < vanish_prob:
-        prompt_mask = vanished_mask(case, perturb_mask(lesion, sl, rng), rng)
+        prompt_mask = vanished_mask(case, perturb_mask(lesion, sl, rng), rng, tissue_hu=vanish_tissue_hu)
         if prompt_mask is not None:
             vanished = True
+            if rng.random() < vanish_fragment_prob:
+                prompt_mask = fragment(prompt_mask, rng)
             idx = np.argwhere(prompt_mask)
     voxel = idx[rng.integers(len(idx))]
     centre = np.round(grid.original_to_model(voxel)).astype(int) + np.asarray(grid.pad_lo)
@@ -321,15 +326,27 @@ def simulate_low_resolution(block: np.ndarray, rng: np.random.Generator, zoom_ra
 
 
 def vanished_mask(case: Case, mask: np.ndarray, rng: np.random.Generator, max_shift_mm: float = 60.0,
-                  margin: int = 2, tries: int = 20) -> np.ndarray | None:
+                  margin: int = 2, tries: int = 20, tissue_hu: float | None = None) -> np.ndarray | None:
     """``mask`` (a previous lesion mask, original voxel grid) moved by up to ``max_shift_mm`` per
     axis to where the image has no lesion within ``margin`` voxels of its bounding box and the
     tissue under it is body (mean above -900 HU, lung included): what a tracked lesion's warped
-    mask covers after the lesion vanished. None when ``tries`` random moves find no such place."""
+    mask covers after the lesion vanished. None when ``tries`` random moves find no such place.
+
+    ``tissue_hu``: also require the median HU under the moved mask to be within ``tissue_hu`` of
+    the median of the tissue around the lesion (a ``margin``-voxel shell): a vanished lesion
+    leaves the tissue it grew in (an organ's parenchyma, muscle), not any body tissue, and that
+    tissue is where a model is tempted to segment "something". None: anywhere in the body (the
+    scheme of training runs before 2026-12-01 (6))."""
     idx = np.argwhere(mask)
     shape = np.asarray(mask.shape)
     limit = np.maximum(np.round(max_shift_mm / np.asarray(case.image.spacing_zyx)).astype(int), 1)
     image = np.asarray(case.image.array)
+    if tissue_hu is not None:
+        region = tuple(slice(max(a - margin, 0), b + margin + 1) for a, b in zip(idx.min(0), idx.max(0)))
+        inside = mask[region]
+        shell = ndimage.binary_dilation(inside, iterations=margin) & ~inside
+        surroundings = float(np.median(image[region][shell])) if shell.any() else float(np.median(image[mask]))
+        tries = max(tries, 60)     # a narrower target: more tries
     # moves that keep the mask and its margin inside the image
     low = np.maximum(-limit, margin - idx.min(0))
     high = np.minimum(limit, shape - margin - 1 - idx.max(0))
@@ -342,10 +359,25 @@ def vanished_mask(case: Case, mask: np.ndarray, rng: np.random.Generator, max_sh
             continue
         if image[tuple(moved.T)].mean() <= -900:
             continue
+        if tissue_hu is not None and abs(float(np.median(image[tuple(moved.T)])) - surroundings) > tissue_hu:
+            continue
         out = np.zeros_like(mask)
         out[tuple(moved.T)] = True
         return out
     return None
+
+
+def fragment(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A small piece of ``mask``: its voxels within 1 or 2 voxels (random) of one of them: what a
+    tracker's previous false positive (a few voxels found where a lesion had vanished) passes on
+    as the next prompt. Never empty when ``mask`` is not."""
+    idx = np.argwhere(mask)
+    centre = idx[rng.integers(len(idx))]
+    radius = int(rng.integers(1, 3))
+    near = idx[(np.abs(idx - centre) <= radius).all(1) & (((idx - centre) ** 2).sum(1) <= radius ** 2)]
+    out = np.zeros_like(mask)
+    out[tuple(near.T)] = True
+    return out
 
 
 def _grown(sl, margin: int) -> tuple:
@@ -391,7 +423,8 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
           val_samples: int = 16, prompt_types=PROMPT_TYPES, progress=None, log=print,
           stop_after_epoch: int | None = None, low_res_prob: float = 0.0,
           vanish_prob: float = 0.0, optimizer: str = "sgd", box_jitter_mm: float | None = BOX_JITTER_MM,
-          cpu_bf16: bool = False, intensity_augmentation: bool = False) -> Path | None:
+          cpu_bf16: bool = False, intensity_augmentation: bool = False,
+          vanish_tissue_hu: float | None = None, vanish_fragment_prob: float = 0.0) -> Path | None:
     """Train (or fine-tune from ``init_from``, a checkpoint of the same architecture) and write a
     model root ``out_dir/LesionLocatorCheckpoint``. Resumes from ``out_dir/checkpoint_latest.pth``.
 
@@ -399,7 +432,8 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
     schedule still spans ``epochs``), and return None; a later call resumes, possibly with other
     data (training in phases, or across runs on a machine with a time limit). ``low_res_prob``:
     share of training samples made to look like coarser scans (:func:`simulate_low_resolution`).
-    ``vanish_prob``: share of mask-prompt samples whose lesion has vanished (empty target).
+    ``vanish_prob``: share of mask-prompt samples whose lesion has vanished (empty target);
+    ``vanish_tissue_hu``, ``vanish_fragment_prob``: see :func:`simulate_sample`.
     ``optimizer``: "sgd" (nnU-Net's: Nesterov, momentum 0.99) or "adamw" (weight decay 1e-2;
     use an ``initial_lr`` near 1e-3); both with the poly schedule. ``box_jitter_mm``: see
     :func:`simulate_sample`. ``cpu_bf16``: on the CPU, run the network's forward and backward
@@ -485,7 +519,8 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
         for _ in bar:
             samples = [simulate_sample(cases[rng.integers(len(cases))], rng, patch,
                                        prompt_types[rng.integers(len(prompt_types))], low_res_prob,
-                                       vanish_prob, box_jitter_mm, intensity_augmentation)
+                                       vanish_prob, box_jitter_mm, intensity_augmentation,
+                                       vanish_tissue_hu, vanish_fragment_prob)
                        for _ in range(batch_size)]
             x = torch.from_numpy(np.stack([s[0] for s in samples])).to(dev)
             y = torch.from_numpy(np.stack([s[1] for s in samples])).to(dev)

@@ -192,6 +192,37 @@ def test_vanished_lesion_samples_put_the_previous_mask_on_lesion_free_body_with_
         assert train_module.simulate_sample(case, rng, (32, 48, 48), kind, vanish_prob=prob)[1].any()
 
 
+def test_vanished_masks_can_be_kept_on_tissue_like_the_lesions_surroundings(data):
+    """Both phantom lesions sit in a lung (-850 HU): with ``tissue_hu`` the vanished lesion's mask
+    stays on lung; without it, it also lands on the 40 HU soft tissue."""
+    case = train_module.load_case(data / "images" / "c0.nii.gz", data / "labels" / "c0.nii.gz",
+                                  PLANS["configurations"]["3d_fullres"], NORMALIZE)
+    image = np.asarray(case.image.array)
+    lesion = case.labels == 2
+    rng = np.random.default_rng(1)
+    anywhere = [np.median(image[train_module.vanished_mask(case, lesion, rng)]) for _ in range(12)]
+    like = [np.median(image[train_module.vanished_mask(case, lesion, rng, tissue_hu=100.0)]) for _ in range(12)]
+    assert max(anywhere) > -100, "without the tissue rule some masks land on soft tissue"
+    assert max(like) < -750 and min(like) > -950, like
+
+
+def test_a_fragment_is_a_small_piece_of_the_mask_and_still_a_vanished_sample(data):
+    case = train_module.load_case(data / "images" / "c0.nii.gz", data / "labels" / "c0.nii.gz",
+                                  PLANS["configurations"]["3d_fullres"], NORMALIZE)
+    lesion = case.labels == 1
+    rng = np.random.default_rng(0)
+    sizes = set()
+    for _ in range(10):
+        piece = train_module.fragment(lesion, rng)
+        idx = np.argwhere(piece)
+        assert piece.any() and not (piece & ~lesion).any()
+        assert (np.ptp(idx, 0) <= 4).all() and piece.sum() <= 33, "within a ball of radius 2"
+        sizes.add(int(piece.sum()))
+    assert min(sizes) <= 7 < max(sizes), sizes          # radius 1 (<= 7 voxels) and radius 2
+    x, y = train_module.simulate_sample(case, rng, (32, 48, 48), "mask", vanish_prob=1.0, vanish_fragment_prob=1.0)
+    assert 0 < (x[1] > 0).sum() < lesion.sum() and not y.any()
+
+
 def test_vanished_mask_gives_none_when_no_lesion_free_place_exists(data):
     case = train_module.load_case(data / "images" / "c0.nii.gz", data / "labels" / "c0.nii.gz",
                                   PLANS["configurations"]["3d_fullres"], NORMALIZE)
@@ -246,6 +277,9 @@ def test_box_jitter_and_other_options_of_the_train_command(data, capsys):
     assert build_parser().parse_args(base + ["--box-jitter-mm", "0"]).box_jitter_mm == 0.0
     assert not build_parser().parse_args(base).intensity_augmentation
     assert build_parser().parse_args(base + ["--intensity-augmentation", "--cpu-bf16"]).cpu_bf16
+    parsed = build_parser().parse_args(base + ["--vanish-tissue-hu", "100", "--vanish-fragment-prob", "0.3"])
+    assert (parsed.vanish_tissue_hu, parsed.vanish_fragment_prob) == (100.0, 0.3)
+    assert build_parser().parse_args(base).vanish_tissue_hu is None
     with pytest.raises(SystemExit):
         main(base + ["--box-jitter-mm", "-3"])
     assert "must be >= 0 or 'legacy', got -3" in capsys.readouterr().err
