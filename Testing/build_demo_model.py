@@ -70,12 +70,23 @@ PLAN = {
                                                                 "soft_lesion_min_hu": 0.0}),
                  "water_slab3mm_x40_10to30mm": ([10.0, 30.0], {"ct": "abdomen_dicom", "ct_spacing_mm": 3.0,
                                                                "cases": 40, "spatial_transform": False,
-                                                               "soft_lesion_min_hu": 0.0})},
+                                                               "soft_lesion_min_hu": 0.0}),
+                 # the same again with follow-up labels resampled as the image is (trilinear indicator
+                 # >= 0.5; 2026-12-01 (6)): nearest-neighbour labels strayed from the image's outline
+                 "lin_chest_10to50mm": ([10.0, 50.0], {"soft_lesion_min_hu": 0.0, "label_resampling": "linear"}),
+                 "lin_chest3mm_x40_10to50mm": ([10.0, 50.0], {"ct_spacing_mm": 3.0, "cases": 40,
+                                                              "soft_lesion_min_hu": 0.0,
+                                                              "label_resampling": "linear"}),
+                 "lin_slab3mm_x40_10to30mm": ([10.0, 30.0], {"ct": "abdomen_dicom", "ct_spacing_mm": 3.0,
+                                                             "cases": 40, "spatial_transform": False,
+                                                             "soft_lesion_min_hu": 0.0,
+                                                             "label_resampling": "linear"})},
     # generator settings under every dataset's own overrides: all datasets above were made before
     # synth kept soft-tissue lesions at or above water density (2026-12-01), so they reproduce only
     # without that floor; a new dataset made with the current generator overrides it with
     # {"soft_lesion_min_hu": 0.0} (do not drop this: the datasets above would change)
-    "dataset_generator": {"soft_lesion_min_hu": None},
+    # (same for the follow-up labels of all datasets before the "lin_" ones: nearest neighbour)
+    "dataset_generator": {"soft_lesion_min_hu": None, "label_resampling": "nearest"},
     # training folders made of links to the datasets' cases (names prefixed by the dataset);
     # validation: the last dataset's validation case
     "mixtures": {"data_mixed": ["data_4to50mm", "data_10to50mm"], "vis_mixed": ["vis_4to50mm", "vis_10to50mm"],
@@ -84,7 +95,8 @@ PLAN = {
                  "wall_1p5_3mm_x40": ["wall_10to50mm", "wall_3mm_x40_10to50mm"],
                  "once_chest_slab": ["wall_10to50mm", "once_chest3mm_x40_10to50mm", "once_slab3mm_x40_10to30mm"],
                  "water_chest_slab": ["water_chest_10to50mm", "water_chest3mm_x40_10to50mm",
-                                      "water_slab3mm_x40_10to30mm"]},
+                                      "water_slab3mm_x40_10to30mm"],
+                 "lin_chest_slab": ["lin_chest_10to50mm", "lin_chest3mm_x40_10to50mm", "lin_slab3mm_x40_10to30mm"]},
     # Training runs, each resumable (checkpoint_latest.pth in its folder); a run's ``phases``
     # share one poly learning-rate schedule over ``epochs``; each run starts from the previous
     # one. The first two are the 2026-11-30 candidate (fine grid); the third moves it to the
@@ -191,11 +203,14 @@ PLAN = {
         # missed one costs a whole lesion-timepoint of tracking Dice), their masks on tissue like the
         # lesion's surroundings (run10's misses segmented 300-1500 voxels of the organ a lesion had
         # vanished from) and a third of them fragments (run10 grew a 19-voxel false positive into
-        # 436 and 1490 voxels over the next follow-ups)
+        # 436 and 1490 voxels over the next follow-ups); from epoch 43 on the datasets with follow-up
+        # labels resampled as the image is ("lin_")
         {"out": "run11", "patch": [32, 48, 48], "spacing": [2.5, 2.0, 2.0], "epochs": 80, "iterations": 250,
          "lr": 5e-3, "init": "run10/LesionLocatorCheckpoint/LesionLocatorSeg/point_optimized/fold_0/checkpoint_final.pth",
          "box_jitter_mm": 8.0, "cpu_bf16": True, "intensity_augmentation": True,
-         "phases": [{"data": "water_chest_slab", "until_epoch": 80, "low_res_prob": 0.3, "vanish_prob": 0.5,
+         "phases": [{"data": "water_chest_slab", "until_epoch": 42, "low_res_prob": 0.3, "vanish_prob": 0.5,
+                     "vanish_tissue_hu": 100.0, "vanish_fragment_prob": 0.3},
+                    {"data": "lin_chest_slab", "until_epoch": 80, "low_res_prob": 0.3, "vanish_prob": 0.5,
                      "vanish_tissue_hu": 100.0, "vanish_fragment_prob": 0.3}]},
     ],
     "demo_ct": "abdomen_3mm", "demo_seed": 2026, "demo_lesions": 4, "demo_diameter_mm": [20.0, 45.0],
