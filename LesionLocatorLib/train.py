@@ -335,8 +335,9 @@ def vanished_mask(case: Case, mask: np.ndarray, rng: np.random.Generator, max_sh
     ``tissue_hu``: also require the median HU under the moved mask to be within ``tissue_hu`` of
     the median of the tissue around the lesion (a ``margin``-voxel shell): a vanished lesion
     leaves the tissue it grew in (an organ's parenchyma, muscle), not any body tissue, and that
-    tissue is where a model is tempted to segment "something". None: anywhere in the body (the
-    scheme of training runs before 2026-12-01 (6))."""
+    tissue is where a model is tempted to segment "something"; such a place is rarer, so at least
+    60 moves are tried. None: anywhere in the body (the scheme of training runs before
+    2026-12-01 (6))."""
     idx = np.argwhere(mask)
     shape = np.asarray(mask.shape)
     limit = np.maximum(np.round(max_shift_mm / np.asarray(case.image.spacing_zyx)).astype(int), 1)
@@ -374,7 +375,7 @@ def fragment(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     idx = np.argwhere(mask)
     centre = idx[rng.integers(len(idx))]
     radius = int(rng.integers(1, 3))
-    near = idx[(np.abs(idx - centre) <= radius).all(1) & (((idx - centre) ** 2).sum(1) <= radius ** 2)]
+    near = idx[((idx - centre) ** 2).sum(1) <= radius ** 2]
     out = np.zeros_like(mask)
     out[tuple(near.T)] = True
     return out
