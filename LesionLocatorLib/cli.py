@@ -286,7 +286,8 @@ def cmd_train(args) -> int:
                  low_res_prob=args.low_res_prob, vanish_prob=args.vanish_prob,
                  optimizer=args.optimizer, box_jitter_mm=args.box_jitter_mm, cpu_bf16=args.cpu_bf16,
                  intensity_augmentation=args.intensity_augmentation, vanish_tissue_hu=args.vanish_tissue_hu,
-                 vanish_fragment_prob=args.vanish_fragment_prob)
+                 vanish_fragment_prob=args.vanish_fragment_prob,
+                 deep_supervision_targets=args.deep_supervision_targets)
     if root is None:
         print(f"stopped after epoch {args.stop_after_epoch} of {args.epochs}; the same command without "
               f"--stop-after-epoch (or with a later one) resumes from {Path(args.o) / 'checkpoint_latest.pth'}")
@@ -431,6 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--intensity-augmentation", "--intensity_augmentation", dest="intensity_augmentation",
                    action="store_true", help="nnU-Net's intensity augmentations (noise, blur, brightness, "
                                              "contrast, gamma) of the image channel")
+    r.add_argument("--deep-supervision-targets", "--deep_supervision_targets", dest="deep_supervision_targets",
+                   choices=["max_pool", "nearest"], default="max_pool",
+                   help="targets of the coarse decoder outputs: max_pool (default; every run before run12) "
+                        "or nearest (every 2nd voxel from the first: where the network's coarse voxels are centred)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--init", default=None, help="checkpoint to fine-tune from (same architecture)")
     r.add_argument("-device", "--device", default="auto")

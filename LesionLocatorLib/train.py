@@ -406,10 +406,26 @@ def perturb_mask(mask: np.ndarray, sl, rng: np.random.Generator) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ training
-def _downsample_targets(y: torch.Tensor, n_outputs: int) -> list:
+DEEP_SUPERVISION_TARGETS = ("max_pool", "nearest")
+
+
+def downsample_targets(y: torch.Tensor, strides, mode: str = "max_pool") -> list:
+    """Deep-supervision targets of a (batch, 1, z, y, x) label ``y``: ``y`` and one per further
+    decoder output, each ``strides[i]`` (per axis, the encoder stages' strides after the first)
+    coarser than the one before. ``"nearest"``: every stride-th voxel starting at 0, the voxel a
+    stride-2, kernel-3, padding-1 convolution's output is centred on (nnU-Net samples voxel
+    2 i + 1 instead, ``interpolate(mode="nearest-exact")``). ``"max_pool"``: a voxel is
+    foreground when any voxel of its stride block is: blocks are centred half a fine voxel off the
+    convolution's output, and coarse targets grow a lesion by up to a block per side."""
+    if mode not in DEEP_SUPERVISION_TARGETS:
+        raise ValueError(f"unknown deep-supervision target mode {mode!r}: use one of {DEEP_SUPERVISION_TARGETS}")
     out = [y]
-    for _ in range(n_outputs - 1):
-        out.append(torch.nn.functional.max_pool3d(out[-1], 2))
+    for stride in strides:
+        stride = tuple(int(s) for s in stride)
+        if mode == "nearest":
+            out.append(out[-1][:, :, ::stride[0], ::stride[1], ::stride[2]])
+        else:
+            out.append(torch.nn.functional.max_pool3d(out[-1], stride, ceil_mode=True))
     return out
 
 
@@ -425,7 +441,8 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
           stop_after_epoch: int | None = None, low_res_prob: float = 0.0,
           vanish_prob: float = 0.0, optimizer: str = "sgd", box_jitter_mm: float | None = BOX_JITTER_MM,
           cpu_bf16: bool = False, intensity_augmentation: bool = False,
-          vanish_tissue_hu: float | None = None, vanish_fragment_prob: float = 0.0) -> Path | None:
+          vanish_tissue_hu: float | None = None, vanish_fragment_prob: float = 0.0,
+          deep_supervision_targets: str = "max_pool") -> Path | None:
     """Train (or fine-tune from ``init_from``, a checkpoint of the same architecture) and write a
     model root ``out_dir/LesionLocatorCheckpoint``. Resumes from ``out_dir/checkpoint_latest.pth``.
 
@@ -440,7 +457,9 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
     :func:`simulate_sample`. ``cpu_bf16``: on the CPU, run the network's forward and backward
     passes in bfloat16 autocast (weights, loss and validation stay float32): 1.6-1.8x faster
     training steps on CPUs with AVX512-BF16 or AMX, slower elsewhere. On CUDA, AMP (float16)
-    is always used. ``intensity_augmentation``: see :func:`augment_intensity`."""
+    is always used. ``intensity_augmentation``: see :func:`augment_intensity`.
+    ``deep_supervision_targets``: how the coarse outputs' targets are made, see
+    :func:`downsample_targets`."""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
@@ -451,6 +470,9 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
 
     if optimizer not in ("sgd", "adamw"):
         raise ValueError(f"unknown optimizer {optimizer!r}: use 'sgd' or 'adamw'")
+    if deep_supervision_targets not in DEEP_SUPERVISION_TARGETS:
+        raise ValueError(f"unknown deep-supervision target mode {deep_supervision_targets!r}: "
+                         f"use one of {DEEP_SUPERVISION_TARGETS}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = select_device(device)
@@ -466,6 +488,7 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
                                      cm.network_arch_init_kwargs_req_import, 2, 2, allow_init=True,
                                      deep_supervision=True).to(dev)
     n_out = len(config["architecture"]["arch_kwargs"]["features_per_stage"]) - 1
+    target_strides = config["architecture"]["arch_kwargs"]["strides"][1:n_out]
     weights = np.array([1 / (2 ** i) for i in range(n_out)])
     weights[-1] = 0
     weights = weights / weights.sum()
@@ -528,7 +551,7 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
             opt.zero_grad(set_to_none=True)
             with autocast():
                 out = network(x)
-            loss = loss_fn([o.float() for o in out], _downsample_targets(y, len(out)))
+            loss = loss_fn([o.float() for o in out], downsample_targets(y, target_strides, deep_supervision_targets))
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)

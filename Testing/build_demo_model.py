@@ -217,6 +217,14 @@ PLAN = {
                      "vanish_tissue_hu": 100.0, "vanish_fragment_prob": 0.3},
                     {"data": "lin_chest_slab", "until_epoch": 80, "low_res_prob": 0.3, "vanish_prob": 0.5,
                      "vanish_tissue_hu": 100.0, "vanish_fragment_prob": 0.3}]},
+        # run12: run11's weights, lower learning rate, deep-supervision targets sampled at the coarse
+        # outputs' voxel centres instead of max-pooled (those sit half a voxel off and grow lesions)
+        {"out": "run12", "patch": [32, 48, 48], "spacing": [2.5, 2.0, 2.0], "epochs": 70, "iterations": 250,
+         "lr": 3e-3, "init": "run11/LesionLocatorCheckpoint/LesionLocatorSeg/point_optimized/fold_0/checkpoint_final.pth",
+         "box_jitter_mm": 8.0, "cpu_bf16": True, "intensity_augmentation": True,
+         "deep_supervision_targets": "nearest",
+         "phases": [{"data": "lin_chest_slab", "until_epoch": 70, "low_res_prob": 0.3, "vanish_prob": 0.5,
+                     "vanish_tissue_hu": 100.0, "vanish_fragment_prob": 0.3}]},
     ],
     "demo_ct": "abdomen_3mm", "demo_seed": 2026, "demo_lesions": 4, "demo_diameter_mm": [20.0, 45.0],
     # demo lesions: measurable (RECIST >= 10 mm at the 3 mm demo resolution), solid-organ and wall lesions
@@ -339,7 +347,8 @@ def step_train(work: Path) -> None:
                    *(["--cpu-bf16"] if run.get("cpu_bf16") else []),
                    *(["--intensity-augmentation"] if run.get("intensity_augmentation") else []),
                    *(["--vanish-tissue-hu", str(phase["vanish_tissue_hu"])] if "vanish_tissue_hu" in phase else []),
-                   "--vanish-fragment-prob", str(phase.get("vanish_fragment_prob", 0.0)), *init]
+                   "--vanish-fragment-prob", str(phase.get("vanish_fragment_prob", 0.0)),
+                   "--deep-supervision-targets", run.get("deep_supervision_targets", "max_pool"), *init]
             print(" ".join(cmd), flush=True)
             subprocess.run(cmd, check=True, cwd=REPO)
 

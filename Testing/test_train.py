@@ -280,6 +280,9 @@ def test_box_jitter_and_other_options_of_the_train_command(data, capsys):
     parsed = build_parser().parse_args(base + ["--vanish-tissue-hu", "100", "--vanish-fragment-prob", "0.3"])
     assert (parsed.vanish_tissue_hu, parsed.vanish_fragment_prob) == (100.0, 0.3)
     assert build_parser().parse_args(base).vanish_tissue_hu is None
+    assert build_parser().parse_args(base).deep_supervision_targets == "max_pool"
+    assert build_parser().parse_args(base + ["--deep-supervision-targets", "nearest"]).deep_supervision_targets \
+        == "nearest"
     with pytest.raises(SystemExit):
         main(base + ["--box-jitter-mm", "-3"])
     assert "must be >= 0 or 'legacy', got -3" in capsys.readouterr().err
@@ -292,6 +295,36 @@ def test_box_jitter_and_other_options_of_the_train_command(data, capsys):
                                                                box_jitter_mm=None)[0][1] > 0), 0)
                for _ in range(10)]
     assert np.max(extents, 0)[1] > 20, "legacy boxes are much looser than 8 mm of jitter"
+
+
+def test_deep_supervision_targets_match_the_network_outputs_and_nearest_ones_sit_on_their_centres(data):
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    plans = make_plans((4, 4, 4, 4), (1, 1, 1, 1), (32, 48, 48))   # four stages: three outputs
+    cm = PlansManager(plans).get_configuration("3d_fullres")
+    network = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                     cm.network_arch_init_kwargs_req_import, 2, 2, deep_supervision=True)
+    strides = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["strides"][1:-1]
+    y = torch.zeros(1, 1, 32, 48, 48)
+    y[0, 0, 9:16, 20:27, 30:37] = 1   # a 7-voxel cube centred on voxel (12, 23, 33)
+    with torch.no_grad():
+        outputs = network(torch.zeros(1, 2, 32, 48, 48))
+    for mode in ("max_pool", "nearest"):
+        targets = train_module.downsample_targets(y, strides, mode)
+        assert [tuple(t.shape[2:]) for t in targets] == [tuple(o.shape[2:]) for o in outputs]
+    # coarse voxel i of a stride-2 level is centred on fine voxel 2 i: the nearest target is the label there
+    near = train_module.downsample_targets(y, strides, "nearest")
+    assert torch.equal(near[1], y[:, :, ::2, ::2, ::2]) and torch.equal(near[2], y[:, :, ::4, ::4, ::4])
+    centre = np.argwhere(near[1][0, 0].numpy() > 0).mean(0) * 2
+    assert np.allclose(centre, (12, 23, 33))
+    # max pooling marks every coarse voxel whose block touches the cube: 512 and 768 fine voxels' worth of 343
+    pooled = train_module.downsample_targets(y, strides, "max_pool")
+    assert float(pooled[1].sum()) * 8 == 512 and float(pooled[2].sum()) * 64 == 768
+    with pytest.raises(ValueError, match="unknown deep-supervision target mode 'mean'"):
+        train_module.downsample_targets(y, strides, "mean")
+    with pytest.raises(ValueError, match="unknown deep-supervision target mode 'mean'"):
+        train(find_pairs(data / "images", data / "labels"), data / "run", PLANS, deep_supervision_targets="mean")
+    assert not (data / "run").exists()
 
 
 def test_intensity_augmentation_changes_about_two_thirds_of_the_blocks_reproducibly():
