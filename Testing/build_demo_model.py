@@ -218,7 +218,12 @@ PLAN = {
                     {"data": "lin_chest_slab", "until_epoch": 80, "low_res_prob": 0.3, "vanish_prob": 0.5,
                      "vanish_tissue_hu": 100.0, "vanish_fragment_prob": 0.3}]},
         # run12: run11's weights, lower learning rate, deep-supervision targets sampled at the coarse
-        # outputs' voxel centres instead of max-pooled (those sit half a voxel off and grow lesions)
+        # outputs' voxel centres instead of max-pooled (those sit half a voxel off and grow lesions).
+        # Finished 2026-12-01 (85 min; kept in Testing/demo_build_state). Abdomen evaluation: point
+        # 0.852 / off-centre 0.812 / box 0.836, tracking Dice 0.621, NSD 0.525, CPM@25 0.972, MED
+        # 1.44 mm; follow-ups tracked 0.711, with the true mask as prompt 0.745 (run11 0.727); only
+        # 12 of 26 vanished lesion-timepoints reported ``vanished`` (run11 19). Demo case 0.902, every
+        # lesion and timepoint >= 0.81 (lesion 2 at t1/t2 0.81 / 0.83): INSTALLED (the shipped model)
         {"out": "run12", "patch": [32, 48, 48], "spacing": [2.5, 2.0, 2.0], "epochs": 70, "iterations": 250,
          "lr": 3e-3, "init": "run11/LesionLocatorCheckpoint/LesionLocatorSeg/point_optimized/fold_0/checkpoint_final.pth",
          "box_jitter_mm": 8.0, "cpu_bf16": True, "intensity_augmentation": True,
@@ -367,13 +372,18 @@ def step_keep(work: Path) -> None:
 
 
 def step_install(work: Path) -> None:
+    """Replace the installed model by the last run's; its ``MODEL_CARD.md`` stays (update it)."""
     target = REPO / "Resources" / "Models" / "LesionLocatorDemo"
+    card = target / "MODEL_CARD.md"
+    card_text = card.read_text() if card.exists() else None
     if target.exists():
         shutil.rmtree(target)
     final = work / PLAN["runs"][-1]["out"]
     shutil.copytree(final / "LesionLocatorCheckpoint", target)
     shutil.copy(final / "progress.png", target / "training_curves.png")
-    print(f"installed {target}")
+    if card_text is not None:
+        card.write_text(card_text)
+    print(f"installed {target}" + ("; its MODEL_CARD.md is kept: update it" if card_text else ""))
 
 
 def step_democase(work: Path) -> None:
