@@ -9,8 +9,8 @@ Each lesion gets a status per timepoint:
 
 * ``tracked``: a non-empty mask was predicted;
 * ``vanished``: the network predicted nothing at the warped location (the mask is
-  empty: never a guess); the warped location keeps being followed, so a lesion
-  that comes back is found again;
+  empty: never a guess), or less than ``min_volume_ml`` (then the mask is emptied); the
+  warped location keeps being followed, so a lesion that comes back is found again;
 * ``outside``: the warped lesion lies outside the scan's field of view.
 
 Images are :class:`~LesionLocatorLib.image.Image` (arrays (z, y, x), LPS world).
@@ -118,8 +118,8 @@ def warp_prompt(mask: np.ndarray, moving: Image, fixed: Image, transform) -> np.
 
 
 def track(images, prompts, track_model, seg_model=None, registration: str = "simpleitk",
-          registration_options: dict | None = None, progress=None, cancel: CancelToken | None = None
-          ) -> TrackResult:
+          registration_options: dict | None = None, progress=None, cancel: CancelToken | None = None,
+          min_volume_ml: float = 0.0) -> TrackResult:
     """Track lesions from ``images[0]`` (baseline) through ``images[1:]`` in the given order.
 
     ``prompts``: a baseline instance label Image, MaskPrompts, or Point/Box prompts
@@ -128,7 +128,13 @@ def track(images, prompts, track_model, seg_model=None, registration: str = "sim
     ``registration``: backend name of :func:`LesionLocatorLib.register.register`
     (``unigradicon`` gets ``track_model`` as its ``model`` option: the registration
     network is inside the Track checkpoint).
+    ``min_volume_ml``: a follow-up mask smaller than this (millilitres, in the follow-up's
+    voxel volume) is a speck, not the lesion: it is emptied and the lesion is ``vanished``
+    (its warped previous mask stays the prompt for the next scan). 0 keeps every non-empty
+    mask. The baseline is never thresholded.
     """
+    if min_volume_ml < 0:
+        raise ValueError(f"min_volume_ml must be >= 0, got {min_volume_ml}")
     from .register import register
 
     images = list(images)
@@ -179,8 +185,12 @@ def track(images, prompts, track_model, seg_model=None, registration: str = "sim
             for stage, seconds in result.timings.items():
                 timings[stage] += seconds
             labels_t = result.labels
+            voxel_ml = float(np.prod(fixed.spacing_zyx)) / 1000.0
             for p in prompts_t:
                 mask = result.masks[p.id]
+                if mask.any() and mask.sum() * voxel_ml < min_volume_ml:
+                    labels_t.array[mask & (labels_t.array == p.id)] = 0
+                    mask = np.zeros_like(mask)
                 now[p.id] = mask
                 status[p.id].append("tracked" if mask.any() else "vanished")
                 if mask.any():

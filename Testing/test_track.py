@@ -70,6 +70,29 @@ def test_lesion_outside_the_follow_up_field_of_view(tiny_model_root):
     assert not result.masks[1][2].any()
 
 
+def test_follow_up_specks_below_the_minimum_volume_count_as_vanished(tiny_model_root):
+    images, labels = _series(n_followups=1)
+    model = load_model(tiny_model_root, "prev_mask", device="cpu")
+    plain = track(images, labels[0], model, registration="none")
+    voxel_ml = float(np.prod(images[1].spacing_zyx)) / 1000
+    volumes = {i: plain.masks[1][i].sum() * voxel_ml for i in plain.lesion_ids if plain.masks[1][i].any()}
+    assert len(volumes) >= 2, "the fixture needs two lesions tracked at the follow-up"
+    smallest, *others = sorted(volumes, key=volumes.get)
+    threshold = (volumes[smallest] + volumes[others[0]]) / 2 if volumes[others[0]] > volumes[smallest] \
+        else volumes[smallest] + 1e-9
+    specks = track(images, labels[0], model, registration="none", min_volume_ml=threshold)
+    assert specks.status[smallest] == ["tracked", "vanished"]
+    assert not specks.masks[1][smallest].any() and not (specks.labels[1].array == smallest).any()
+    for i in volumes:
+        if volumes[i] >= threshold:   # larger lesions unchanged, mask and label voxels
+            assert specks.status[i] == ["tracked", "tracked"]
+            assert np.array_equal(specks.masks[1][i], plain.masks[1][i])
+            assert np.array_equal(specks.labels[1].array == i, plain.labels[1].array == i)
+    assert np.array_equal(specks.masks[0][smallest], plain.masks[0][smallest]), "the baseline is never thresholded"
+    with pytest.raises(ValueError, match="min_volume_ml must be >= 0, got -1"):
+        track(images, labels[0], model, registration="none", min_volume_ml=-1)
+
+
 def test_point_prompts_segment_the_baseline_first(tiny_model_root):
     images, _ = _series(n_followups=1)
     seg = load_model(tiny_model_root, "point", device="cpu")
