@@ -25,6 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from .image import Image
+from .metrics import lesion_volume_ml
 from .predict import CancelToken, instance_labels, segment
 from .prompts import MaskPrompt, PromptError
 
@@ -185,11 +186,10 @@ def track(images, prompts, track_model, seg_model=None, registration: str = "sim
             for stage, seconds in result.timings.items():
                 timings[stage] += seconds
             labels_t = result.labels
-            voxel_ml = float(np.prod(fixed.spacing_zyx)) / 1000.0
             for p in prompts_t:
                 mask = result.masks[p.id]
-                if mask.any() and mask.sum() * voxel_ml < min_volume_ml:
-                    labels_t.array[mask & (labels_t.array == p.id)] = 0
+                if mask.any() and lesion_volume_ml(mask, fixed.spacing_zyx) < min_volume_ml:
+                    labels_t.array[labels_t.array == p.id] = 0
                     mask = np.zeros_like(mask)
                 now[p.id] = mask
                 status[p.id].append("tracked" if mask.any() else "vanished")

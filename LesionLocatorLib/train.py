@@ -409,6 +409,11 @@ def perturb_mask(mask: np.ndarray, sl, rng: np.random.Generator) -> np.ndarray:
 DEEP_SUPERVISION_TARGETS = ("max_pool", "nearest")
 
 
+def _check_deep_supervision_targets(mode: str) -> None:
+    if mode not in DEEP_SUPERVISION_TARGETS:
+        raise ValueError(f"unknown deep-supervision target mode {mode!r}: use one of {DEEP_SUPERVISION_TARGETS}")
+
+
 def downsample_targets(y: torch.Tensor, strides, mode: str = "max_pool") -> list:
     """Deep-supervision targets of a (batch, 1, z, y, x) label ``y``: ``y`` and one per further
     decoder output, each ``strides[i]`` (per axis, the encoder stages' strides after the first)
@@ -417,8 +422,7 @@ def downsample_targets(y: torch.Tensor, strides, mode: str = "max_pool") -> list
     2 i + 1 instead, ``interpolate(mode="nearest-exact")``). ``"max_pool"``: a voxel is
     foreground when any voxel of its stride block is: blocks are centred half a fine voxel off the
     convolution's output, and coarse targets grow a lesion by up to a block per side."""
-    if mode not in DEEP_SUPERVISION_TARGETS:
-        raise ValueError(f"unknown deep-supervision target mode {mode!r}: use one of {DEEP_SUPERVISION_TARGETS}")
+    _check_deep_supervision_targets(mode)
     out = [y]
     for stride in strides:
         stride = tuple(int(s) for s in stride)
@@ -470,9 +474,7 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
 
     if optimizer not in ("sgd", "adamw"):
         raise ValueError(f"unknown optimizer {optimizer!r}: use 'sgd' or 'adamw'")
-    if deep_supervision_targets not in DEEP_SUPERVISION_TARGETS:
-        raise ValueError(f"unknown deep-supervision target mode {deep_supervision_targets!r}: "
-                         f"use one of {DEEP_SUPERVISION_TARGETS}")
+    _check_deep_supervision_targets(deep_supervision_targets)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = select_device(device)
