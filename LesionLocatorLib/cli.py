@@ -236,7 +236,8 @@ def cmd_track(args) -> int:
     bar, update = _progress_bar(not args.disable_progress_bar, "tracking")
     try:
         result = track(images, prompts, track_model, seg_model=seg_model, registration=args.registration,
-                       progress=update, min_volume_ml=args.min_volume_ml)
+                       progress=update, min_volume_ml=args.min_volume_ml,
+                       min_prompt_fraction=args.min_prompt_fraction)
     finally:
         bar.close()
     t0 = time.perf_counter()
@@ -380,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--registration", default="simpleitk", choices=["simpleitk", "greedy", "unigradicon", "none"])
     t.add_argument("--min-volume-ml", "--min_volume_ml", dest="min_volume_ml", type=float, default=0.0,
                    help="a follow-up mask smaller than this (ml) counts as vanished (default 0: any voxel is tracked)")
+    t.add_argument("--min-prompt-fraction", "--min_prompt_fraction", dest="min_prompt_fraction", type=float,
+                   default=0.0, help="a follow-up mask smaller than this fraction of its warped previous mask "
+                   "counts as vanished (default 0: off)")
     t.add_argument("--world", action="store_true", help="prompt JSON is in LPS world millimetres")
     t.add_argument("--disable_progress_bar", action="store_true")
     t.set_defaults(func=cmd_track)

@@ -9,8 +9,8 @@ Each lesion gets a status per timepoint:
 
 * ``tracked``: a non-empty mask was predicted;
 * ``vanished``: the network predicted nothing at the warped location (the mask is
-  empty: never a guess), or less than ``min_volume_ml`` (then the mask is emptied); the
-  warped location keeps being followed, so a lesion that comes back is found again;
+  empty: never a guess), or less than ``min_volume_ml`` or ``min_prompt_fraction`` of its
+  prompt (then the mask is emptied); the warped location keeps being followed, so a lesion that comes back is found again;
 * ``outside``: the warped lesion lies outside the scan's field of view.
 
 Images are :class:`~LesionLocatorLib.image.Image` (arrays (z, y, x), LPS world).
@@ -120,7 +120,7 @@ def warp_prompt(mask: np.ndarray, moving: Image, fixed: Image, transform) -> np.
 
 def track(images, prompts, track_model, seg_model=None, registration: str = "simpleitk",
           registration_options: dict | None = None, progress=None, cancel: CancelToken | None = None,
-          min_volume_ml: float = 0.0) -> TrackResult:
+          min_volume_ml: float = 0.0, min_prompt_fraction: float = 0.0) -> TrackResult:
     """Track lesions from ``images[0]`` (baseline) through ``images[1:]`` in the given order.
 
     ``prompts``: a baseline instance label Image, MaskPrompts, or Point/Box prompts
@@ -133,9 +133,17 @@ def track(images, prompts, track_model, seg_model=None, registration: str = "sim
     voxel volume) is a speck, not the lesion: it is emptied and the lesion is ``vanished``
     (its warped previous mask stays the prompt for the next scan). 0 keeps every non-empty
     mask. The baseline is never thresholded.
+    ``min_prompt_fraction``: the same for a follow-up mask smaller than this fraction of its
+    prompt (the warped previous mask, voxels counted on the follow-up's grid): a lesion that has
+    gone leaves a remnant of the size of a vessel or a partial-volume rim inside its old outline,
+    while a shrinking one keeps most of it between two scans. 0 (default) keeps every non-empty
+    mask; 0.1 also empties a lesion that really shrank by more than 90 % of its volume between
+    two consecutive scans.
     """
     if min_volume_ml < 0:
         raise ValueError(f"min_volume_ml must be >= 0, got {min_volume_ml}")
+    if min_prompt_fraction < 0:
+        raise ValueError(f"min_prompt_fraction must be >= 0, got {min_prompt_fraction}")
     from .register import register
 
     images = list(images)
@@ -188,7 +196,8 @@ def track(images, prompts, track_model, seg_model=None, registration: str = "sim
             labels_t = result.labels
             for p in prompts_t:
                 mask = result.masks[p.id]
-                if mask.any() and lesion_volume_ml(mask, fixed.spacing_zyx) < min_volume_ml:
+                remnant = mask.sum() < min_prompt_fraction * next_carried[p.id].sum()
+                if mask.any() and (remnant or lesion_volume_ml(mask, fixed.spacing_zyx) < min_volume_ml):
                     labels_t.array[labels_t.array == p.id] = 0
                     mask = np.zeros_like(mask)
                 now[p.id] = mask

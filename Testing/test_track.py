@@ -93,6 +93,32 @@ def test_follow_up_specks_below_the_minimum_volume_count_as_vanished(tiny_model_
         track(images, labels[0], model, registration="none", min_volume_ml=-1)
 
 
+def test_follow_up_remnants_below_the_prompt_fraction_count_as_vanished(tiny_model_root):
+    images, labels = _series(n_followups=2)
+    model = load_model(tiny_model_root, "prev_mask", device="cpu")
+    plain = track(images, labels[0], model, registration="none")
+    # registration "none": each follow-up's prompt is the previous mask itself
+    fractions = {i: plain.masks[1][i].sum() / plain.masks[0][i].sum() for i in plain.lesion_ids
+                 if plain.masks[1][i].any()}
+    assert len(set(fractions.values())) >= 2, "the fixture needs two tracked lesions of different fractions"
+    smallest, *others = sorted(fractions, key=fractions.get)
+    threshold = (fractions[smallest] + min(fractions[i] for i in others if fractions[i] > fractions[smallest])) / 2
+    remnants = track(images, labels[0], model, registration="none", min_prompt_fraction=threshold)
+    assert remnants.status[smallest][:2] == ["tracked", "vanished"]
+    assert not remnants.masks[1][smallest].any() and not (remnants.labels[1].array == smallest).any()
+    # its prompt at the second follow-up is still its baseline mask: the same as tracking the baseline
+    # straight into the second follow-up
+    direct = track([images[0], images[2]], labels[0], model, registration="none", min_prompt_fraction=threshold)
+    assert remnants.status[smallest][2] == direct.status[smallest][1]
+    assert np.array_equal(remnants.masks[2][smallest], direct.masks[1][smallest])
+    for i in fractions:
+        if fractions[i] >= threshold:
+            assert remnants.status[i][:2] == ["tracked", "tracked"]
+            assert np.array_equal(remnants.labels[1].array == i, plain.labels[1].array == i)
+    with pytest.raises(ValueError, match="min_prompt_fraction must be >= 0, got -0.1"):
+        track(images, labels[0], model, registration="none", min_prompt_fraction=-0.1)
+
+
 def test_point_prompts_segment_the_baseline_first(tiny_model_root):
     images, _ = _series(n_followups=1)
     seg = load_model(tiny_model_root, "point", device="cpu")

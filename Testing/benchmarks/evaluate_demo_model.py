@@ -91,6 +91,8 @@ def main() -> None:
     ap.add_argument("--registration", default="simpleitk")
     ap.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8 flips)")
     ap.add_argument("--min-volume-ml", type=float, default=0.0, help="track's min_volume_ml (follow-up specks)")
+    ap.add_argument("--min-prompt-fraction", type=float, default=0.0,
+                    help="track's min_prompt_fraction (follow-up remnants inside a vanished lesion's outline)")
     ap.add_argument("--name", default=None, help="results/evaluate_NAME.json (default: the model folder's name)")
     a = ap.parse_args()
 
@@ -130,7 +132,8 @@ def main() -> None:
                                  "diameter_mm": next(l_.diameter_mm for l_ in case.lesions if l_.id == i)})
         t0 = time.perf_counter()
         result = track(case.images, [MaskPrompt(i, base.with_array(lab == i)) for i in ids], trk,
-                       registration=a.registration, min_volume_ml=a.min_volume_ml)
+                       registration=a.registration, min_volume_ml=a.min_volume_ml,
+                       min_prompt_fraction=a.min_prompt_fraction)
         timings[f"case {c}"] = {"total_s": time.perf_counter() - t0, **result.timings}
         out = work / "tracking"
         for t in range(1, len(case.images)):
@@ -181,7 +184,7 @@ def main() -> None:
     print("\nLesions that vanish in the ground truth: truth vs tracker status")
     for s in vanish:
         print(f"  case {s['case']} lesion {s['lesion_id']}: {s['truth']} / {s['tracked']}")
-    doc = {"model": a.m, "tta": a.tta, "min_volume_ml": a.min_volume_ml, "ct": a.ct, "cases": a.cases,
+    doc = {"model": a.m, "tta": a.tta, "min_volume_ml": a.min_volume_ml, "min_prompt_fraction": a.min_prompt_fraction, "ct": a.ct, "cases": a.cases,
            "lesions_per_case": a.lesions, "followups": a.followups,
            "min_diameter_mm": a.min_diameter, "segmentation": summary, "tracking": agg, "follow_up_true_prompt": true_prompt,
            "follow_up_lesions": true_prompt_rows, "vanishing": vanish,
