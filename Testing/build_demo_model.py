@@ -223,12 +223,27 @@ PLAN = {
         # 0.852 / off-centre 0.812 / box 0.836, tracking Dice 0.621, NSD 0.525, CPM@25 0.972, MED
         # 1.44 mm; follow-ups tracked 0.711, with the true mask as prompt 0.745 (run11 0.727); only
         # 12 of 26 vanished lesion-timepoints reported ``vanished`` (run11 19). Demo case 0.902, every
-        # lesion and timepoint >= 0.81 (lesion 2 at t1/t2 0.81 / 0.83): INSTALLED (the shipped model)
+        # lesion and timepoint >= 0.81 (lesion 2 at t1/t2 0.81 / 0.83): installed until run13
         {"out": "run12", "patch": [32, 48, 48], "spacing": [2.5, 2.0, 2.0], "epochs": 70, "iterations": 250,
          "lr": 3e-3, "init": "run11/LesionLocatorCheckpoint/LesionLocatorSeg/point_optimized/fold_0/checkpoint_final.pth",
          "box_jitter_mm": 8.0, "cpu_bf16": True, "intensity_augmentation": True,
          "deep_supervision_targets": "nearest",
          "phases": [{"data": "lin_chest_slab", "until_epoch": 70, "low_res_prob": 0.3, "vanish_prob": 0.5,
+                     "vanish_tissue_hu": 100.0, "vanish_fragment_prob": 0.3}]},
+        # run13: run12's weights with boxes grown by U[0, 3] mm per axis instead of U[0, 8]: run12 scored
+        # 0.836 on tight ground-truth boxes but 0.884 on boxes grown by one 3 mm voxel per side, i.e.
+        # it had learnt that a box edge lies a few millimetres outside the lesion. Its own seed, so
+        # that it does not replay run12's samples.
+        # Finished 2026-12-01 (98 min, evaluations running beside it; kept in Testing/demo_build_state).
+        # Abdomen evaluation: point 0.865 / off-centre 0.812 / box 0.868; tracking with
+        # --min-volume-ml 0.0654 --min-prompt-fraction 0.1: Dice 0.805, NSD 0.710, CPM@25 0.972,
+        # MED 1.89 mm, 25 of 26 vanished lesion-timepoints reported (run12 with them: 0.756, 22).
+        # Demo case 0.904, every lesion and timepoint >= 0.82: INSTALLED (the shipped model)
+        {"out": "run13", "patch": [32, 48, 48], "spacing": [2.5, 2.0, 2.0], "epochs": 60, "iterations": 250,
+         "lr": 3e-3, "init": "run12/LesionLocatorCheckpoint/LesionLocatorSeg/point_optimized/fold_0/checkpoint_final.pth",
+         "box_jitter_mm": 3.0, "cpu_bf16": True, "intensity_augmentation": True, "seed": 13,
+         "deep_supervision_targets": "nearest",
+         "phases": [{"data": "lin_chest_slab", "until_epoch": 60, "low_res_prob": 0.3, "vanish_prob": 0.5,
                      "vanish_tissue_hu": 100.0, "vanish_fragment_prob": 0.3}]},
     ],
     "demo_ct": "abdomen_3mm", "demo_seed": 2026, "demo_lesions": 4, "demo_diameter_mm": [20.0, 45.0],
@@ -346,7 +361,7 @@ def step_train(work: Path) -> None:
                    "--patch", *map(str, run["patch"]), "--spacing", *map(str, run["spacing"]),
                    "--epochs", str(run["epochs"]), "--stop-after-epoch", str(phase["until_epoch"]),
                    "--iterations", str(run["iterations"]), "--batch-size", str(PLAN["batch_size"]),
-                   "--seed", str(PLAN["seed"]), "--low-res-prob", str(phase["low_res_prob"]),
+                   "--seed", str(run.get("seed", PLAN["seed"])), "--low-res-prob", str(phase["low_res_prob"]),
                    "--vanish-prob", str(phase.get("vanish_prob", 0.0)),
                    "--lr", str(run["lr"]), "--box-jitter-mm", str(run.get("box_jitter_mm", "legacy")),
                    *(["--cpu-bf16"] if run.get("cpu_bf16") else []),
