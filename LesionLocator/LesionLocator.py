@@ -1333,7 +1333,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
 
     def track(self, baselineVolumeNode, followupVolumeNodes, baselineSegmentationNode=None, modelPath=None,
               device="auto", folds=None, registration="simpleitk", progress=None, cancel=None, tta=None,
-              order="auto"):
+              order="auto", minVolumeMl=0.0, minPromptFraction=0.0):
         """Track the baseline lesions through follow-up scans; return :class:`TrackOutputs`.
 
         ``followupVolumeNodes``: the follow-up CTs, ordered by :meth:`orderFollowUps` (``order``:
@@ -1343,6 +1343,9 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         'none' (scans already aligned in world space), or another backend of
         :mod:`LesionLocatorLib.register`. Model arguments, ``progress`` and ``cancel`` as for
         :meth:`segment`; the model root's ``LesionLocatorTrack`` model is used.
+        ``minVolumeMl`` (millilitres) and ``minPromptFraction`` (of the warped previous mask): a
+        follow-up mask smaller than either is reported vanished and left empty (specks and
+        remnants a small model leaves where a lesion has gone); 0 (default) keeps every mask.
 
         Writes, after everything was computed: per follow-up a module segmentation '<volume>
         lesions' under the volume's parent transform, with the baseline's lesions under the
@@ -1366,6 +1369,9 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"unknown registration {registration!r}; choose one of {', '.join(BACKENDS)}")
         if baselineVolumeNode is None:
             raise ValueError("choose the baseline volume")
+        if minVolumeMl < 0 or minPromptFraction < 0:
+            raise ValueError(f"the minimum volume ({minVolumeMl} ml) and prompt fraction ({minPromptFraction}) "
+                             f"must be >= 0")
         followups = self.orderFollowUps(followupVolumeNodes, order)
         if not followups:
             raise ValueError("choose at least one follow-up volume to track the lesions into")
@@ -1391,7 +1397,8 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         self._cancelToken = token
         try:
             runner = self._trackingRunner()
-            response = runner.track(TrackRequest(images, present, spec, registration),
+            response = runner.track(TrackRequest(images, present, spec, registration,
+                                                 min_volume_ml=minVolumeMl, min_prompt_fraction=minPromptFraction),
                                     progress=lambda f, m: report(0.9 * f, m), cancel=token)
             token.check()
             report(0.9, "building the results")

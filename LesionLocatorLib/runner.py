@@ -70,6 +70,7 @@ stdin/stdout, or one per WebSocket/HTTP message for a server)::
         "frame": "LPS", "units": "mm",
         "baseline": {"file": "baseline.npz"},          # one mask per lesion ID on images[0]
         "model": {...}, "registration": "simpleitk", "registration_options": {} or null,
+        "min_volume_ml": 0.0, "min_prompt_fraction": 0.0,  # optional: track()'s options
         "output": "tracked.npz"}
     <- {"type": "progress", ...}                       (0..n times)
     <- {"type": "result", "id": "...", "masks": {"file": "tracked.npz"},   # keys "<t>/<lesion id>"
@@ -206,13 +207,17 @@ class SegmentationResponse:
 class TrackRequest:
     """Images in time order (``images[0]`` the baseline; LPS, arrays (z, y, x)), the baseline
     lesions as ``{lesion id: bool (z, y, x) mask on images[0]}``, a model (its
-    ``LesionLocatorTrack`` folder is used) and a registration backend name."""
+    ``LesionLocatorTrack`` folder is used) and a registration backend name; ``min_volume_ml`` and
+    ``min_prompt_fraction``: :func:`LesionLocatorLib.track.track`'s options (follow-up specks and
+    remnants reported ``vanished``; 0 = off)."""
     images: list
     baseline: dict
     model: ModelSpec
     registration: str = "simpleitk"
     registration_options: Optional[dict] = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    min_volume_ml: float = 0.0
+    min_prompt_fraction: float = 0.0
 
 
 @dataclass
@@ -392,7 +397,8 @@ class InProcessRunner:
             warnings.simplefilter("always")
             result = track(images, prompts, model, registration=request.registration,
                            registration_options=request.registration_options, cancel=cancel,
-                           progress=lambda f, m: report(0.02 + 0.98 * f, m))
+                           progress=lambda f, m: report(0.02 + 0.98 * f, m), min_volume_ml=request.min_volume_ml,
+                           min_prompt_fraction=request.min_prompt_fraction)
         registrations = [{"backend": t.backend, **{k: v if isinstance(v, str) else float(v) for k, v in t.info.items()}}
                          for t in result.transforms]
         return TrackResponse(request.id, result.masks, {int(k): list(v) for k, v in result.status.items()},
@@ -637,6 +643,7 @@ class WorkerProcessRunner:
                 {"type": "track", "id": request.id, "images": images, "frame": "LPS", "units": "mm",
                  "baseline": {"file": baseline}, "model": request.model.to_json(),
                  "registration": request.registration, "registration_options": request.registration_options,
+                 "min_volume_ml": request.min_volume_ml, "min_prompt_fraction": request.min_prompt_fraction,
                  "output": output}, progress, cancel)
             with np.load(message["masks"]["file"]) as data:
                 flat = unpack_masks(data)

@@ -230,7 +230,8 @@ class Worker:
         rid = message.get("id")
         request = TrackRequest([_image(spec) for spec in message["images"]], _read_masks(message["baseline"]),
                                _model_spec(message["model"]), message.get("registration", "simpleitk"),
-                               message.get("registration_options"), rid)
+                               message.get("registration_options"), rid,
+                               float(message.get("min_volume_ml", 0.0)), float(message.get("min_prompt_fraction", 0.0)))
         response = self.runner.track(
             request, cancel=token,
             progress=lambda f, m: self.channel.send({"type": "progress", "id": rid, "fraction": f, "message": m}))

@@ -1418,6 +1418,18 @@ def test_track_through_the_worker_process(slicer_scene, LL, tiny_model_root, thr
         logic.track(volumes[0], volumes[2:], modelPath=model, device="cpu", registration="none")
         assert logic.runner.loads == 1
 
+        # track's options travel to the worker: with a prompt fraction no mask reaches, every
+        # follow-up lesion the reference tracked is reported vanished with an empty segment
+        assert any("tracked" in s[1:] for s in reference.status.values())
+        gone = logic.track(volumes[0], volumes[1:], modelPath=model, device="cpu", registration="none",
+                           minPromptFraction=1e6)
+        assert {pid: s[1:] for pid, s in gone.status.items()} == {pid: ["vanished", "vanished"] for pid in (1, 2)}
+        for t in (1, 2):
+            for pid in (1, 2):
+                assert not _segment_array(gone.segmentationNodes[t], f"lesion_{pid}", volumes[t]).any()
+        with pytest.raises(ValueError, match=r"the minimum volume \(-1 ml\) and prompt fraction \(0.0\) must be >= 0"):
+            logic.track(volumes[0], volumes[1:], modelPath=model, device="cpu", registration="none", minVolumeMl=-1)
+
         # clicks: the volume goes to the worker once, then only its key, until its voxels change
         import LesionLocatorLib.image as image_module
 
