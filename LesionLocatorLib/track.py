@@ -10,7 +10,8 @@ Each lesion gets a status per timepoint:
 * ``tracked``: a non-empty mask was predicted;
 * ``vanished``: the network predicted nothing at the warped location (the mask is
   empty: never a guess), or less than ``min_volume_ml`` or ``min_prompt_fraction`` of its
-  prompt (then the mask is emptied); the warped location keeps being followed, so a lesion that comes back is found again;
+  prompt (then the mask is emptied); the warped location keeps being followed, so a lesion
+  that comes back is found again;
 * ``outside``: the warped lesion lies outside the scan's field of view.
 
 Images are :class:`~LesionLocatorLib.image.Image` (arrays (z, y, x), LPS world).
@@ -118,6 +119,18 @@ def warp_prompt(mask: np.ndarray, moving: Image, fixed: Image, transform) -> np.
     return ball if ball.any() else None
 
 
+def _below_minimum(mask: np.ndarray, prompt: np.ndarray, spacing_zyx, min_volume_ml: float,
+                   min_prompt_fraction: float) -> bool:
+    """Whether a follow-up ``mask`` is non-empty and a speck (< ``min_volume_ml`` millilitres, voxel
+    size ``spacing_zyx`` in mm) or a remnant (fewer voxels than ``min_prompt_fraction`` times its
+    ``prompt``'s, both on the follow-up grid). Counts no voxel when both thresholds are 0 (the
+    default): full-volume counts per lesion and scan are not free."""
+    if not (min_volume_ml or min_prompt_fraction) or not mask.any():
+        return False
+    return (lesion_volume_ml(mask, spacing_zyx) < min_volume_ml
+            or np.count_nonzero(mask) < min_prompt_fraction * np.count_nonzero(prompt))
+
+
 def track(images, prompts, track_model, seg_model=None, registration: str = "simpleitk",
           registration_options: dict | None = None, progress=None, cancel: CancelToken | None = None,
           min_volume_ml: float = 0.0, min_prompt_fraction: float = 0.0) -> TrackResult:
@@ -196,8 +209,7 @@ def track(images, prompts, track_model, seg_model=None, registration: str = "sim
             labels_t = result.labels
             for p in prompts_t:
                 mask = result.masks[p.id]
-                remnant = mask.sum() < min_prompt_fraction * next_carried[p.id].sum()
-                if mask.any() and (remnant or lesion_volume_ml(mask, fixed.spacing_zyx) < min_volume_ml):
+                if _below_minimum(mask, next_carried[p.id], fixed.spacing_zyx, min_volume_ml, min_prompt_fraction):
                     labels_t.array[labels_t.array == p.id] = 0
                     mask = np.zeros_like(mask)
                 now[p.id] = mask
