@@ -127,6 +127,8 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.foldsLineEdit.connect("editingFinished()", self.updateParameterNodeFromGUI)
         self.ui.ttaCheckBox.connect("stateChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.autoSegmentCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        self.ui.minVolumeSpinBox.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
+        self.ui.minPromptFractionSpinBox.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
 
         self.ui.placePointButton.connect("clicked()", self.onPlacePoint)
         self.ui.placeBoxButton.connect("clicked()", self.onPlaceBox)
@@ -212,6 +214,13 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.ttaCheckBox.setCheckState({"on": qt.Qt.Checked, "off": qt.Qt.Unchecked}.get(
                 tta, qt.Qt.PartiallyChecked))
             self.ui.autoSegmentCheckBox.checked = node.GetParameter(L.PARAM_AUTO_SEGMENT) == "true"
+            try:
+                options = self.logic.trackOptions(node)
+            except ValueError as error:  # e.g. a scene saved by hand: shown as 0, tracking refuses it
+                logging.warning(f"LesionLocator: {error}")
+                options = {"minVolumeMl": 0.0, "minPromptFraction": 0.0}
+            self.ui.minVolumeSpinBox.value = options["minVolumeMl"]
+            self.ui.minPromptFractionSpinBox.value = options["minPromptFraction"]
             self.observePromptNode(node.GetNodeReference(L.REF_PROMPTS))
             self.updateButtonStates()
         finally:
@@ -231,6 +240,8 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         state = self.ui.ttaCheckBox.checkState()
         node.SetParameter(L.PARAM_TTA, "on" if state == qt.Qt.Checked else "off" if state == qt.Qt.Unchecked else "auto")
         node.SetParameter(L.PARAM_AUTO_SEGMENT, "true" if self.ui.autoSegmentCheckBox.checked else "false")
+        node.SetParameter(L.PARAM_MIN_VOLUME_ML, repr(float(self.ui.minVolumeSpinBox.value)))
+        node.SetParameter(L.PARAM_MIN_PROMPT_FRACTION, repr(float(self.ui.minPromptFractionSpinBox.value)))
         node.EndModify(wasModified)
         if self.ui.modelPathLineEdit.currentPath:
             qt.QSettings().setValue(self.SETTINGS_MODEL_PATH, self.ui.modelPathLineEdit.currentPath)
@@ -340,7 +351,8 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.warningDisplay("Check the follow-up scans to track the lesions into (Inputs > Follow-ups).",
                                        windowTitle="LesionLocator")
             return
-        self._run(lambda **kw: self.logic.track(self._baseline(), followUps, order="given", **kw),
+        self._run(lambda **kw: self.logic.track(self._baseline(), followUps, order="given",
+                                                **self.logic.trackOptions(self._parameterNode), **kw),
                   done=self.showTrackResults)
 
     def showTrackResults(self, outputs):
@@ -572,8 +584,10 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
     PARAM_FOLDS = "Folds"
     PARAM_TTA = "TTA"
     PARAM_AUTO_SEGMENT = "AutoSegment"
+    PARAM_MIN_VOLUME_ML = "TrackMinVolumeMl"
+    PARAM_MIN_PROMPT_FRACTION = "TrackMinPromptFraction"
     DEFAULTS = {PARAM_DEVICE: "auto", PARAM_FOLDS: "", PARAM_TTA: "auto", PARAM_AUTO_SEGMENT: "true",
-                PARAM_MODEL_PATH: ""}
+                PARAM_MODEL_PATH: "", PARAM_MIN_VOLUME_ML: "0", PARAM_MIN_PROMPT_FRACTION: "0"}
 
     # lesion N gets COLORS[(N - 1) % len(COLORS)] (RGB 0..1), the same at every timepoint
     COLORS = [
@@ -662,6 +676,24 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         for name, value in self.DEFAULTS.items():
             if not parameterNode.GetParameter(name):
                 parameterNode.SetParameter(name, value)
+
+    def trackOptions(self, parameterNode=None) -> dict:
+        """The tracking options stored in the parameter node (default: the module's) as keyword
+        arguments of :meth:`track`: ``minVolumeMl`` (millilitres) and ``minPromptFraction``.
+        An unset parameter is 0; a value that is not a number >= 0 is a ValueError."""
+        node = parameterNode or self.getParameterNode()
+        options = {}
+        for keyword, name in (("minVolumeMl", self.PARAM_MIN_VOLUME_ML),
+                              ("minPromptFraction", self.PARAM_MIN_PROMPT_FRACTION)):
+            text = node.GetParameter(name) or "0"
+            try:
+                value = float(text)
+            except ValueError:
+                value = float("nan")
+            if not value >= 0:
+                raise ValueError(f"tracking option {name} must be a number >= 0, got {text!r}")
+            options[keyword] = value
+        return options
 
     # ------------------------------------------------------------------ dependencies
     @classmethod

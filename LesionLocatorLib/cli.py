@@ -271,6 +271,14 @@ def _box_jitter(text: str):
     return value
 
 
+def _probability(text: str) -> float:
+    """A share of training samples: a number in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def cmd_train(args) -> int:
     import json as _json
     from .train import find_pairs, make_plans, train
@@ -288,7 +296,7 @@ def cmd_train(args) -> int:
                  optimizer=args.optimizer, box_jitter_mm=args.box_jitter_mm, cpu_bf16=args.cpu_bf16,
                  intensity_augmentation=args.intensity_augmentation, vanish_tissue_hu=args.vanish_tissue_hu,
                  vanish_fragment_prob=args.vanish_fragment_prob,
-                 deep_supervision_targets=args.deep_supervision_targets)
+                 deep_supervision_targets=args.deep_supervision_targets, tight_box_prob=args.tight_box_prob)
     if root is None:
         print(f"stopped after epoch {args.stop_after_epoch} of {args.epochs}; the same command without "
               f"--stop-after-epoch (or with a later one) resumes from {Path(args.o) / 'checkpoint_latest.pth'}")
@@ -433,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--box-jitter-mm", "--box_jitter_mm", dest="box_jitter_mm", type=_box_jitter, default=8.0,
                    help="box prompts: the lesion's bounding box grown by U[0, this] mm per axis (default 8); "
                         "'legacy': U[0, 10] model voxels per side (training runs before 2026-12)")
+    r.add_argument("--tight-box-prob", "--tight_box_prob", dest="tight_box_prob", type=_probability, default=0.0,
+                   help="share of box prompts that are the lesion's exact bounding box, not grown (default 0)")
     r.add_argument("--cpu-bf16", "--cpu_bf16", dest="cpu_bf16", action="store_true",
                    help="on the CPU, train in bfloat16 autocast (1.6-1.8x faster with AVX512-BF16/AMX)")
     r.add_argument("--intensity-augmentation", "--intensity_augmentation", dest="intensity_augmentation",

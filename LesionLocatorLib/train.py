@@ -212,7 +212,8 @@ def _paste(block_lo, block: np.ndarray, lo, shape) -> np.ndarray:
 def simulate_sample(case: Case, rng: np.random.Generator, patch, prompt_type: str,
                     low_res_prob: float = 0.0, vanish_prob: float = 0.0,
                     box_jitter_mm: float | None = BOX_JITTER_MM, intensity_augmentation: bool = False,
-                    vanish_tissue_hu: float | None = None, vanish_fragment_prob: float = 0.0) -> tuple:
+                    vanish_tissue_hu: float | None = None, vanish_fragment_prob: float = 0.0,
+                    tight_box_prob: float = 0.0) -> tuple:
     """(input (2, *patch) float32, target (1, *patch) float32) for one random lesion of ``case``.
 
     ``box_jitter_mm``: a box prompt is the lesion's bounding box grown along each axis by
@@ -220,6 +221,8 @@ def simulate_sample(case: Case, rng: np.random.Generator, patch, prompt_type: st
     sides. In millimetres, not model voxels: on a coarse model grid the paper's U[0, 10] voxels
     would grow a 10 mm lesion's box to 50 mm, far looser than the boxes users draw. None: that
     older scheme (U[0, 10] model voxels on each side; training runs before 2026-12).
+    ``tight_box_prob``: share of box prompts that are the lesion's exact bounding box (no growth:
+    a careful user's box), so that the network learns to fill a tight box to its edges.
     ``intensity_augmentation``: also :func:`augment_intensity` (noise, blur, brightness,
     contrast, gamma), so that a model trained on few CTs relies less on their exact grey values.
 
@@ -258,7 +261,11 @@ def simulate_sample(case: Case, rng: np.random.Generator, patch, prompt_type: st
     elif prompt_type == "box":
         box = box_to_model_grid([v for s in sl for v in (s.start, s.stop)], grid.crop_lo, grid.cropped_shape,
                                 grid.model_shape).reshape(3, 2)
-        if box_jitter_mm is None:
+        # (a random number is drawn for the tight-box choice only when it is on: runs without it
+        # keep their sample streams)
+        if tight_box_prob > 0 and rng.random() < tight_box_prob:
+            grow = np.zeros((3, 2), int)
+        elif box_jitter_mm is None:
             grow = rng.integers(0, 11, size=(3, 2))
         else:
             total = rng.uniform(0, box_jitter_mm, size=3) / np.asarray(grid.target_spacing)  # model voxels per axis
@@ -446,7 +453,7 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
           vanish_prob: float = 0.0, optimizer: str = "sgd", box_jitter_mm: float | None = BOX_JITTER_MM,
           cpu_bf16: bool = False, intensity_augmentation: bool = False,
           vanish_tissue_hu: float | None = None, vanish_fragment_prob: float = 0.0,
-          deep_supervision_targets: str = "max_pool") -> Path | None:
+          deep_supervision_targets: str = "max_pool", tight_box_prob: float = 0.0) -> Path | None:
     """Train (or fine-tune from ``init_from``, a checkpoint of the same architecture) and write a
     model root ``out_dir/LesionLocatorCheckpoint``. Resumes from ``out_dir/checkpoint_latest.pth``.
 
@@ -457,8 +464,8 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
     ``vanish_prob``: share of mask-prompt samples whose lesion has vanished (empty target);
     ``vanish_tissue_hu``, ``vanish_fragment_prob``: see :func:`simulate_sample`.
     ``optimizer``: "sgd" (nnU-Net's: Nesterov, momentum 0.99) or "adamw" (weight decay 1e-2;
-    use an ``initial_lr`` near 1e-3); both with the poly schedule. ``box_jitter_mm``: see
-    :func:`simulate_sample`. ``cpu_bf16``: on the CPU, run the network's forward and backward
+    use an ``initial_lr`` near 1e-3); both with the poly schedule. ``box_jitter_mm``,
+    ``tight_box_prob``: see :func:`simulate_sample`. ``cpu_bf16``: on the CPU, run the network's forward and backward
     passes in bfloat16 autocast (weights, loss and validation stay float32): 1.6-1.8x faster
     training steps on CPUs with AVX512-BF16 or AMX, slower elsewhere. On CUDA, AMP (float16)
     is always used. ``intensity_augmentation``: see :func:`augment_intensity`.
@@ -546,7 +553,7 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
             samples = [simulate_sample(cases[rng.integers(len(cases))], rng, patch,
                                        prompt_types[rng.integers(len(prompt_types))], low_res_prob,
                                        vanish_prob, box_jitter_mm, intensity_augmentation,
-                                       vanish_tissue_hu, vanish_fragment_prob)
+                                       vanish_tissue_hu, vanish_fragment_prob, tight_box_prob)
                        for _ in range(batch_size)]
             x = torch.from_numpy(np.stack([s[0] for s in samples])).to(dev)
             y = torch.from_numpy(np.stack([s[1] for s in samples])).to(dev)

@@ -888,6 +888,8 @@ EXPECTED_WIDGET_CLASSES = {
     "refineSegmentSelector": "qMRMLSegmentSelectorWidget",
     "refineButton": "QPushButton",
     "trackButton": "QPushButton",
+    "minVolumeSpinBox": "QDoubleSpinBox",
+    "minPromptFractionSpinBox": "QDoubleSpinBox",
     "cancelButton": "QPushButton",
     "progressBar": "QProgressBar",
     "statusLabel": "QLabel",
@@ -976,6 +978,24 @@ def test_parameter_node_defaults(slicer_scene, LL):
     assert logic.getParameterNode() is node
     assert LL.LesionLocatorLogic.parseFolds(" 0, 2 ") == (0, 2)
     assert LL.LesionLocatorLogic.parseFolds("") is None and LL.LesionLocatorLogic.parseFolds("all") == ("all",)
+
+
+def test_track_options_come_from_the_parameter_node_as_track_keywords(slicer_scene, LL):
+    """The Track panel's spin boxes store the two tracking options in the parameter node; the
+    Widget passes trackOptions() to track()."""
+    logic = LL.LesionLocatorLogic(runner=PaintingRunner())
+    node = logic.getParameterNode()
+    logic.setDefaultParameters(node)
+    assert logic.trackOptions() == {"minVolumeMl": 0.0, "minPromptFraction": 0.0}  # off by default
+    node.SetParameter(logic.PARAM_MIN_VOLUME_ML, "0.0654")
+    node.SetParameter(logic.PARAM_MIN_PROMPT_FRACTION, "0.1")
+    assert logic.trackOptions(node) == {"minVolumeMl": 0.0654, "minPromptFraction": 0.1}
+    import inspect
+    assert set(logic.trackOptions()) <= set(inspect.signature(logic.track).parameters)
+    for bad in ("-1", "many", "nan"):
+        node.SetParameter(logic.PARAM_MIN_PROMPT_FRACTION, bad)
+        with pytest.raises(ValueError, match=f"TrackMinPromptFraction must be a number >= 0, got '{bad}'"):
+            logic.trackOptions()
 
 
 # ------------------------------------------------------------------------------ (h) tracking

@@ -174,6 +174,29 @@ def test_box_prompts_grow_by_at_most_the_jitter_in_millimetres(data):
     assert growth.mean() > 2.0, "boxes are jittered, not all tight"
 
 
+def test_tight_box_share_gives_exact_bounding_boxes_and_leaves_other_runs_samples_alone(data):
+    config = PLANS["configurations"]["3d_fullres"]
+    case = train_module.load_case(data / "images" / "c0.nii.gz", data / "labels" / "c0.nii.gz", config, NORMALIZE)
+
+    def box_sample(seed, **options):
+        """(input, target) of one box sample; the same seed = the same lesion and patch."""
+        return train_module.simulate_sample(case, np.random.default_rng(seed), (32, 48, 48), "box", **options)
+
+    def extent(x):  # the box's extent in model voxels per axis (mirroring does not change it)
+        return np.ptp(np.argwhere(x[1] > 0), 0)
+
+    kinds = []
+    for seed in range(16):
+        exact = extent(box_sample(seed, box_jitter_mm=0.0)[0])
+        assert np.array_equal(extent(box_sample(seed, box_jitter_mm=8.0, tight_box_prob=1.0)[0]), exact)
+        # off (the default): the samples of a run without the option are unchanged
+        default, off = box_sample(seed, box_jitter_mm=8.0), box_sample(seed, box_jitter_mm=8.0, tight_box_prob=0.0)
+        assert all(np.array_equal(a, b) for a, b in zip(default, off))
+        half = extent(box_sample(seed, box_jitter_mm=8.0, tight_box_prob=0.5)[0])
+        assert (half >= exact).all()
+        kinds.append(np.array_equal(half, exact))
+    assert 3 <= sum(kinds) <= 13, kinds   # about half of them tight, the others grown
+
 def test_vanished_lesion_samples_put_the_previous_mask_on_lesion_free_body_with_an_empty_target(data):
     case = train_module.load_case(data / "images" / "c0.nii.gz", data / "labels" / "c0.nii.gz",
                                   PLANS["configurations"]["3d_fullres"], NORMALIZE)
@@ -275,6 +298,11 @@ def test_box_jitter_and_other_options_of_the_train_command(data, capsys):
     assert build_parser().parse_args(base).box_jitter_mm == 8.0
     assert build_parser().parse_args(base + ["--box-jitter-mm", "legacy"]).box_jitter_mm is None
     assert build_parser().parse_args(base + ["--box-jitter-mm", "0"]).box_jitter_mm == 0.0
+    assert build_parser().parse_args(base).tight_box_prob == 0.0
+    assert build_parser().parse_args(base + ["--tight-box-prob", "0.5"]).tight_box_prob == 0.5
+    with pytest.raises(SystemExit):
+        main(base + ["--tight-box-prob", "1.5"])
+    assert "must be between 0 and 1, got 1.5" in capsys.readouterr().err
     assert not build_parser().parse_args(base).intensity_augmentation
     assert build_parser().parse_args(base + ["--intensity-augmentation", "--cpu-bf16"]).cpu_bf16
     parsed = build_parser().parse_args(base + ["--vanish-tissue-hu", "100", "--vanish-fragment-prob", "0.3"])
