@@ -8,7 +8,8 @@ and simulates the prompt as the paper describes (section 2.5):
 
 * point: a random voxel of the lesion, drawn as a ball of radius 5 voxels;
 * box: the lesion's bounding box grown along each axis by U[0, ``box_jitter_mm``] (default 8 mm,
-  the paper's U[0, 10] voxels at its ~0.8 mm spacing), split at random between both sides;
+  the paper's U[0, 10] voxels at its ~0.8 mm spacing), split at random between both sides, or
+  (a ``tight_box_prob`` share) the exact bounding box;
 * mask: the lesion mask, perturbed (shifted, dilated or eroded) as a propagated
   previous mask would be.
 
