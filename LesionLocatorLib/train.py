@@ -466,8 +466,8 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
     ``vanish_tissue_hu``, ``vanish_fragment_prob``: see :func:`simulate_sample`.
     ``optimizer``: "sgd" (nnU-Net's: Nesterov, momentum 0.99) or "adamw" (weight decay 1e-2;
     use an ``initial_lr`` near 1e-3); both with the poly schedule. ``box_jitter_mm``,
-    ``tight_box_prob``: see :func:`simulate_sample`. ``cpu_bf16``: on the CPU, run the network's forward and backward
-    passes in bfloat16 autocast (weights, loss and validation stay float32): 1.6-1.8x faster
+    ``tight_box_prob``: see :func:`simulate_sample`. ``cpu_bf16``: on the CPU, run the network's
+    forward and backward passes in bfloat16 autocast (weights, loss and validation stay float32): 1.6-1.8x faster
     training steps on CPUs with AVX512-BF16 or AMX, slower elsewhere. On CUDA, AMP (float16)
     is always used. ``intensity_augmentation``: see :func:`augment_intensity`.
     ``deep_supervision_targets``: how the coarse outputs' targets are made, see
