@@ -251,7 +251,10 @@ PLAN = {
         # 0.95). Abdomen evaluation: point 0.873 / off-centre 0.831 / box 0.873 (run13 0.865 / 0.812 /
         # 0.868), but tracking with both options Dice 0.763, CPM@25 0.896 (run13 0.805 / 0.972),
         # 23 of 26 vanished lesion-timepoints reported; demo case 0.903. JSON
-        # Testing/benchmarks/results/evaluate_run14_min5mmsphere_fraction0.1.json
+        # Testing/benchmarks/results/evaluate_run14_min5mmsphere_fraction0.1.json. run15 = run14 + 30 epochs,
+        # lr 2e-3, seed 15, the same boxes (not in this plan; `lesionlocator train ... --init run14/...`):
+        # point 0.869 / off-centre 0.831 / box 0.879, tracking Dice 0.722, CPM@25 0.924: not installed
+        # either (evaluate_run15_min5mmsphere_fraction0.1.json)
     ],
     "demo_ct": "abdomen_3mm", "demo_seed": 2026, "demo_lesions": 4, "demo_diameter_mm": [20.0, 45.0],
     # demo lesions: measurable (RECIST >= 10 mm at the 3 mm demo resolution), solid-organ and wall lesions
