@@ -184,7 +184,8 @@ def main() -> None:
     print("\nLesions that vanish in the ground truth: truth vs tracker status")
     for s in vanish:
         print(f"  case {s['case']} lesion {s['lesion_id']}: {s['truth']} / {s['tracked']}")
-    doc = {"model": a.m, "tta": a.tta, "min_volume_ml": a.min_volume_ml, "min_prompt_fraction": a.min_prompt_fraction, "ct": a.ct, "cases": a.cases,
+    doc = {"model": a.m, "tta": a.tta, "min_volume_ml": a.min_volume_ml, "min_prompt_fraction": a.min_prompt_fraction,
+           "ct": a.ct, "cases": a.cases,
            "lesions_per_case": a.lesions, "followups": a.followups,
            "min_diameter_mm": a.min_diameter, "segmentation": summary, "tracking": agg, "follow_up_true_prompt": true_prompt,
            "follow_up_lesions": true_prompt_rows, "vanishing": vanish,
