@@ -271,6 +271,14 @@ def _box_jitter(text: str):
     return value
 
 
+def _non_negative(text: str) -> float:
+    """A weight: a number >= 0."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _probability(text: str) -> float:
     """A share of training samples: a number in [0, 1]."""
     value = float(text)
@@ -296,7 +304,8 @@ def cmd_train(args) -> int:
                  optimizer=args.optimizer, box_jitter_mm=args.box_jitter_mm, cpu_bf16=args.cpu_bf16,
                  intensity_augmentation=args.intensity_augmentation, vanish_tissue_hu=args.vanish_tissue_hu,
                  vanish_fragment_prob=args.vanish_fragment_prob,
-                 deep_supervision_targets=args.deep_supervision_targets, tight_box_prob=args.tight_box_prob)
+                 deep_supervision_targets=args.deep_supervision_targets, tight_box_prob=args.tight_box_prob,
+                 prompt_types=tuple(dict.fromkeys(args.prompt_types)), outline_weight=args.outline_weight)
     if root is None:
         print(f"stopped after epoch {args.stop_after_epoch} of {args.epochs}; the same command without "
               f"--stop-after-epoch (or with a later one) resumes from {Path(args.o) / 'checkpoint_latest.pth'}")
@@ -421,16 +430,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stop-after-epoch", "--stop_after_epoch", dest="stop_after_epoch", type=int, default=None,
                    help="end this run after that epoch (the learning-rate schedule still spans --epochs); "
                         "run again to resume, e.g. with other training data")
-    r.add_argument("--vanish-prob", "--vanish_prob", dest="vanish_prob", type=float, default=0.0,
+    r.add_argument("--vanish-prob", "--vanish_prob", dest="vanish_prob", type=_probability, default=0.0,
                    help="share of previous-mask samples showing a vanished lesion (prompt on lesion-free "
                         "tissue, empty target), so tracking learns to report vanished lesions")
     r.add_argument("--vanish-tissue-hu", "--vanish_tissue_hu", dest="vanish_tissue_hu", type=float, default=None,
                    help="vanished-lesion samples: put the previous mask on tissue whose median is within this "
                         "many HU of the lesion's surroundings (default: anywhere in the body)")
-    r.add_argument("--vanish-fragment-prob", "--vanish_fragment_prob", dest="vanish_fragment_prob", type=float,
+    r.add_argument("--vanish-fragment-prob", "--vanish_fragment_prob", dest="vanish_fragment_prob", type=_probability,
                    default=0.0, help="share of vanished-lesion samples whose previous mask is a small fragment "
                                      "(what a previous false positive leaves as the next prompt)")
-    r.add_argument("--low-res-prob", "--low_res_prob", dest="low_res_prob", type=float, default=0.0,
+    r.add_argument("--low-res-prob", "--low_res_prob", dest="low_res_prob", type=_probability, default=0.0,
                    help="share of training samples made to look like scans coarser than the model spacing "
                         "(down- and up-sampled image, 0.33-1 zoom per axis)")
     r.add_argument("--iterations", type=int, default=50, help="iterations per epoch")
@@ -441,6 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--box-jitter-mm", "--box_jitter_mm", dest="box_jitter_mm", type=_box_jitter, default=8.0,
                    help="box prompts: the lesion's bounding box grown by U[0, this] mm per axis (default 8); "
                         "'legacy': U[0, 10] model voxels per side (training runs before 2026-12)")
+    r.add_argument("--prompt-types", "--prompt_types", dest="prompt_types", nargs="+",
+                   choices=["point", "box", "mask"], default=["point", "box", "mask"],
+                   help="prompt types simulated, drawn with equal odds (default: all three; 'box' alone "
+                        "trains a box-prompt model such as LesionLocatorSeg/bbox_optimized)")
+    r.add_argument("--outline-weight", "--outline_weight", dest="outline_weight", type=_non_negative,
+                   default=0.0, help="extra cross-entropy weight of each lesion's outermost voxel layer "
+                                     "(partial-volume voxels; default 0: nnU-Net's Dice + CE)")
     r.add_argument("--tight-box-prob", "--tight_box_prob", dest="tight_box_prob", type=_probability, default=0.0,
                    help="share of box prompts that are the lesion's exact bounding box, not grown (default 0)")
     r.add_argument("--cpu-bf16", "--cpu_bf16", dest="cpu_bf16", action="store_true",

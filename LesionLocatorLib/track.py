@@ -153,10 +153,9 @@ def track(images, prompts, track_model, seg_model=None, registration: str = "sim
     mask; 0.1 also empties a lesion that really shrank by more than 90 % of its volume between
     two consecutive scans.
     """
-    if min_volume_ml < 0:
-        raise ValueError(f"min_volume_ml must be >= 0, got {min_volume_ml}")
-    if min_prompt_fraction < 0:
-        raise ValueError(f"min_prompt_fraction must be >= 0, got {min_prompt_fraction}")
+    for name, value in (("min_volume_ml", min_volume_ml), ("min_prompt_fraction", min_prompt_fraction)):
+        if not value >= 0:   # NaN too: it would switch the option off silently
+            raise ValueError(f"{name} must be >= 0, got {value}")
     from .register import register
 
     images = list(images)

@@ -8,11 +8,12 @@ Steps (each skipped when its output exists, so an interrupted run resumes):
 2. ``train``: ``lesionlocator train`` (small ResEnc U-Net, see PLAN below).
    A run that is not finished resumes from ``WORKDIR/<run>/checkpoint_latest.pth`` or, on a new
    machine, from the copy that ``keep`` left in ``Testing/demo_build_state/<run>/``.
-3. ``install``: copy the trained model root to ``Resources/Models/LesionLocatorDemo``.
+3. ``install``: copy the trained model folders (``PLAN["installed"]``: which run's weights each
+   prompt type's folder holds) to ``Resources/Models/LesionLocatorDemo``.
 4. ``democase``: a baseline and two follow-ups from the **abdomen** CT (never
    used for training) into ``Resources/Demo`` (+ ground truth, point prompts).
 
-``keep`` (not run by default): copy the latest checkpoint of the installed model's run to
+``keep`` (not run by default): copy the latest checkpoint of each run of the installed model to
 ``Testing/demo_build_state/<run>/checkpoint_latest.pth`` (weights, optimizer state, epoch and
 learning curves, ~14 MB), to be committed, so that training on machines that do not outlive
 a session goes on where the last one stopped (a finished run's: ``train`` then only writes
@@ -102,7 +103,7 @@ PLAN = {
     # one. The first two are the 2026-11-30 candidate (fine grid); the third moves it to the
     # coarser grid (3.4x fewer voxels per patch, so 3.4x more iterations per hour on 2 cores) and
     # trains on both datasets; the fourth continues on the datasets with visible lesions, the
-    # fifth on lesions with visible walls and tight boxes. The last run is the installed model.
+    # fifth on lesions with visible walls and tight boxes. PLAN["installed"] names the installed runs.
     "runs": [
         # lesions of every size first, then measurable ones (>= 10 mm, as RECIST), which the
         # first phase under-segmented, then the same with half of the samples made to look like
@@ -255,7 +256,23 @@ PLAN = {
         # lr 2e-3, seed 15, the same boxes (not in this plan; `lesionlocator train ... --init run14/...`):
         # point 0.869 / off-centre 0.831 / box 0.879, tracking Dice 0.722, CPM@25 0.924: not installed
         # either (evaluate_run15_min5mmsphere_fraction0.1.json)
+        # run16: run13's final weights with 3x the cross-entropy weight on each lesion's outermost voxel
+        # layer: run13 misses that partial-volume layer with every prompt (abdomen boxes: recall 0.81,
+        # precision 0.95; on its own training images 0.87 / 0.95; the missed voxels are that layer, at
+        # grey values between the lesion's and its surroundings'). Its own seed. (A first try that
+        # weighted the layer outside the outline too, 4x, was stopped at epoch 10: the outer layer has
+        # more voxels, and recall fell to 0.74, box Dice 0.828.)
+        {"out": "run16", "patch": [32, 48, 48], "spacing": [2.5, 2.0, 2.0], "epochs": 40, "iterations": 250,
+         "lr": 2e-3, "init": "run13/LesionLocatorCheckpoint/LesionLocatorSeg/point_optimized/fold_0/checkpoint_final.pth",
+         "box_jitter_mm": 3.0, "tight_box_prob": 0.5, "outline_weight": 2.0, "cpu_bf16": True,
+         "intensity_augmentation": True, "seed": 16, "deep_supervision_targets": "nearest",
+         "phases": [{"data": "lin_chest_slab", "until_epoch": 40, "low_res_prob": 0.3, "vanish_prob": 0.5,
+                     "vanish_tissue_hu": 100.0, "vanish_fragment_prob": 0.3}]},
     ],
+    # the installed model: which run's weights each of its folders holds (upstream, too, ships one
+    # network per prompt type); ``train`` repeats only the runs these build on
+    "installed": {"LesionLocatorSeg/point_optimized": "run13", "LesionLocatorSeg/bbox_optimized": "run16",
+                  "LesionLocatorTrack": "run13"},
     "demo_ct": "abdomen_3mm", "demo_seed": 2026, "demo_lesions": 4, "demo_diameter_mm": [20.0, 45.0],
     # demo lesions: measurable (RECIST >= 10 mm at the 3 mm demo resolution), solid-organ and wall lesions
     "demo_kinds": [["ellipsoid", 0.5], ["lobulated", 0.5]], "demo_locations": [["soft_tissue", 0.7], ["wall", 0.3]],
@@ -281,9 +298,9 @@ def read_ct(path: Path, spacing_mm: float | None = None):
                                          (spacing_mm,) * 3, img.GetDirection(), -1024, img.GetPixelID()))
 
 
-def datasets_of_final_model() -> list[str]:
+def datasets_of_installed_model() -> list[str]:
     """The datasets the training runs of the installed model read (mixtures resolved)."""
-    names = [phase["data"] for run in runs_of_final_model(PLAN["runs"]) for phase in run["phases"]]
+    names = [phase["data"] for run in runs_of_installed_model() for phase in run["phases"]]
     return list(dict.fromkeys(part for name in names for part in PLAN["mixtures"].get(name, [name])))
 
 
@@ -294,7 +311,7 @@ def step_data(work: Path, only=None) -> None:
     from LesionLocatorLib.image import write_image
     from LesionLocatorLib.synth import make_case
 
-    only = datasets_of_final_model() if only is None else only
+    only = datasets_of_installed_model() if only is None else only
     datasets = {k: PLAN["datasets"][k] for k in only}
     ct_names = {overrides.get("ct", PLAN["train_ct"]) for _, overrides in datasets.values()}
     cts = fetch_registry_cts(work / "ct_cache", sorted(ct_names | {PLAN["demo_ct"]}))
@@ -335,23 +352,36 @@ def _link(target: Path, link: Path) -> None:
         link.symlink_to(target.resolve())
 
 
-def runs_of_final_model(runs: list[dict]) -> list[dict]:
-    """The runs the last run of ``runs`` builds on, oldest first: its ``init`` names a checkpoint
-    inside an earlier run's folder (``"run2/checkpoint_latest.pth"``), that run's ``init`` the
-    one before, and so on; runs outside that chain are history and are not repeated."""
+def run_chain(runs: list[dict], out: str) -> list[dict]:
+    """The runs that run ``out`` builds on, oldest first, ending with it: its ``init`` names a
+    checkpoint inside an earlier run's folder (``"run2/checkpoint_latest.pth"``), that run's
+    ``init`` the one before, and so on; runs outside that chain are history and are not repeated."""
     by_out = {run["out"]: run for run in runs}
-    chain = [runs[-1]]
+    chain = [by_out[out]]
     while chain[0]["init"]:
         chain.insert(0, by_out[Path(chain[0]["init"]).parts[0]])
     return chain
 
 
+def runs_of_installed_model(runs: list[dict] | None = None, installed: dict | None = None) -> list[dict]:
+    """The runs the installed model needs (default: ``PLAN``'s), each once, in an order in which
+    every run comes after the one it starts from: the chains of the runs ``installed`` names
+    (model folder -> run), one after the other."""
+    runs = PLAN["runs"] if runs is None else runs
+    installed = PLAN["installed"] if installed is None else installed
+    needed = {}
+    for out in installed.values():
+        for run in run_chain(runs, out):
+            needed.setdefault(run["out"], run)
+    return list(needed.values())
+
+
 def step_train(work: Path) -> None:
-    """The training runs the installed (last) model needs, in order; each resumes from its
+    """The training runs the installed model needs, in order; each resumes from its
     ``checkpoint_latest.pth`` (phases of a run too; a phase already done returns at once), and a
     finished run (its model root exists) is skipped. ``init``: the checkpoint (relative to
     ``work``) a run starts from."""
-    for run in runs_of_final_model(PLAN["runs"]):
+    for run in runs_of_installed_model():
         out = work / run["out"]
         if (out / "LesionLocatorCheckpoint").exists():
             print(f"{out}: done", flush=True)
@@ -375,6 +405,8 @@ def step_train(work: Path) -> None:
                    "--vanish-prob", str(phase.get("vanish_prob", 0.0)),
                    "--lr", str(run["lr"]), "--box-jitter-mm", str(run.get("box_jitter_mm", "legacy")),
                    "--tight-box-prob", str(run.get("tight_box_prob", 0.0)),
+                   "--prompt-types", *run.get("prompt_types", ["point", "box", "mask"]),
+                   "--outline-weight", str(run.get("outline_weight", 0.0)),
                    *(["--cpu-bf16"] if run.get("cpu_bf16") else []),
                    *(["--intensity-augmentation"] if run.get("intensity_augmentation") else []),
                    *(["--vanish-tissue-hu", str(phase["vanish_tissue_hu"])] if "vanish_tissue_hu" in phase else []),
@@ -387,7 +419,7 @@ def step_train(work: Path) -> None:
 def step_keep(work: Path) -> None:
     """Copy the latest checkpoint of each run of the installed model into ``STATE`` (of a finished
     run too: resumed at its last epoch, ``train`` only exports it)."""
-    for run in runs_of_final_model(PLAN["runs"]):
+    for run in runs_of_installed_model():
         latest = work / run["out"] / "checkpoint_latest.pth"
         if not latest.exists():
             continue
@@ -398,15 +430,18 @@ def step_keep(work: Path) -> None:
 
 
 def step_install(work: Path) -> None:
-    """Replace the installed model by the last run's; its ``MODEL_CARD.md`` stays (update it)."""
+    """Replace the installed model by the runs' that ``PLAN["installed"]`` names, one model folder
+    each (``LesionLocatorSeg/point_optimized``, ``LesionLocatorSeg/bbox_optimized``,
+    ``LesionLocatorTrack``), with each run's learning curves as ``training_curves_<run>.png``;
+    its ``MODEL_CARD.md`` stays (update it)."""
     target = REPO / "Resources" / "Models" / "LesionLocatorDemo"
     card = target / "MODEL_CARD.md"
     card_text = card.read_text() if card.exists() else None
     if target.exists():
         shutil.rmtree(target)
-    final = work / PLAN["runs"][-1]["out"]
-    shutil.copytree(final / "LesionLocatorCheckpoint", target)
-    shutil.copy(final / "progress.png", target / "training_curves.png")
+    for folder, run in PLAN["installed"].items():
+        shutil.copytree(work / run / "LesionLocatorCheckpoint" / folder, target / folder)
+        shutil.copy(work / run / "progress.png", target / f"training_curves_{run}.png")
     if card_text is not None:
         card.write_text(card_text)
     print(f"installed {target}" + ("; its MODEL_CARD.md is kept: update it" if card_text else ""))

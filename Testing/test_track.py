@@ -117,6 +117,8 @@ def test_follow_up_remnants_below_the_prompt_fraction_count_as_vanished(tiny_mod
             assert np.array_equal(remnants.labels[1].array == i, plain.labels[1].array == i)
     with pytest.raises(ValueError, match="min_prompt_fraction must be >= 0, got -0.1"):
         track(images, labels[0], model, registration="none", min_prompt_fraction=-0.1)
+    with pytest.raises(ValueError, match="min_prompt_fraction must be >= 0, got nan"):   # not silently off
+        track(images, labels[0], model, registration="none", min_prompt_fraction=float("nan"))
 
 
 def test_point_prompts_segment_the_baseline_first(tiny_model_root):

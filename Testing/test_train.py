@@ -303,6 +303,20 @@ def test_box_jitter_and_other_options_of_the_train_command(data, capsys):
     with pytest.raises(SystemExit):
         main(base + ["--tight-box-prob", "1.5"])
     assert "must be between 0 and 1, got 1.5" in capsys.readouterr().err
+    for option in ("--low-res-prob", "--vanish-prob", "--vanish-fragment-prob"):   # shares, as --tight-box-prob
+        with pytest.raises(SystemExit):
+            main(base + [option, "2"])
+        assert f"argument {option}" in (err := capsys.readouterr().err) and "must be between 0 and 1, got 2" in err
+    assert build_parser().parse_args(base).prompt_types == ["point", "box", "mask"]
+    assert build_parser().parse_args(base + ["--prompt-types", "box"]).prompt_types == ["box"]
+    assert build_parser().parse_args(base).outline_weight == 0.0
+    assert build_parser().parse_args(base + ["--outline-weight", "2"]).outline_weight == 2.0
+    with pytest.raises(SystemExit):
+        main(base + ["--outline-weight", "-1"])
+    assert "argument --outline-weight/--outline_weight: must be >= 0, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["--prompt-types", "scribble"])
+    assert "invalid choice: 'scribble'" in capsys.readouterr().err
     assert not build_parser().parse_args(base).intensity_augmentation
     assert build_parser().parse_args(base + ["--intensity-augmentation", "--cpu-bf16"]).cpu_bf16
     parsed = build_parser().parse_args(base + ["--vanish-tissue-hu", "100", "--vanish-fragment-prob", "0.3"])
@@ -355,6 +369,38 @@ def test_deep_supervision_targets_match_the_network_outputs_and_nearest_ones_sit
     assert not (data / "run").exists()
 
 
+def test_outline_weight_adds_cross_entropy_on_each_lesions_outermost_layer_only(data):
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    target = torch.zeros(1, 1, 7, 7, 7)
+    target[0, 0, 2:5, 2:5, 2:5] = 1                                   # a 3-voxel cube
+    target[0, 0, 0, 0, 0] = 1                                         # and a voxel in the patch's corner
+    outline = train_module.outline_voxels(target)[0, 0]
+    expected = target[0, 0].bool().clone()
+    expected[3, 3, 3] = False                                         # the centre has no background neighbour
+    assert torch.equal(outline, expected) and int(outline.sum()) == 26 + 1
+    base = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                          weight_ce=1, weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss)
+    logits = torch.randn(1, 2, 7, 7, 7, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    extra = train_module.OutlineWeightedLoss(base, 3.0)(logits, target) - base(logits, target)
+    ce = torch.nn.functional.cross_entropy(logits, target[:, 0].long(), reduction="none")[0]
+    assert float(extra) == pytest.approx(3.0 * float(ce[outline].sum()) / 343, rel=1e-5)
+    extra.backward()
+    grad = logits.grad[0].abs().sum(0)
+    assert grad[~outline].max() < 1e-6 < grad[outline].min(), "the extra term pulls on the outline voxels only"
+    # in training: the same first step costs more with the weight; a negative weight is refused
+    pairs = find_pairs(data / "images", data / "labels")
+
+    def first_loss(folder, **kw):
+        train(pairs, data / folder, PLANS, epochs=1, iterations_per_epoch=1, val_samples=1, device="cpu",
+              log=lambda m: None, **kw)
+        return load_checkpoint(data / folder / "checkpoint_latest.pth")["logging"]["train_losses"][0]
+    assert first_loss("weighted", outline_weight=3.0) > first_loss("plain") + 1e-3   # same samples and weights
+    with pytest.raises(ValueError, match="outline_weight must be >= 0, got -1"):
+        train(pairs, data / "negative", PLANS, epochs=1, device="cpu", outline_weight=-1, log=lambda m: None)
+    assert not (data / "negative").exists(), "refused before anything is written"
+
+
 def test_intensity_augmentation_changes_about_two_thirds_of_the_blocks_reproducibly():
     block = np.random.default_rng(0).normal(size=(8, 16, 16)).astype(np.float32)
     first = [train_module.augment_intensity(block, np.random.default_rng(s)) for s in range(300)]
@@ -369,22 +415,55 @@ def test_intensity_augmentation_changes_about_two_thirds_of_the_blocks_reproduci
 def test_the_build_plan_repeats_only_the_runs_the_installed_model_builds_on():
     import build_demo_model as build
     runs = [{"out": "a", "init": None}, {"out": "b", "init": None},
-            {"out": "c", "init": "b/checkpoint_latest.pth"}, {"out": "d", "init": "c/run/checkpoint_final.pth"}]
-    assert [r["out"] for r in build.runs_of_final_model(runs)] == ["b", "c", "d"]
-    assert [r["out"] for r in build.runs_of_final_model(runs[:2])] == ["b"]
+            {"out": "c", "init": "b/checkpoint_latest.pth"}, {"out": "d", "init": "c/run/checkpoint_final.pth"},
+            {"out": "e", "init": "c/run/checkpoint_final.pth"}]
+    assert [r["out"] for r in build.run_chain(runs, "d")] == ["b", "c", "d"]
+    assert [r["out"] for r in build.run_chain(runs, "b")] == ["b"]
+    # one folder per prompt type from two branches of the same chain: the shared runs come once,
+    # each before the runs that start from it; "a" is history
+    installed = {"LesionLocatorSeg/point_optimized": "d", "LesionLocatorSeg/bbox_optimized": "e",
+                 "LesionLocatorTrack": "d"}
+    assert [r["out"] for r in build.runs_of_installed_model(runs, installed)] == ["b", "c", "d", "e"]
+    # the plan installs the three folders the loader expects, each from a run of the plan
+    assert sorted(build.PLAN["installed"]) == ["LesionLocatorSeg/bbox_optimized", "LesionLocatorSeg/point_optimized",
+                                               "LesionLocatorTrack"]
+    assert set(build.PLAN["installed"].values()) <= {r["out"] for r in build.runs_of_installed_model()}
     # every dataset a run of the plan reads is made by the data step
-    needed = build.datasets_of_final_model()
+    needed = build.datasets_of_installed_model()
     assert needed and set(needed) <= set(build.PLAN["datasets"])
     for run in build.PLAN["runs"]:
         for phase in run["phases"]:
             assert all(d in build.PLAN["datasets"] for d in build.PLAN["mixtures"].get(phase["data"], [phase["data"]]))
 
 
+def test_the_install_step_puts_each_folder_of_its_run_into_the_model_and_keeps_the_card(tmp_path, monkeypatch):
+    import build_demo_model as build
+    monkeypatch.setattr(build, "REPO", tmp_path)
+    work = tmp_path / "work"
+    for run in ("p", "b"):   # two model roots whose checkpoints say which run wrote them
+        for folder in ("LesionLocatorSeg/point_optimized", "LesionLocatorSeg/bbox_optimized", "LesionLocatorTrack"):
+            save_atomically({"run": run},
+                            work / run / "LesionLocatorCheckpoint" / folder / "fold_0" / "checkpoint_final.pth")
+        (work / run / "progress.png").write_bytes(run.encode())
+    monkeypatch.setitem(build.PLAN, "installed", {"LesionLocatorSeg/point_optimized": "p",
+                                                  "LesionLocatorSeg/bbox_optimized": "b", "LesionLocatorTrack": "p"})
+    target = tmp_path / "Resources" / "Models" / "LesionLocatorDemo"
+    (target / "LesionLocatorSeg" / "stale").mkdir(parents=True)
+    (target / "MODEL_CARD.md").write_text("card")
+    build.step_install(work)
+    got = {str(f.parent.parent.relative_to(target)): torch.load(f)["run"] for f in target.rglob("checkpoint_final.pth")}
+    assert got == {"LesionLocatorSeg/point_optimized": "p", "LesionLocatorSeg/bbox_optimized": "b",
+                   "LesionLocatorTrack": "p"}
+    assert not (target / "LesionLocatorSeg" / "stale").exists()
+    assert (target / "MODEL_CARD.md").read_text() == "card"
+    assert (target / "training_curves_b.png").read_bytes() == b"b"
+
+
 def test_the_build_keeps_the_run_unfinished_or_finished_for_the_next_machine(tmp_path, monkeypatch):
     import build_demo_model as build
     monkeypatch.setattr(build, "STATE", tmp_path / "repo_state")
     monkeypatch.setattr(build, "REPO", tmp_path)
-    last = build.PLAN["runs"][-1]["out"]
+    last = build.runs_of_installed_model()[-1]["out"]
     work = tmp_path / "work"
     save_atomically({"current_epoch": 7}, work / last / "checkpoint_latest.pth")
     build.step_keep(work)
