@@ -14,8 +14,8 @@ and simulates the prompt as the paper describes (section 2.5):
   previous mask would be.
 
 Loss: Dice + cross-entropy with deep supervision (optionally more cross-entropy weight on each
-lesion's outermost voxel layer); SGD (Nesterov) with a poly
-learning rate; AMP on CUDA. The output is a model root in the official layout
+lesion's outermost voxel layer); SGD (Nesterov) with a poly learning rate; AMP on CUDA. The
+output is a model root in the official layout
 (``LesionLocatorCheckpoint/LesionLocatorSeg/{point,bbox}_optimized`` and
 ``LesionLocatorTrack``, all the same multi-prompt network), so the normal loader
 runs it. Training resumes from ``checkpoint_latest.pth``.
