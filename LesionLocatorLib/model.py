@@ -24,12 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .plans import ModelLayoutError, PlansError, check_architecture, check_plans, input_channels, \
+    resolve_configuration, segmentation_heads
+from .plans import build_network as plans_build_network
+
 SEG_SUBFOLDERS = {"point": "point_optimized", "box": "bbox_optimized"}
 CHECKPOINT_NAME = "checkpoint_final.pth"
-
-
-class ModelLayoutError(ValueError):
-    """A model folder that is not in the official LesionLocator / nnU-Net v2 layout."""
+__all__ = ["ModelLayoutError", "PlansError", "CheckpointError", "LoadedModel", "load_model", "check_model_root",
+           "find_model_folder", "build_network", "load_checkpoint", "select_device"]
 
 
 class CheckpointError(ValueError):
@@ -49,9 +51,28 @@ def _is_model_folder(path: Path) -> bool:
         (f / CHECKPOINT_NAME).is_file() for f in path.glob("fold_*"))
 
 
+def read_model_json(folder: Path) -> tuple:
+    """(plans, dataset_json) of a trained-model folder, both checked as data: every configuration
+    of plans.json against the architecture allow-list (:func:`LesionLocatorLib.plans.check_plans`,
+    raising :class:`PlansError`), and dataset.json's labels and channels."""
+    texts = {}
+    for name in ("plans.json", "dataset.json"):
+        try:
+            texts[name] = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelLayoutError(f"{folder / name} is not valid JSON ({e})") from None
+        if not isinstance(texts[name], dict):
+            raise ModelLayoutError(f"{folder / name} must hold a JSON object")
+    check_plans(texts["plans.json"], str(folder / "plans.json"))
+    segmentation_heads(texts["dataset.json"], str(folder / "dataset.json"))
+    input_channels(texts["dataset.json"], str(folder / "dataset.json"))
+    return texts["plans.json"], texts["dataset.json"]
+
+
 def check_model_root(path) -> None:
     """Raise :class:`ModelLayoutError` unless ``path`` is an official-layout model root
-    (at least one of the segmentation models present, each complete)."""
+    (at least one of the segmentation models present, each complete, each plans.json within the
+    architecture allow-list: :class:`PlansError`, a subclass)."""
     root = Path(path)
     if not root.is_dir():
         raise ModelLayoutError(f"model folder not found: {root}\n{EXPECTED_LAYOUT}")
@@ -65,6 +86,7 @@ def check_model_root(path) -> None:
         if not _is_model_folder(folder):
             raise ModelLayoutError(f"{folder} is incomplete (needs plans.json, dataset.json and "
                                    f"fold_N/{CHECKPOINT_NAME})\n{EXPECTED_LAYOUT}")
+        read_model_json(folder)
 
 
 def find_model_folder(path, prompt_type: str) -> Path:
@@ -229,18 +251,36 @@ def available_folds(folder: Path) -> list:
     return sorted(folds, key=str)
 
 
-def build_network(plans: dict, configuration_name: str, dataset_json: dict) -> torch.nn.Module:
-    """The network the plans describe, with one extra input channel for the prompt."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+def build_network(plans: dict, configuration_name: str, dataset_json: dict, device=None,
+                  initialize: bool = True, deep_supervision: bool = False) -> torch.nn.Module:
+    """The network the plans describe, with one extra input channel for the prompt, built from
+    the allow-list only (:mod:`LesionLocatorLib.plans`: nothing named in plans.json is imported)."""
+    config = resolve_configuration(plans, configuration_name)
+    return plans_build_network(check_architecture(config), input_channels(dataset_json),
+                               segmentation_heads(dataset_json), deep_supervision=deep_supervision,
+                               device=device, initialize=initialize)
 
-    pm = PlansManager(plans)
-    cm = pm.get_configuration(configuration_name)
-    n_in = len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": "CT"}))) + 1
-    n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
-    return get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                  cm.network_arch_init_kwargs_req_import, n_in, n_out,
-                                  allow_init=True, deep_supervision=False)
+
+def _network_for_weights(plans: dict, configuration_name: str, dataset_json: dict, weights: dict, device,
+                         folder: Path) -> torch.nn.Module:
+    """The plans' network on ``device`` holding ``weights``. The architecture is first built on the
+    meta device (no memory, no initialisation) and its tensor names and shapes compared with the
+    weights, so plans that do not fit the checkpoint (or describe an absurdly large network) fail
+    before anything is allocated."""
+    skeleton = build_network(plans, configuration_name, dataset_json, device="meta")
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in weights.items()}
+    problems = ([f"{k}: checkpoint {given[k]}, plans {expected[k]}" for k in expected
+                 if k in given and given[k] != expected[k]]
+                + [f"missing {k}" for k in expected if k not in given]
+                + [f"unexpected {k}" for k in given if k not in expected])
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{folder}: the weights do not fit the architecture in plans.json: "
+                              f"{'; '.join(problems[:3])}{more}")
+    network = skeleton.to_empty(device=device)
+    network.load_state_dict(weights, strict=True)
+    return network
 
 
 def load_model(path, prompt_type: str = "point", folds=None, device: str = "auto", tta: bool | None = None,
@@ -251,11 +291,7 @@ def load_model(path, prompt_type: str = "point", folds=None, device: str = "auto
     ``tta``: mirroring test-time augmentation; None = on for GPU, off for CPU.
     """
     folder = find_model_folder(path, prompt_type)
-    try:
-        plans = json.loads((folder / "plans.json").read_text())
-        dataset_json = json.loads((folder / "dataset.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLayoutError(f"{folder}: plans.json or dataset.json is not valid JSON ({e})") from None
+    plans, dataset_json = read_model_json(folder)
     present = available_folds(folder)
     if folds is None:
         folds = present
@@ -273,18 +309,14 @@ def load_model(path, prompt_type: str = "point", folds=None, device: str = "auto
             config_name = init_args.get("configuration", "3d_fullres")
             mirror = ckpt.get("inference_allowed_mirroring_axes")
         weights.append(_network_state(ckpt["network_weights"]))
-    if config_name not in plans.get("configurations", {}):
+    if config_name not in plans["configurations"]:
         raise ModelLayoutError(f"{folder}/plans.json has no configuration {config_name!r} "
-                               f"(checkpoint asks for it); has {list(plans.get('configurations', {}))}")
-    network = build_network(plans, config_name, dataset_json)
-    try:
-        network.load_state_dict(weights[0])
-    except RuntimeError as e:
-        raise CheckpointError(f"{folder}: the weights do not fit the architecture in plans.json: "
-                              f"{str(e).splitlines()[0]}") from None
-    network.to(dev).eval()
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    config = PlansManager(plans).get_configuration(config_name).configuration
+                               f"(checkpoint asks for it); has {list(plans['configurations'])}")
+    config = resolve_configuration(plans, config_name, f"{folder / 'plans.json'}")
+    if len(config["patch_size"]) != 3:
+        raise ModelLayoutError(f"{folder}/plans.json: configuration {config_name!r} is not 3D "
+                               f"(patch_size {config['patch_size']}); LesionLocator models are 3D")
+    network = _network_for_weights(plans, config_name, dataset_json, weights[0], dev, folder).eval()
     use_tta = (dev.type != "cpu") if tta is None else bool(tta)
     intensity = plans.get("foreground_intensity_properties_per_channel", {}).get("0", {})
     return LoadedModel(folder, network, weights, folds, plans, config, config_name, dataset_json, trainer,

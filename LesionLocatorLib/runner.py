@@ -425,9 +425,10 @@ class ImageNotCached(KeyError):
 
 def _library_exception(kind: str, message: str) -> Exception:
     """Re-create the library exception the worker reported, with the same message."""
-    from . import image, model, prompts
+    from . import image, model, plans, prompts
 
     known = {"PromptError": prompts.PromptError, "ModelLayoutError": model.ModelLayoutError,
+             "PlansError": plans.PlansError,
              "CheckpointError": model.CheckpointError, "ImageError": image.ImageError,
              "ImageNotCached": ImageNotCached,
              "MemoryError": MemoryError, "FileNotFoundError": FileNotFoundError, "ValueError": ValueError}

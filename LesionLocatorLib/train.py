@@ -508,9 +508,7 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
     from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from .model import _network_state, load_checkpoint, select_device
+    from .model import _network_state, build_network, load_checkpoint, select_device
 
     if optimizer not in ("sgd", "adamw"):
         raise ValueError(f"unknown optimizer {optimizer!r}: use 'sgd' or 'adamw'")
@@ -527,10 +525,7 @@ def train(pairs, out_dir, plans: dict, epochs: int = 50, iterations_per_epoch: i
     normalize = ct_normalizer(plans["foreground_intensity_properties_per_channel"]["0"])
     cases = [load_case(i, lab, config, normalize) for i, lab in pairs]
     val_cases = [load_case(i, lab, config, normalize) for i, lab in (val_pairs or [])] or cases
-    cm = PlansManager(plans).get_configuration("3d_fullres")
-    network = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                     cm.network_arch_init_kwargs_req_import, 2, 2, allow_init=True,
-                                     deep_supervision=True).to(dev)
+    network = build_network(plans, "3d_fullres", DATASET_JSON, deep_supervision=True).to(dev)
     n_out = len(config["architecture"]["arch_kwargs"]["features_per_stage"]) - 1
     target_strides = config["architecture"]["arch_kwargs"]["strides"][1:n_out]
     weights = np.array([1 / (2 ** i) for i in range(n_out)])

@@ -372,9 +372,25 @@ def _user_agent() -> str:
     return f"LesionLocatorLib/{__version__} (+https://github.com/MIC-DKFZ/LesionLocator)"
 
 
+def _check_web_url(url: str) -> None:
+    """Only http(s) links are followed: a record (or a redirect) naming file://, ftp:// or anything
+    else is refused, so a download can never read a local file or another protocol."""
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise DownloadError(f"refused to open {url!r}: only http:// and https:// links are followed "
+                            f"(this one is {scheme + '://' if scheme else 'not a web address'})")
+
+
+class _WebOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        _check_web_url(newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def _urlopen(url: str, headers: dict, timeout: float):
+    _check_web_url(url)
     req = urllib.request.Request(url, headers={"User-Agent": _user_agent(), **headers})
-    return urllib.request.urlopen(req, timeout=timeout)
+    return urllib.request.build_opener(_WebOnlyRedirects).open(req, timeout=timeout)
 
 
 def _is_html(content_type: str | None, head: bytes = b"") -> bool:

@@ -530,3 +530,41 @@ def test_cli_download_then_segment_with_the_model_name(server, cache, tmp_path, 
         f"lesionlocator download: error: checksum mismatch for {KEY}: expected md5 {md5(b'other')}, got "
         f"{md5(b'corrupt')}; the downloaded file was removed (run the command again to download it afresh)")
     assert zoo.resolve_model(NAME) == root  # the installed model is untouched
+
+
+@pytest.mark.parametrize("where", ["base_url", "file_link", "redirect"])
+def test_only_http_and_https_links_are_followed(server, cache, tmp_path, where):
+    """A record (or a redirect) that points at file:// or ftp:// is refused before anything is opened."""
+    secret = tmp_path / "secret.zip"
+    secret.write_bytes(b"local file")
+    if where == "base_url":
+        with pytest.raises(zoo.DownloadError, match=r"refused to open 'file:///.*only http:// and https:// links "
+                                                    r"are followed \(this one is file://\)"):
+            zoo.download_model(NAME, base_url=f"file://{tmp_path}")
+    elif where == "file_link":
+        record = server.record_json
+        server.record_json = lambda r: {**record(r), "files": [
+            {**record(r)["files"][0], "links": {"self": secret.as_uri()}}]}
+        with pytest.raises(zoo.DownloadError, match=r"refused to open 'file:///.*secret\.zip'"):
+            zoo.download_model(NAME, base_url=server.url)
+    else:
+        import http.server
+
+        class Redirect(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                self.send_response(302)
+                self.send_header("Location", "ftp://127.0.0.1/LesionLocatorCheckpoint.zip")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        try:
+            with pytest.raises(zoo.DownloadError, match=r"refused to open 'ftp://127\.0\.0\.1/.*this one is ftp://"):
+                zoo.fetch_record(RECORD, base_url=f"http://127.0.0.1:{httpd.server_address[1]}", retries=0)
+        finally:
+            httpd.shutdown()
+            httpd.server_close()
+    assert_nothing_installed(cache)
