@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .plans import ModelLayoutError, PlansError, check_architecture, check_plans, input_channels, \
+from .plans import DATASET_JSON, ModelLayoutError, PlansError, check_architecture, check_plans, input_channels, \
     resolve_configuration, segmentation_heads
 from .plans import build_network as plans_build_network
 
@@ -350,3 +350,20 @@ def warn_if_not_ct(array: np.ndarray) -> None:
     if lo > -300 or hi < 0 or hi > 5000:
         warnings.warn(f"the image does not look like CT in Hounsfield units (1st/99th percentile "
                       f"{lo:.0f}/{hi:.0f}); LesionLocator was trained on CT", stacklevel=2)
+
+
+def checkpoint_dict(weights: dict, plans: dict, trainer: str = "LesionLocatorTrainerSegment", fold: int = 0,
+                    logging: dict | None = None, epoch: int = 0, optimizer_state=None, grad_scaler_state=None) -> dict:
+    """A checkpoint with the entries nnU-Net / LesionLocator training writes."""
+    return {
+        "network_weights": weights,
+        "optimizer_state": optimizer_state if optimizer_state is not None else {"state": {}, "param_groups": []},
+        "grad_scaler_state": grad_scaler_state,
+        "logging": logging if logging is not None else {},
+        "_best_ema": max((logging or {}).get("ema_fg_dice", [0.0]) or [0.0]),
+        "current_epoch": epoch,
+        "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": fold,
+                      "dataset_json": DATASET_JSON, "device": torch.device("cpu")},
+        "trainer_name": trainer,
+        "inference_allowed_mirroring_axes": (0, 1, 2),
+    }

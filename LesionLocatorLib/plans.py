@@ -334,3 +334,57 @@ def build_network(architecture: Architecture, in_channels: int, out_channels: in
     if initialize and hasattr(network, "initialize") and device != "meta":
         network.apply(network.initialize)
     return network
+
+
+# --------------------------------------------------------------------------- writing plans
+DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lesion": 1},
+                "numTraining": 0, "file_ending": ".nii.gz"}
+CT_INTENSITIES = {  # upstream's published LesionLocatorSeg plans
+    "max": 3603.951904296875, "mean": -63.00682013436269, "median": 37.23089790344238,
+    "min": -1411.0, "percentile_00_5": -918.0, "percentile_99_5": 723.0, "std": 282.3602283405916,
+}
+
+
+def make_plans(features, blocks, patch, spacing=(1.0, 0.8, 0.8), resampling="resample_data_or_seg_to_shape",
+               name="LesionLocatorSeg", intensities=None) -> dict:
+    """nnU-Net v2 plans (one '3d_fullres' configuration) for a ResidualEncoderUNet.
+
+    ``features``/``blocks`` per stage; ``patch`` and ``spacing`` (mm) in (z, y, x).
+    """
+    n = len(features)
+    if resampling == "resample_torch_fornnunet":
+        data_kw = {"is_seg": False, "memefficient_seg_resampling": True, "force_separate_z": False}
+        prob_kw = dict(data_kw)
+    else:
+        data_kw = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+        prob_kw = {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None}
+    config = {
+        "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": 2, "patch_size": list(patch), "median_image_size_in_voxels": [310.0, 512.0, 513.0],
+        "spacing": list(spacing), "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
+        "resampling_fn_data": resampling, "resampling_fn_seg": resampling,
+        "resampling_fn_data_kwargs": data_kw, "resampling_fn_seg_kwargs": dict(data_kw, is_seg=True),
+        "resampling_fn_probabilities": resampling, "resampling_fn_probabilities_kwargs": prob_kw,
+        "architecture": {
+            "network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+            "arch_kwargs": {
+                "n_stages": n, "features_per_stage": list(features), "conv_op": "torch.nn.modules.conv.Conv3d",
+                "kernel_sizes": [[3, 3, 3]] * n, "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n - 1),
+                "n_blocks_per_stage": list(blocks), "n_conv_per_stage_decoder": [1] * (n - 1),
+                "conv_bias": True, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+                "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+            },
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+        },
+        "batch_dice": True,
+    }
+    return {
+        "dataset_name": name, "plans_name": "nnUNetResEncUNetLPlans",
+        "original_median_spacing_after_transp": [3.0, 0.7890625, 0.7890625],
+        "original_median_shape_after_transp": [126, 512, 512], "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+        "configurations": {"3d_fullres": config}, "experiment_planner_used": "nnUNetPlannerResEncL",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {"0": dict(intensities or CT_INTENSITIES)},
+    }

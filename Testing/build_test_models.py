@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LesionLocatorLib.model import build_network  # noqa: E402
-from LesionLocatorLib.train import DATASET_JSON, checkpoint_dict, make_plans  # noqa: E402
+from LesionLocatorLib.model import build_network, checkpoint_dict  # noqa: E402
+from LesionLocatorLib.plans import DATASET_JSON, make_plans  # noqa: E402
 
 NNUNET_LOG = {  # as nnU-Net's training log: numpy scalars, which need allow-listed globals to unpickle
     "mean_fg_dice": [np.float64(0.5)], "ema_fg_dice": [np.float64(0.5)],

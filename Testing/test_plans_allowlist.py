@@ -14,7 +14,7 @@ import torch
 from LesionLocatorLib.model import CheckpointError, ModelLayoutError, PlansError, build_network, check_model_root, \
     load_model
 from LesionLocatorLib.plans import check_plans, resolve_configuration
-from LesionLocatorLib.train import DATASET_JSON, make_plans
+from LesionLocatorLib.plans import DATASET_JSON, make_plans
 from phantoms import ct_phantom
 
 REPO = Path(__file__).resolve().parents[1]
