@@ -9,6 +9,7 @@ JSON like upstream's ``LesionLocator_create_prompt_json``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -166,22 +167,6 @@ def cmd_prompts(args) -> int:
     return 0
 
 
-def _scan_date(path: Path) -> str | None:
-    """DICOM acquisition/series/study date+time stored in the file's header, if any."""
-    import SimpleITK as sitk
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return None
-    keys = set(reader.GetMetaDataKeys())
-    for date, tm in (("0008|0022", "0008|0032"), ("0008|0021", "0008|0031"), ("0008|0020", "0008|0030")):
-        if date in keys:
-            return reader.GetMetaData(date).strip() + (reader.GetMetaData(tm).strip() if tm in keys else "")
-    return None
-
-
 def _track_prompts(paths, prompt_type: str, baseline, world: bool):
     from .image import read_image
     from .prompts import MaskPrompt
@@ -207,10 +192,9 @@ def _track_prompts(paths, prompt_type: str, baseline, world: bool):
 
 def cmd_track(args) -> int:
     from .image import ImageError, read_image, write_image
-    from .metrics import format_table, lesion_measurements, write_table
-    from .model import load_model
-    from .report import growth_plot
-    from .track import track
+    from .modelfolder import ModelSpec
+    from .report import format_table, growth_plot, write_table
+    from .study import scan_datetime, track_study
 
     out = Path(args.o)
     folds = None if args.f is None else [f if f == "all" else int(f) for f in args.f]
@@ -225,38 +209,33 @@ def cmd_track(args) -> int:
             print(f"lesionlocator track: error: follow-up {fu} could not be loaded, skipped: {e}", file=sys.stderr)
     if len(images) < 2:
         raise UsageError("no follow-up scan could be loaded; nothing to track")
-    dates = [_scan_date(p) for p in paths]
-    for (p0, d0), (p1, d1) in zip(zip(paths, dates), list(zip(paths, dates))[1:]):
-        if d0 and d1 and d1 < d0:
-            warnings.warn(f"{p1.name} ({d1}) was acquired before {p0.name} ({d0}); tracking follows the order given")
     prompts = _track_prompts(args.p, args.t, baseline, args.world)
-    model_root = _resolve_model(args.m)
-    seg_model = None if args.t == "prev_mask" else load_model(model_root, args.t, folds=folds, device=args.device)
-    track_model = load_model(model_root, "prev_mask", folds=folds, device=args.device)
+    names = [_strip_ending(p.name) for p in paths]
+    model = ModelSpec(str(_resolve_model(args.m)), tuple(folds) if folds is not None else None, args.device)
     bar, update = _progress_bar(not args.disable_progress_bar, "tracking")
     try:
-        result = track(images, prompts, track_model, seg_model=seg_model, registration=args.registration,
-                       progress=update, min_volume_ml=args.min_volume_ml,
-                       min_prompt_fraction=args.min_prompt_fraction)
+        study = track_study(images, prompts, model, names=names, dates=[scan_datetime(p) for p in paths],
+                            registration=args.registration, min_volume_ml=args.min_volume_ml,
+                            min_prompt_fraction=args.min_prompt_fraction, progress=update)
     finally:
         bar.close()
+    for message in study.warnings:
+        print(f"lesionlocator track: warning: {message}", file=sys.stderr)
     t0 = time.perf_counter()
-    names = [_strip_ending(p.name) for p in paths]
     for t, (path, name) in enumerate(zip(paths, names)):
         ending = next(e for e in IMAGE_ENDINGS if path.name.endswith(e))
         if t == 0 and args.t == "prev_mask":
             continue  # the baseline masks are the user's input
-        for pid, mask in result.masks[t].items():
+        for pid, mask in study.masks[t].items():
             write_image(images[t].with_array(mask.astype(np.uint8)), out / f"{name}_lesion_{pid}{ending}")
-        write_image(result.labels[t], out / f"{name}_lesions{ending}")
-    rows = lesion_measurements(images, result.masks, result.status, names)
-    write_table(rows, out / "lesions")
-    growth_plot(rows, out / "growth.png")
-    result.timings["writing"] = time.perf_counter() - t0
+        write_image(study.labels[t], out / f"{name}_lesions{ending}")
+    write_table(study.rows, out / "lesions")
+    growth_plot(study.rows, out / "growth.png")
+    study.timings["writing"] = time.perf_counter() - t0
     print(format_table([{k: r[k] for k in ("lesion_id", "timepoint", "status", "volume_ml", "long_axis_mm",
                                           "short_axis_mm", "volume_change_vs_baseline_pct",
-                                          "recist_information_only")} for r in rows], digits=2))
-    print("time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
+                                          "recist_information_only")} for r in study.rows], digits=2))
+    print("time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in study.timings.items()))
     print(f"wrote {out / 'lesions.csv'}, {out / 'lesions.json'}, {out / 'growth.png'}")
     return 1 if failed else 0
 
@@ -289,23 +268,27 @@ def _probability(text: str) -> float:
 
 def cmd_train(args) -> int:
     import json as _json
-    from .train import find_pairs, make_plans, train
+    from .training.train import TrainingDataError, TrainOptions, find_pairs, make_plans, train
 
-    pairs = find_pairs(args.images, args.labels)
-    val = find_pairs(args.val_images, args.val_labels) if args.val_images else None
+    try:  # option values (--epochs 0, --lr 0, ...) and training folders: a message, not a traceback
+        options = TrainOptions(
+            epochs=args.epochs, iterations_per_epoch=args.iterations, batch_size=args.batch_size,
+            initial_lr=args.lr, optimizer=args.optimizer, seed=args.seed,
+            prompt_types=tuple(dict.fromkeys(args.prompt_types)), box_jitter_mm=args.box_jitter_mm,
+            tight_box_prob=args.tight_box_prob, vanish_prob=args.vanish_prob, vanish_tissue_hu=args.vanish_tissue_hu,
+            vanish_fragment_prob=args.vanish_fragment_prob, low_res_prob=args.low_res_prob,
+            intensity_augmentation=args.intensity_augmentation, deep_supervision_targets=args.deep_supervision_targets,
+            outline_weight=args.outline_weight, cpu_bf16=args.cpu_bf16)
+        pairs = find_pairs(args.images, args.labels)
+        val = find_pairs(args.val_images, args.val_labels) if args.val_images else None
+    except (ValueError, TrainingDataError) as e:
+        raise UsageError(str(e)) from None
     if args.plans:
         plans = _json.loads(Path(args.plans).read_text())
     else:
         plans = make_plans(args.features, args.blocks, args.patch, args.spacing)
-    root = train(pairs, args.o, plans, epochs=args.epochs, iterations_per_epoch=args.iterations,
-                 batch_size=args.batch_size, initial_lr=args.lr, seed=args.seed, init_from=args.init,
-                 device=args.device, val_pairs=val, stop_after_epoch=args.stop_after_epoch,
-                 low_res_prob=args.low_res_prob, vanish_prob=args.vanish_prob,
-                 optimizer=args.optimizer, box_jitter_mm=args.box_jitter_mm, cpu_bf16=args.cpu_bf16,
-                 intensity_augmentation=args.intensity_augmentation, vanish_tissue_hu=args.vanish_tissue_hu,
-                 vanish_fragment_prob=args.vanish_fragment_prob,
-                 deep_supervision_targets=args.deep_supervision_targets, tight_box_prob=args.tight_box_prob,
-                 prompt_types=tuple(dict.fromkeys(args.prompt_types)), outline_weight=args.outline_weight)
+    root = train(pairs, args.o, plans, options, val_pairs=val, init_from=args.init, device=args.device,
+                 stop_after_epoch=args.stop_after_epoch)
     if root is None:
         print(f"stopped after epoch {args.stop_after_epoch} of {args.epochs}; the same command without "
               f"--stop-after-epoch (or with a later one) resumes from {Path(args.o) / 'checkpoint_latest.pth'}")
@@ -325,7 +308,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from .synth import run_synth
+    from .training.synth import run_synth
     bar, update = _progress_bar(not args.disable_progress_bar, "synth")
     try:
         path = run_synth(args.ct, lesions=args.lesions, followups=args.followups, seed=args.seed, out=args.o,
@@ -339,7 +322,8 @@ def cmd_synth(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .metrics import aggregate, evaluate_folders, format_table, write_table
+    from .evaluate import aggregate, evaluate_folders
+    from .report import format_table, write_table
 
     rows = evaluate_folders(args.pred, args.gt, tolerance_mm=args.tolerance, match_mm=args.match)
     print(format_table(rows))
@@ -489,9 +473,127 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--match", type=float, default=25.0, help="centre distance for a hit in mm (default 25)")
     e.set_defaults(func=cmd_evaluate)
 
-    from .zoo import add_cli_commands
-    add_cli_commands(sub)
+    _add_model_commands(sub)
     return ap
+
+
+def _add_model_commands(subparsers) -> None:
+    """Register ``lesionlocator download`` and ``lesionlocator models`` (each sets ``func``)."""
+    from . import zoo
+
+    d = subparsers.add_parser(
+        "download", help="download a known model into the cache (default: the official LesionLocator "
+        "checkpoint), or install an archive downloaded elsewhere (--from-file)",
+        description="Download, verify (MD5) and unpack a model into the cache; an interrupted download is "
+        "resumed by running the same command again. Afterwards use -m NAME.")
+    d.add_argument("name", nargs="?", default=None,
+                   help=f"model name (default: {zoo.DEFAULT_DOWNLOAD}); zenodo:RECORD for another Zenodo record")
+    d.add_argument("--from-file", dest="from_file", metavar="ARCHIVE",
+                   help="install this archive (e.g. LesionLocatorCheckpoint.zip) instead of downloading")
+    d.add_argument("--md5", default=None, help="expected MD5 of --from-file ARCHIVE (as shown on Zenodo)")
+    d.add_argument("--url", dest="base_url", default=None,
+                   help=f"records API server (default: $LESIONLOCATOR_ZENODO_URL or {zoo.ZENODO_URL})")
+    d.add_argument("--cache-dir", dest="cache_dir", default=None,
+                   help="model cache (default: $LESIONLOCATOR_HOME or the platform cache folder)")
+    d.add_argument("--force", action="store_true", help="download and install again even if installed")
+    d.add_argument("--disable_progress_bar", "--no-progress", dest="disable_progress_bar", action="store_true")
+    d.set_defaults(func=cmd_download)
+
+    m = subparsers.add_parser("models", help="list the cached models with their sizes")
+    m.add_argument("--cache-dir", dest="cache_dir", default=None)
+    m.add_argument("--verify", action="store_true", help="re-hash every installed file against its manifest")
+    m.add_argument("--json", action="store_true", help="print JSON")
+    m.set_defaults(func=cmd_models)
+
+
+def _cli_error(command: str, e: BaseException) -> int:
+    print(f"lesionlocator {command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def cmd_download(args) -> int:
+    from tqdm import tqdm
+
+    from . import zoo
+    from .modelfolder import CheckpointError, ModelLayoutError
+
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        if args.disable_progress_bar:
+            return
+        if bar is None:
+            bar = tqdm(total=total, initial=done, unit="B", unit_scale=True,
+                       desc=args.name or zoo.DEFAULT_DOWNLOAD, file=sys.stderr)
+        bar.update(done - bar.n)
+    try:
+        if args.from_file:
+            root = zoo.install_from_archive(args.from_file, args.name, args.cache_dir, md5=args.md5)
+        else:
+            root = zoo.download_model(args.name or zoo.DEFAULT_DOWNLOAD, args.base_url, args.cache_dir,
+                                      progress=progress, force=args.force)
+    except (zoo.DownloadCancelled, KeyboardInterrupt):
+        if bar is not None:
+            bar.close()
+        print("\nlesionlocator download: interrupted; the partial download is kept, run the same command to "
+              "resume", file=sys.stderr)
+        return 130
+    except (zoo.ZooError, ModelLayoutError, CheckpointError, OSError, ValueError) as e:
+        if bar is not None:
+            bar.close()
+        return _cli_error("download", e)
+    if bar is not None:
+        bar.close()
+    info = zoo.get_model_info(args.name or zoo.DEFAULT_DOWNLOAD)
+    name = info.name if info else args.name
+    manifest = zoo.read_manifest(root.parent if (root.parent / zoo.MANIFEST_NAME).exists() else root) or {}
+    extra = ", ".join(f"{k} {manifest[k]}" for k in ("version", "license") if manifest.get(k))
+    print(f"{name}: ready at {root}" + (f" ({extra})" if extra else "") + f"; use it with -m {name}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from . import zoo
+
+    entries = zoo.list_cached_models(args.cache_dir)
+    if args.verify:
+        for e in entries:
+            if e["status"] == "ok":
+                problems = zoo.verify_model(e["name"], args.cache_dir)
+                if problems:
+                    e.update(status="damaged", problem="; ".join(problems[:3]))
+    if args.json:
+        print(json.dumps(entries, indent=1))
+        return 0 if all(e["status"] != "damaged" for e in entries) else 1
+    print(f"model cache: {zoo.cache_root(args.cache_dir)}")
+    installed = [e for e in entries if e["status"] != "partial"]
+    if installed:
+        for e in installed:
+            line = f"  {e['name']:<16} {zoo.human_size(e['size']):>9}  "
+            if e["status"] == "ok":
+                bits = [f"version {e['version']}" if e.get("version") else None,
+                        f"licence {e['license']}" if e.get("license") else None,
+                        e.get("source"), f"installed {e['date'][:10]}" if e.get("date") else None]
+                line += ", ".join(b for b in bits if b)
+            else:
+                line += f"DAMAGED: {e.get('problem')} (run `lesionlocator download {e['name']} --force`)"
+            print(line)
+    else:
+        print("  (no models downloaded)")
+    for e in entries:
+        if e["status"] == "partial":
+            total = f" of {zoo.human_size(e['total'])}" if e.get("total") else ""
+            print(f"  partial download: {e['name']} {e.get('file') or ''} {zoo.human_size(e['size'])}{total} "
+                  f"(run `lesionlocator download {e['name']}` to resume)")
+    names = {e["name"] for e in installed}
+    for info in zoo.REGISTRY.values():
+        if info.source == "zenodo" and info.name not in names:
+            print(f"  available: {info.name} - {info.title} ({info.homepage}); `lesionlocator download "
+                  f"{info.name}`")
+    demo = zoo.demo_model_dir()
+    print(f"  bundled: demo - {'at ' + str(demo) if demo.is_dir() else 'missing (' + str(demo) + ')'}")
+    return 0 if all(e["status"] != "damaged" for e in entries) else 1
 
 
 def main(argv=None) -> int:

@@ -22,12 +22,23 @@ from pathlib import Path
 import numpy as np
 
 from .image import read_image, write_image
-from .metrics import dice, format_table, lesion_measurements, write_table
+from .evaluate import dice
+from .report import format_table, write_table
 from .prompts import read_prompt_file
 from .report import baseline_figure, growth_plot
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CASE = REPO / "Resources" / "Demo"
+
+
+def demo_case_dir() -> Path:
+    """The shipped demo case: ``Resources/Demo`` beside the library, which is the top of a source
+    checkout and the scripted-modules folder of an installed Slicer extension alike
+    (``$LESIONLOCATOR_DEMO_CASE`` overrides)."""
+    import os
+
+    env = os.environ.get("LESIONLOCATOR_DEMO_CASE")
+    return Path(env).expanduser() if env else DEMO_CASE
 
 
 def demo_scans(folder: Path) -> list:
@@ -39,11 +50,11 @@ def demo_scans(folder: Path) -> list:
 def run_demo(out, model=None, case_dir=None, device: str = "auto", registration: str = "simpleitk",
              progress=None) -> list:
     """Run the demo and return the per lesion/timepoint rows (with ``dice``)."""
-    from .model import load_model
-    from .track import track
+    from .modelfolder import ModelSpec
+    from .study import track_study
     from .zoo import resolve_model
 
-    case_dir = Path(case_dir or DEMO_CASE)
+    case_dir = Path(case_dir or demo_case_dir())
     out = Path(out)
     scans = demo_scans(case_dir)
     if len(scans) < 2:
@@ -52,15 +63,13 @@ def run_demo(out, model=None, case_dir=None, device: str = "auto", registration:
     images = [read_image(p) for p in scans]
     truths = [read_image(p.with_name(p.name.replace(".nii.gz", "_label.nii.gz"))).array for p in scans]
     prompts = read_prompt_file(case_dir / "demo_points.json")
-    root = resolve_model(model)
-    t0 = time.perf_counter()
-    seg = load_model(root, "point", device=device)
-    trk = load_model(root, "prev_mask", device=device)
-    result = track(images, prompts, trk, seg_model=seg, registration=registration, progress=progress)
+    spec = ModelSpec(str(resolve_model(model)), device=device)
     names = [p.name[: -len(".nii.gz")] for p in scans]
+    t0 = time.perf_counter()
+    result = track_study(images, prompts, spec, names=names, registration=registration, progress=progress)
     for t, name in enumerate(names):
         write_image(result.labels[t], out / f"{name}_lesions.nii.gz")
-    rows = lesion_measurements(images, result.masks, result.status, names)
+    rows = result.rows
     for r in rows:
         t, pid = r["index"], r["lesion_id"]
         r["dice"] = dice(result.masks[t].get(pid, np.zeros(images[t].shape, bool)), truths[t] == pid)

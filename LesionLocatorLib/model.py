@@ -1,11 +1,5 @@
-"""Load LesionLocator checkpoints in the official nnU-Net v2 folder layout.
-
-Official layout (``LesionLocatorCheckpoint`` is the *model root*)::
-
-    LesionLocatorCheckpoint/
-      LesionLocatorSeg/point_optimized/{plans.json, dataset.json, fold_N/checkpoint_final.pth}
-      LesionLocatorSeg/bbox_optimized/{...}
-      LesionLocatorTrack/{plans.json, dataset.json, fold_N/checkpoint_final.pth}
+"""Load LesionLocator networks from model folders in the official nnU-Net v2 layout
+(:mod:`LesionLocatorLib.modelfolder`).
 
 A checkpoint is a dict with ``network_weights``, ``trainer_name``, ``init_args``
 (holding the configuration name) and ``inference_allowed_mirroring_axes``. It is
@@ -15,7 +9,6 @@ the numpy scalar/dtype types that nnU-Net's training log stores.
 from __future__ import annotations
 
 import itertools
-import json
 import pickle
 import warnings
 from dataclasses import dataclass, field
@@ -24,93 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .plans import DATASET_JSON, ModelLayoutError, PlansError, check_architecture, check_plans, input_channels, \
+from .modelfolder import CHECKPOINT_NAME, SEG_SUBFOLDERS, CheckpointError, available_folds, check_model_root, \
+    find_model_folder, read_model_json
+from .plans import DATASET_JSON, ModelLayoutError, PlansError, check_architecture, input_channels, \
     resolve_configuration, segmentation_heads
 from .plans import build_network as plans_build_network
 
-SEG_SUBFOLDERS = {"point": "point_optimized", "box": "bbox_optimized"}
-CHECKPOINT_NAME = "checkpoint_final.pth"
 __all__ = ["ModelLayoutError", "PlansError", "CheckpointError", "LoadedModel", "load_model", "check_model_root",
-           "find_model_folder", "build_network", "load_checkpoint", "select_device"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, corrupt or not plain data."""
-
-
-EXPECTED_LAYOUT = (
-    "expected a LesionLocator model root such as 'LesionLocatorCheckpoint/' holding\n"
-    "  LesionLocatorSeg/point_optimized/{plans.json, dataset.json, fold_0/checkpoint_final.pth, ...}\n"
-    "  LesionLocatorSeg/bbox_optimized/{plans.json, dataset.json, fold_0/checkpoint_final.pth, ...}\n"
-    "  LesionLocatorTrack/{plans.json, dataset.json, fold_0/checkpoint_final.pth, ...} (for tracking)\n"
-    "or a single trained-model folder with plans.json, dataset.json and fold_N/checkpoint_final.pth")
-
-
-def _is_model_folder(path: Path) -> bool:
-    return (path / "plans.json").is_file() and (path / "dataset.json").is_file() and any(
-        (f / CHECKPOINT_NAME).is_file() for f in path.glob("fold_*"))
-
-
-def read_model_json(folder: Path) -> tuple:
-    """(plans, dataset_json) of a trained-model folder, both checked as data: every configuration
-    of plans.json against the architecture allow-list (:func:`LesionLocatorLib.plans.check_plans`,
-    raising :class:`PlansError`), and dataset.json's labels and channels."""
-    texts = {}
-    for name in ("plans.json", "dataset.json"):
-        try:
-            texts[name] = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelLayoutError(f"{folder / name} is not valid JSON ({e})") from None
-        if not isinstance(texts[name], dict):
-            raise ModelLayoutError(f"{folder / name} must hold a JSON object")
-    check_plans(texts["plans.json"], str(folder / "plans.json"))
-    segmentation_heads(texts["dataset.json"], str(folder / "dataset.json"))
-    input_channels(texts["dataset.json"], str(folder / "dataset.json"))
-    return texts["plans.json"], texts["dataset.json"]
-
-
-def check_model_root(path) -> None:
-    """Raise :class:`ModelLayoutError` unless ``path`` is an official-layout model root
-    (at least one of the segmentation models present, each complete, each plans.json within the
-    architecture allow-list: :class:`PlansError`, a subclass)."""
-    root = Path(path)
-    if not root.is_dir():
-        raise ModelLayoutError(f"model folder not found: {root}\n{EXPECTED_LAYOUT}")
-    if (root / "LesionLocatorCheckpoint").is_dir():
-        root = root / "LesionLocatorCheckpoint"
-    seg = [root / "LesionLocatorSeg" / s for s in SEG_SUBFOLDERS.values()]
-    present = [s for s in seg if s.exists()]
-    if not present:
-        raise ModelLayoutError(f"{root} has no LesionLocatorSeg/point_optimized or bbox_optimized\n{EXPECTED_LAYOUT}")
-    for folder in present + ([root / "LesionLocatorTrack"] if (root / "LesionLocatorTrack").exists() else []):
-        if not _is_model_folder(folder):
-            raise ModelLayoutError(f"{folder} is incomplete (needs plans.json, dataset.json and "
-                                   f"fold_N/{CHECKPOINT_NAME})\n{EXPECTED_LAYOUT}")
-        read_model_json(folder)
-
-
-def find_model_folder(path, prompt_type: str) -> Path:
-    """The trained-model folder for a prompt type ('point', 'box', 'prev_mask').
-
-    ``path`` may be a model root, its parent, or a trained-model folder itself.
-    """
-    p = Path(path)
-    if _is_model_folder(p):
-        return p
-    if (p / "LesionLocatorCheckpoint").is_dir():
-        p = p / "LesionLocatorCheckpoint"
-    if prompt_type == "prev_mask":
-        candidate = p / "LesionLocatorTrack"
-    elif prompt_type in SEG_SUBFOLDERS:
-        candidate = p / "LesionLocatorSeg" / SEG_SUBFOLDERS[prompt_type]
-    else:
-        raise ValueError(f"prompt type must be one of point, box, prev_mask; got {prompt_type!r}")
-    if not _is_model_folder(candidate):
-        if not p.exists():
-            raise ModelLayoutError(f"model folder not found: {p}\n{EXPECTED_LAYOUT}")
-        raise ModelLayoutError(f"no '{prompt_type}' model in {p}: {candidate} is missing or incomplete\n"
-                               f"{EXPECTED_LAYOUT}")
-    return candidate
+           "find_model_folder", "available_folds", "build_network", "load_checkpoint", "select_device",
+           "SEG_SUBFOLDERS", "CHECKPOINT_NAME"]
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -240,15 +155,6 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
-
-
-def available_folds(folder: Path) -> list:
-    folds = []
-    for f in sorted(folder.glob("fold_*")):
-        suffix = f.name[len("fold_"):]
-        if (f / CHECKPOINT_NAME).is_file():
-            folds.append(suffix if suffix == "all" else int(suffix))
-    return sorted(folds, key=str)
 
 
 def build_network(plans: dict, configuration_name: str, dataset_json: dict, device=None,

@@ -12,7 +12,6 @@ Arrays are (z, y, x); prompts are world (LPS mm) or voxel prompts, see
 """
 from __future__ import annotations
 
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -20,33 +19,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .cancel import CancelToken, Cancelled  # noqa: F401  (re-exported: the library API)
 from .image import Image, nonzero_bbox
 from .model import LoadedModel, warn_if_not_ct
 from .modelgrid import ModelGrid, UnsupportedPlansError, ct_normalizer
-from . import prompts as prompt_encoding
-from .prompts import PromptError, box_to_model_grid, paint_prompt, point_to_model_grid, to_voxel_prompt
-
-
-class Cancelled(Exception):
-    """Raised when a :class:`CancelToken` was cancelled; nothing is written."""
-
-
-class CancelToken:
-    """Thread-safe cancellation flag checked between network batches."""
-
-    def __init__(self):
-        self._event = threading.Event()
-
-    def cancel(self) -> None:
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
-
-    def check(self) -> None:
-        if self._event.is_set():
-            raise Cancelled("cancelled by the user")
+from .encoding import BALL_RADIUS_VOXELS, box_to_model_grid, paint_prompt, point_to_model_grid
+from .prompts import PromptError, to_voxel_prompt
 
 
 @dataclass
@@ -87,7 +65,7 @@ def _encode(vp, grid: ModelGrid):
     shape = np.asarray(grid.model_shape)
     if vp.kind == "point":
         c = point_to_model_grid(vp.coords, grid.crop_lo, grid.cropped_shape, grid.model_shape)
-        r = prompt_encoding.BALL_RADIUS_VOXELS
+        r = BALL_RADIUS_VOXELS
         return ("point", c), np.maximum(c - r, 0), np.minimum(c + r, shape - 1)
     if vp.kind == "box":
         b = box_to_model_grid(vp.coords, grid.crop_lo, grid.cropped_shape, grid.model_shape).reshape(3, 2)

@@ -21,77 +21,10 @@ Implementations:
   :func:`LesionLocatorLib.track.track` in the calling process and keeps loaded models in a
   small cache, so repeated clicks do not reload weights.
 * :class:`WorkerProcessRunner`: the same in a persistent local worker process
-  (:mod:`LesionLocatorLib.worker`) speaking the JSON messages below; a remote GPU server can
-  speak them too, and the front end does not change.
+  (:mod:`LesionLocatorLib.worker`) speaking the JSON messages of :mod:`LesionLocatorLib.protocol`;
+  a remote GPU server can speak them too, and the front end does not change.
 
-Wire protocol for out-of-process runners (one JSON object per line on the worker's
-stdin/stdout, or one per WebSocket/HTTP message for a server)::
-
-    -> {"type": "hello", "protocol": "lesionlocator-runner/1"}
-    <- {"type": "ready", "protocol": "lesionlocator-runner/1", "library": "0.1.0",
-        "torch": "2.13.0", "devices": ["cpu", "cuda"]}
-
-    -> {"type": "segment", "id": "<request id>",
-        "image": {"file": "/tmp/ll/req1.nrrd"}                      # any SimpleITK-readable file
-                                                  # (+ "cache": "<key>": keep it under this key)
-              or {"cached": "<key>"}              # an image sent before with "cache": "<key>"
-              or {"shm": "<shared memory name>", "shape": [z, y, x], "dtype": "int16",
-                  "spacing": [x, y, z], "origin": [x, y, z],        # mm, LPS
-                  "direction": [9 numbers, row-major, columns = index axes i, j, k]},
-        "frame": "LPS", "units": "mm",
-        "prompts": [{"id": 1, "point": [x, y, z]},
-                    {"id": 2, "box": [[x0, y0, z0], [x1, y1, z1]]},
-                    {"id": 3, "mask": {"file": "/tmp/ll/req1_prompts.npz", "key": "3"}}],
-                    # a mask prompt: the mask under "key" in an npz ("Mask files" below), on the
-                    # request image's voxel grid; runs with the previous-mask (LesionLocatorTrack)
-                    # model, one patch centred on the mask's centre of mass
-        "model": {"path": "/models/LesionLocatorCheckpoint", "folds": [0] or null,
-                  "device": "auto", "tta": null},
-        "output": "/tmp/ll/req1_masks.npz"}                          # where the masks go
-    <- {"type": "progress", "id": "...", "fraction": 0.4, "message": "patch 2/5"}   (0..n times)
-    <- {"type": "result", "id": "...",
-        "masks": {"file": "/tmp/ll/req1_masks.npz"}   # npz, see "Mask files" below
-              or {"shm": "<name>", "shape": [n, z, y, x], "ids": [1, 2]},
-        "empty": [2], "overlaps": [[1, 2, 35]], "warnings": ["..."], "seconds": 1.8,
-        "timings": {"preprocessing": 0.2, "network": 1.4, "postprocessing": 0.1},
-        "loads": 1}                                   # models loaded from disk so far
-    or <- {"type": "error", "id": "...", "error": "PromptError" | "ModelLayoutError" |
-           "CheckpointError" | "MemoryError" | ..., "message": "<the library's message>"}
-           ("ImageNotCached": the worker no longer holds that key; send the file again)
-    or <- {"type": "cancelled", "id": "..."}
-
-    -> {"type": "cancel", "id": "..."}       # the worker stops between network batches
-    -> {"type": "load", "id": "...", "model": {...}, "prompt_types": ["point", "box", "prev_mask"]}
-    <- {"type": "loaded", "id": "...", "loads": 2}   # optional: warm the model cache
-    -> {"type": "shutdown"}
-
-    -> {"type": "track", "id": "...",
-        "images": [{"file": "t0.nrrd"}, {"file": "t1.nrrd"}, ...],  # baseline first, then time order
-        "frame": "LPS", "units": "mm",
-        "baseline": {"file": "baseline.npz"},          # one mask per lesion ID on images[0]
-        "model": {...}, "registration": "simpleitk", "registration_options": {} or null,
-        "min_volume_ml": 0.0, "min_prompt_fraction": 0.0,  # optional: track()'s options
-        "output": "tracked.npz"}
-    <- {"type": "progress", ...}                       (0..n times)
-    <- {"type": "result", "id": "...", "masks": {"file": "tracked.npz"},   # keys "<t>/<lesion id>"
-        "status": {"1": ["tracked", "tracked", "vanished"], ...},
-        "timings": {"registration": 6.1, "network": 2.0, ...}, "warnings": [...],
-        "registrations": [{"backend": "simpleitk", "result": "affine + demons", ...}, ...],
-        "seconds": 9.3, "loads": 2}
-    or "error" / "cancelled" as for "segment"; "cancel" works the same way.
-
-Mask files (``.npz``): a mask stored under key K is either the full (z, y, x) uint8 array, or
-(what the worker writes) the uint8 block of its bounding box under K with ``K@lo`` (the block's
-first voxel, z, y, x) and ``K@shape`` (the full shape); an empty mask is a (0, 0, 0) block.
-Segment results and mask prompts use K = "<prompt id>", track results K = "<timepoint>/<lesion id>",
-track baselines K = "<lesion id>".
-
-:class:`WorkerProcessRunner` is the client of :mod:`LesionLocatorLib.worker`, a local
-process speaking this protocol over stdin/stdout with files in a temporary folder.
-
-Masks go through a file or shared memory, never inline JSON. Error types are the
-library's exception class names, so a front end can re-raise the same exception with the
-same message.
+The JSON messages an out-of-process runner speaks are defined in :mod:`LesionLocatorLib.protocol`.
 """
 from __future__ import annotations
 
@@ -112,30 +45,12 @@ from typing import Callable, Optional, Protocol, runtime_checkable
 import numpy as np
 
 from .image import Image
+from .modelfolder import ModelSpec
 from .prompts import Box, MaskPrompt, Point, PromptError
-
-PROTOCOL = "lesionlocator-runner/1"
+from .protocol import PROTOCOL, ImageNotCached, WorkerError, library_exception, pack_masks, unpack_masks
+from .report import plain_rows
 
 ProgressCallback = Callable[[float, str], None]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which model to run: a model root (``LesionLocatorCheckpoint`` or a trained-model
-    folder), folds (None = all present), device ('auto', 'cpu', 'cuda', 'cuda:N', 'mps')
-    and mirroring test-time augmentation (None = on for GPU, off for CPU).
-
-    The point model runs point prompts, the box model box prompts, the root's
-    ``LesionLocatorTrack`` model (prompt type 'prev_mask') mask prompts.
-    """
-    path: str
-    folds: Optional[tuple] = None
-    device: str = "auto"
-    tta: Optional[bool] = None
-
-    def to_json(self) -> dict:
-        return {"path": self.path, "folds": list(self.folds) if self.folds is not None else None,
-                "device": self.device, "tta": self.tta}
 
 
 @dataclass
@@ -209,7 +124,8 @@ class TrackRequest:
     lesions as ``{lesion id: bool (z, y, x) mask on images[0]}``, a model (its
     ``LesionLocatorTrack`` folder is used) and a registration backend name; ``min_volume_ml`` and
     ``min_prompt_fraction``: :func:`LesionLocatorLib.track.track`'s options (follow-up specks and
-    remnants reported ``vanished``; 0 = off)."""
+    remnants reported ``vanished``; 0 = off); ``names``: the scans' names in the measurement rows
+    (default t0, t1, ...). A lesion whose baseline mask is empty is reported ``vanished`` throughout."""
     images: list
     baseline: dict
     model: ModelSpec
@@ -218,6 +134,7 @@ class TrackRequest:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     min_volume_ml: float = 0.0
     min_prompt_fraction: float = 0.0
+    names: Optional[list] = None
 
 
 @dataclass
@@ -226,7 +143,8 @@ class TrackResponse:
     ``status[id][t]``: 'tracked', 'vanished' or 'outside'; ``timings``: seconds per stage;
     ``warnings``: the library's warning messages; ``seconds``: wall time;
     ``registrations[t-1]``: what registering scan t to scan t-1 gave (``backend``, ``result``
-    such as 'affine + demons', similarity values)."""
+    such as 'affine + demons', similarity values); ``rows``: one measurement row per lesion and
+    timepoint (:func:`LesionLocatorLib.measure.lesion_measurements`: volume ml, axes mm, changes %)."""
     id: str
     masks: list
     status: dict
@@ -234,6 +152,7 @@ class TrackResponse:
     warnings: list = field(default_factory=list)
     seconds: float = 0.0
     registrations: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
 
 
 @runtime_checkable
@@ -256,52 +175,6 @@ class TrackingRunner(Protocol):
               cancel=None) -> TrackResponse: ...
 
     def close(self) -> None: ...
-
-
-def mask_bbox(mask) -> tuple:
-    """Half-open bounding box (lo, hi) of a boolean mask, as two int arrays; (0, 0, 0) twice
-    for an empty mask. Fast on large volumes (projections, no voxel list)."""
-    lo, hi = [], []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hit = np.flatnonzero(np.any(mask, axis=other))
-        if not hit.size:
-            return np.zeros(mask.ndim, dtype=int), np.zeros(mask.ndim, dtype=int)
-        lo.append(int(hit[0]))
-        hi.append(int(hit[-1]) + 1)
-    return np.asarray(lo), np.asarray(hi)
-
-
-def pack_masks(masks: dict) -> dict:
-    """``{key: bool (z, y, x)}`` -> npz entries: each mask cropped to its bounding box
-    (``key``), with ``key@lo`` and ``key@shape`` (see "Mask files" above)."""
-    out = {}
-    for key, mask in masks.items():
-        mask = np.asarray(mask, dtype=bool)
-        lo, hi = mask_bbox(mask)
-        out[str(key)] = np.ascontiguousarray(mask[tuple(slice(a, b) for a, b in zip(lo, hi))], dtype=np.uint8)
-        out[f"{key}@lo"] = np.asarray(lo, dtype=np.int64)
-        out[f"{key}@shape"] = np.asarray(mask.shape, dtype=np.int64)
-    return out
-
-
-def unpack_masks(data) -> dict:
-    """npz entries (an open ``np.load`` or a dict) -> ``{key: bool (z, y, x)}``; reads full
-    masks and cropped ones (see :func:`pack_masks`)."""
-    keys = list(data.files if hasattr(data, "files") else data.keys())
-    out = {}
-    for key in keys:
-        if "@" in key:
-            continue
-        block = np.asarray(data[key]).astype(bool)
-        if f"{key}@lo" not in keys:
-            out[key] = block
-            continue
-        lo = [int(v) for v in data[f"{key}@lo"]]
-        mask = np.zeros(tuple(int(v) for v in data[f"{key}@shape"]), dtype=bool)
-        mask[tuple(slice(a, a + n) for a, n in zip(lo, block.shape))] = block
-        out[key] = mask
-    return out
 
 
 class InProcessRunner:
@@ -377,32 +250,27 @@ class InProcessRunner:
 
     def track(self, request: TrackRequest, progress: Optional[ProgressCallback] = None,
               cancel=None) -> TrackResponse:
-        """Track the baseline masks through the follow-ups with the cached tracking model."""
-        from .track import track
+        """Track the baseline masks through the follow-ups with the cached tracking model
+        (:func:`LesionLocatorLib.study.track_study`)."""
+        from .study import track_study
 
         start = time.perf_counter()
         report = progress or (lambda f, m: None)
-        images = list(request.images)
-        if len(images) < 2:
+        if len(request.images) < 2:
             raise ValueError("tracking needs a baseline and at least one follow-up scan")
         if not request.baseline:
             raise PromptError("no baseline lesion to track")
-        report(0.0, "loading the tracking model")
         if cancel is not None:
             cancel.check()
-        model = self.model(request.model, "prev_mask")
-        prompts = [MaskPrompt(int(pid), images[0].with_array(np.asarray(mask, dtype=np.uint8)))
-                   for pid, mask in sorted(request.baseline.items())]
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            result = track(images, prompts, model, registration=request.registration,
-                           registration_options=request.registration_options, cancel=cancel,
-                           progress=lambda f, m: report(0.02 + 0.98 * f, m), min_volume_ml=request.min_volume_ml,
-                           min_prompt_fraction=request.min_prompt_fraction)
+        study = track_study(request.images, dict(request.baseline), request.model, names=request.names,
+                            registration=request.registration, registration_options=request.registration_options,
+                            min_volume_ml=request.min_volume_ml, min_prompt_fraction=request.min_prompt_fraction,
+                            progress=lambda f, m: report(0.02 + 0.98 * f, m), cancel=cancel, load=self.model)
         registrations = [{"backend": t.backend, **{k: v if isinstance(v, str) else float(v) for k, v in t.info.items()}}
-                         for t in result.transforms]
-        return TrackResponse(request.id, result.masks, {int(k): list(v) for k, v in result.status.items()},
-                             dict(result.timings), _messages(record), time.perf_counter() - start, registrations)
+                         for t in study.transforms]
+        return TrackResponse(request.id, study.masks, {int(k): list(v) for k, v in study.status.items()},
+                             dict(study.timings), study.warnings, time.perf_counter() - start, registrations,
+                             plain_rows(study.rows))
 
 
 def _messages(record) -> list:
@@ -413,37 +281,6 @@ def _messages(record) -> list:
         if msg not in out:
             out.append(msg)
     return out
-
-
-class WorkerError(RuntimeError):
-    """The worker process failed (crashed, could not start, or sent an unknown error type)."""
-
-
-class ImageNotCached(KeyError):
-    """The worker does not hold the image key a request named (it sends the file again)."""
-
-
-def _library_exception(kind: str, message: str) -> Exception:
-    """Re-create the library exception the worker reported, with the same message."""
-    from . import image, model, plans, prompts
-
-    known = {"PromptError": prompts.PromptError, "ModelLayoutError": model.ModelLayoutError,
-             "PlansError": plans.PlansError,
-             "CheckpointError": model.CheckpointError, "ImageError": image.ImageError,
-             "ImageNotCached": ImageNotCached,
-             "MemoryError": MemoryError, "FileNotFoundError": FileNotFoundError, "ValueError": ValueError}
-    try:
-        from . import modelgrid
-        known["UnsupportedPlansError"] = modelgrid.UnsupportedPlansError
-    except (ImportError, AttributeError):
-        pass
-    try:
-        from . import register
-        known["RegistrationError"] = register.RegistrationError
-    except ImportError:
-        pass
-    cls = known.get(kind)
-    return cls(message) if cls is not None else WorkerError(f"{kind}: {message}")
 
 
 class WorkerProcessRunner:
@@ -645,7 +482,7 @@ class WorkerProcessRunner:
                  "baseline": {"file": baseline}, "model": request.model.to_json(),
                  "registration": request.registration, "registration_options": request.registration_options,
                  "min_volume_ml": request.min_volume_ml, "min_prompt_fraction": request.min_prompt_fraction,
-                 "output": output}, progress, cancel)
+                 "names": request.names, "output": output}, progress, cancel)
             with np.load(message["masks"]["file"]) as data:
                 flat = unpack_masks(data)
             masks = [{} for _ in request.images]
@@ -654,7 +491,8 @@ class WorkerProcessRunner:
                 masks[int(t)][int(pid)] = mask
             return TrackResponse(request.id, masks, {int(k): list(v) for k, v in message.get("status", {}).items()},
                                  dict(message.get("timings", {})), list(message.get("warnings", [])),
-                                 message.get("seconds", 0.0), list(message.get("registrations", [])))
+                                 message.get("seconds", 0.0), list(message.get("registrations", [])),
+                                 list(message.get("rows", [])))
         finally:
             import shutil
 
@@ -688,5 +526,5 @@ class WorkerProcessRunner:
             elif kind == "cancelled":
                 raise Cancelled("cancelled by the user")
             elif kind == "error":
-                raise _library_exception(message.get("error", ""), message.get("message", ""))
+                raise library_exception(message.get("error", ""), message.get("message", ""))
             report(fraction, text)

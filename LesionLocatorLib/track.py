@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from .image import Image
-from .metrics import lesion_volume_ml
+from .measure import lesion_volume_ml
 from .predict import CancelToken, instance_labels, segment
 from .prompts import MaskPrompt, PromptError
 

@@ -24,7 +24,8 @@ import threading
 import traceback
 from collections import OrderedDict
 
-PROTOCOL = "lesionlocator-runner/1"
+from .protocol import PROTOCOL, ImageNotCached, pack_masks, unpack_masks
+
 
 
 class _Channel:
@@ -44,10 +45,6 @@ class _Channel:
 
 
 IMAGE_CACHE = 2  # images kept by key ("cache"/"cached" in the protocol), least recently used dropped
-
-
-class ImageNotCached(KeyError):
-    pass
 
 
 def _image(spec: dict, cache=None):
@@ -119,8 +116,6 @@ def _model_spec(spec: dict):
 def _write_masks(path: str, masks: dict) -> None:
     import numpy as np
 
-    from .runner import pack_masks
-
     tmp = path + ".tmp.npz"
     np.savez(tmp, **pack_masks(masks))
     os.replace(tmp, path)
@@ -128,8 +123,6 @@ def _write_masks(path: str, masks: dict) -> None:
 
 def _read_masks(spec: dict) -> dict:
     import numpy as np
-
-    from .runner import unpack_masks
 
     if "file" not in spec:
         raise ValueError("masks: give 'file'")
@@ -231,7 +224,8 @@ class Worker:
         request = TrackRequest([_image(spec) for spec in message["images"]], _read_masks(message["baseline"]),
                                _model_spec(message["model"]), message.get("registration", "simpleitk"),
                                message.get("registration_options"), rid,
-                               float(message.get("min_volume_ml", 0.0)), float(message.get("min_prompt_fraction", 0.0)))
+                               float(message.get("min_volume_ml", 0.0)), float(message.get("min_prompt_fraction", 0.0)),
+                               message.get("names"))
         response = self.runner.track(
             request, cancel=token,
             progress=lambda f, m: self.channel.send({"type": "progress", "id": rid, "fraction": f, "message": m}))
@@ -241,7 +235,7 @@ class Worker:
                            "status": {str(k): v for k, v in response.status.items()},
                            "timings": response.timings, "warnings": response.warnings,
                            "registrations": response.registrations, "seconds": response.seconds,
-                           "loads": self.runner.loads})
+                           "rows": response.rows, "loads": self.runner.loads})
 
 
 def main() -> int:

@@ -70,6 +70,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cancel import Cancelled
+
 ZENODO_URL = "https://zenodo.org"
 MANIFEST_NAME = "lesionlocator-model.json"
 MANIFEST_FORMAT = "lesionlocator-model/1"
@@ -116,7 +118,7 @@ class DiskFullError(OSError):
         return self.strerror
 
 
-class DownloadCancelled(Exception):
+class DownloadCancelled(Cancelled):
     """The download was cancelled; the partial file is kept and the next call resumes it."""
 
 
@@ -207,7 +209,8 @@ def demo_model_dir() -> Path:
     return Path(env).expanduser() if env else DEMO_MODEL_DIR
 
 
-def _cache(cache_dir) -> Path:
+def cache_root(cache_dir=None) -> Path:
+    """The model cache folder: ``cache_dir`` if given, else :func:`default_cache_dir`."""
     return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
 
 
@@ -766,7 +769,7 @@ def _clean_leftovers(models: Path, name: str) -> None:
 
 def _install_locked(archive: Path, name: str, cache: Path, meta: dict, cancel=None, unpack_progress=None,
                     label: str | None = None) -> Path:
-    from .model import EXPECTED_LAYOUT, ModelLayoutError, check_model_root
+    from .modelfolder import EXPECTED_LAYOUT, ModelLayoutError, check_model_root
 
     label = label or archive.name
 
@@ -812,7 +815,8 @@ def _install_locked(archive: Path, name: str, cache: Path, meta: dict, cancel=No
 
 
 # --------------------------------------------------------------------------- installed models
-def _read_manifest(model_dir: Path) -> dict | None:
+def read_manifest(model_dir: Path) -> dict | None:
+    """The install manifest of a cached model folder, or None when it is missing or unreadable."""
     try:
         data = json.loads((model_dir / MANIFEST_NAME).read_text())
     except (OSError, ValueError):
@@ -837,8 +841,8 @@ def _quick_problems(model_dir: Path, manifest: dict) -> list:
 
 def verify_model(name: str, cache_dir=None) -> list:
     """Re-hash every file of an installed model against its manifest; returns the problems (empty = ok)."""
-    d = _cache(cache_dir) / "models" / name
-    manifest = _read_manifest(d)
+    d = cache_root(cache_dir) / "models" / name
+    manifest = read_manifest(d)
     if manifest is None:
         return [f"{d} has no readable {MANIFEST_NAME}"]
     problems = _quick_problems(d, manifest)
@@ -855,8 +859,8 @@ def installed_model(name: str, cache_dir=None) -> Path | None:
 
     Raises :class:`ZooError` when it is installed but damaged (files missing or resized).
     """
-    d = _cache(cache_dir) / "models" / name
-    manifest = _read_manifest(d)
+    d = cache_root(cache_dir) / "models" / name
+    manifest = read_manifest(d)
     if manifest is None:
         return None
     problems = _quick_problems(d, manifest)
@@ -869,12 +873,12 @@ def installed_model(name: str, cache_dir=None) -> Path | None:
 def list_cached_models(cache_dir=None) -> list:
     """What the cache holds: installed models (status 'ok' or 'damaged') and partial downloads
     (status 'partial'). Each entry is a dict with at least name, status, path and size (bytes)."""
-    cache = _cache(cache_dir)
+    cache = cache_root(cache_dir)
     out = []
     models = cache / "models"
     if models.is_dir():
         for d in sorted(p for p in models.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            manifest = _read_manifest(d)
+            manifest = read_manifest(d)
             if manifest is None:
                 out.append({"name": d.name, "status": "damaged", "path": str(d), "size": _du(d),
                             "problem": f"no {MANIFEST_NAME}"})
@@ -933,7 +937,7 @@ def download_model(name: str = DEFAULT_DOWNLOAD, base_url: str | None = None, ca
     if info.source == "bundled":
         return _demo_root(notice=False)
     name = _check_name(info.name)
-    cache = _cache(cache_dir)
+    cache = cache_root(cache_dir)
 
     root = None if force else installed_model_or_none(name, cache)
     if root is not None:
@@ -976,7 +980,7 @@ def download_model(name: str = DEFAULT_DOWNLOAD, base_url: str | None = None, ca
             "record": info.record, "doi": data.get("doi") or md.get("doi"),
             "file": remote.key, "md5": remote.md5 or _hash_file(part).hexdigest(), "archive_size": remote.size,
         }
-        from .model import ModelLayoutError
+        from .modelfolder import ModelLayoutError
         try:
             root = _install_locked(part, name, cache, meta, cancel, unpack_progress, label=remote.key)
         except (ArchiveError, ModelLayoutError):
@@ -1007,7 +1011,7 @@ def install_from_archive(archive, name: str | None = None, cache_dir=None, *, md
     if info is not None and info.source == "bundled":
         raise ValueError("'demo' is the bundled demo model; install the archive under another name")
     name = _check_name(info.name if info is not None else name)
-    cache = _cache(cache_dir)
+    cache = cache_root(cache_dir)
     digest = _hash_file(archive, cancel=cancel).hexdigest()
     if md5 and digest != md5.lower().removeprefix("md5:"):
         raise ChecksumError(f"checksum mismatch for {archive.name}: expected md5 {md5.lower()}, got {digest}; "
@@ -1052,7 +1056,7 @@ def resolve_model(name_or_path=None, cache_dir=None) -> Path:
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
-            from .model import ModelLayoutError
+            from .modelfolder import ModelLayoutError
             hint = (f"; to install this archive run `lesionlocator download --from-file {text}`"
                     if text.lower().endswith((".zip", ".tar.gz", ".tgz", ".tar")) else "")
             raise ModelLayoutError(f"{text} is a file, not a model folder{hint}")
@@ -1061,7 +1065,7 @@ def resolve_model(name_or_path=None, cache_dir=None) -> Path:
     if info is not None and info.source == "bundled":
         return _demo_root(notice=False)
     key = info.name if info is not None else text
-    cache = _cache(cache_dir)
+    cache = cache_root(cache_dir)
     if _NAME_RE.match(key):
         root = installed_model(key, cache)
         if root is not None:
@@ -1080,114 +1084,5 @@ def resolve_model(name_or_path=None, cache_dir=None) -> Path:
 
 
 # --------------------------------------------------------------------------- command line
-def add_cli_commands(subparsers) -> None:
-    """Register ``lesionlocator download`` and ``lesionlocator models`` (each sets ``func``)."""
-    d = subparsers.add_parser(
-        "download", help="download a known model into the cache (default: the official LesionLocator "
-        "checkpoint), or install an archive downloaded elsewhere (--from-file)",
-        description="Download, verify (MD5) and unpack a model into the cache; an interrupted download is "
-        "resumed by running the same command again. Afterwards use -m NAME.")
-    d.add_argument("name", nargs="?", default=None,
-                   help=f"model name (default: {DEFAULT_DOWNLOAD}); zenodo:RECORD for another Zenodo record")
-    d.add_argument("--from-file", dest="from_file", metavar="ARCHIVE",
-                   help="install this archive (e.g. LesionLocatorCheckpoint.zip) instead of downloading")
-    d.add_argument("--md5", default=None, help="expected MD5 of --from-file ARCHIVE (as shown on Zenodo)")
-    d.add_argument("--url", dest="base_url", default=None,
-                   help=f"records API server (default: $LESIONLOCATOR_ZENODO_URL or {ZENODO_URL})")
-    d.add_argument("--cache-dir", dest="cache_dir", default=None,
-                   help="model cache (default: $LESIONLOCATOR_HOME or the platform cache folder)")
-    d.add_argument("--force", action="store_true", help="download and install again even if installed")
-    d.add_argument("--disable_progress_bar", "--no-progress", dest="disable_progress_bar", action="store_true")
-    d.set_defaults(func=cmd_download)
-
-    m = subparsers.add_parser("models", help="list the cached models with their sizes")
-    m.add_argument("--cache-dir", dest="cache_dir", default=None)
-    m.add_argument("--verify", action="store_true", help="re-hash every installed file against its manifest")
-    m.add_argument("--json", action="store_true", help="print JSON")
-    m.set_defaults(func=cmd_models)
 
 
-def _cli_error(command: str, e: BaseException) -> int:
-    print(f"lesionlocator {command}: error: {e}", file=sys.stderr)
-    return 2
-
-
-def cmd_download(args) -> int:
-    from .model import CheckpointError, ModelLayoutError
-    from tqdm import tqdm
-
-    bar = None
-
-    def progress(done, total):
-        nonlocal bar
-        if args.disable_progress_bar:
-            return
-        if bar is None:
-            bar = tqdm(total=total, initial=done, unit="B", unit_scale=True,
-                       desc=args.name or DEFAULT_DOWNLOAD, file=sys.stderr)
-        bar.update(done - bar.n)
-    try:
-        if args.from_file:
-            root = install_from_archive(args.from_file, args.name, args.cache_dir, md5=args.md5)
-        else:
-            root = download_model(args.name or DEFAULT_DOWNLOAD, args.base_url, args.cache_dir, progress=progress,
-                                  force=args.force)
-    except (DownloadCancelled, KeyboardInterrupt):
-        if bar is not None:
-            bar.close()
-        print("\nlesionlocator download: interrupted; the partial download is kept, run the same command to "
-              "resume", file=sys.stderr)
-        return 130
-    except (ZooError, ModelLayoutError, CheckpointError, OSError, ValueError) as e:
-        if bar is not None:
-            bar.close()
-        return _cli_error("download", e)
-    if bar is not None:
-        bar.close()
-    info = get_model_info(args.name or DEFAULT_DOWNLOAD)
-    name = info.name if info else args.name
-    manifest = _read_manifest(root.parent if (root.parent / MANIFEST_NAME).exists() else root) or {}
-    extra = ", ".join(f"{k} {manifest[k]}" for k in ("version", "license") if manifest.get(k))
-    print(f"{name}: ready at {root}" + (f" ({extra})" if extra else "") + f"; use it with -m {name}")
-    return 0
-
-
-def cmd_models(args) -> int:
-    entries = list_cached_models(args.cache_dir)
-    if args.verify:
-        for e in entries:
-            if e["status"] == "ok":
-                problems = verify_model(e["name"], args.cache_dir)
-                if problems:
-                    e.update(status="damaged", problem="; ".join(problems[:3]))
-    if args.json:
-        print(json.dumps(entries, indent=1))
-        return 0 if all(e["status"] != "damaged" for e in entries) else 1
-    print(f"model cache: {_cache(args.cache_dir)}")
-    installed = [e for e in entries if e["status"] != "partial"]
-    if installed:
-        for e in installed:
-            line = f"  {e['name']:<16} {human_size(e['size']):>9}  "
-            if e["status"] == "ok":
-                bits = [f"version {e['version']}" if e.get("version") else None,
-                        f"licence {e['license']}" if e.get("license") else None,
-                        e.get("source"), f"installed {e['date'][:10]}" if e.get("date") else None]
-                line += ", ".join(b for b in bits if b)
-            else:
-                line += f"DAMAGED: {e.get('problem')} (run `lesionlocator download {e['name']} --force`)"
-            print(line)
-    else:
-        print("  (no models downloaded)")
-    for e in entries:
-        if e["status"] == "partial":
-            total = f" of {human_size(e['total'])}" if e.get("total") else ""
-            print(f"  partial download: {e['name']} {e.get('file') or ''} {human_size(e['size'])}{total} "
-                  f"(run `lesionlocator download {e['name']}` to resume)")
-    names = {e["name"] for e in installed}
-    for info in REGISTRY.values():
-        if info.source == "zenodo" and info.name not in names:
-            print(f"  available: {info.name} - {info.title} ({info.homepage}); `lesionlocator download "
-                  f"{info.name}`")
-    demo = demo_model_dir()
-    print(f"  bundled: demo - {'at ' + str(demo) if demo.is_dir() else 'missing (' + str(demo) + ')'}")
-    return 0 if all(e["status"] != "damaged" for e in entries) else 1

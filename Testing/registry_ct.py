@@ -32,7 +32,7 @@ name                  file in the sdist (under ``totalsegmentator-2.18.0/``)  sh
 * ``abdomen_dicom``: a 40 mm slab (20 axial slices, 3 mm thick every 2 mm) of
   the upper abdomen (liver, stomach, spleen, arms beside the body), Siemens,
   120 kV, empty patient tags; another scan (whether another patient is not
-  documented).  Too thin for :func:`LesionLocatorLib.synth.make_case` with the
+  documented).  Too thin for :func:`LesionLocatorLib.training.synth.make_case` with the
   default image-level spatial transform (no lesion fits away from the
   border); without it, at 3 mm, lesions up to ~20 mm fit: training data
   (contrast-enhanced, soft tissue 61 HU median vs 32 in ``abdomen_3mm``, so

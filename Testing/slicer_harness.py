@@ -16,9 +16,9 @@ the part of the application the module's Logic needs:
   them when a node is added and remove them with the node; the harness does the same on
   ``NodeAddedEvent``/``NodeRemovedEvent``;
 * stand-ins for what the wheel lacks: the ``qt`` and ``ctk`` modules (empty: any attribute
-  raises an error naming it, so GUI code that runs by mistake fails loudly), and
+  raises an error naming it, so GUI code that runs by mistake fails loudly),
   ``slicer.ScriptedLoadableModule`` (the four base classes, behaving like Slicer's for
-  everything that does not need Qt).
+  everything that does not need Qt) and ``slicer.i18n`` (``tr``/``translate`` return the text).
 
 Stand-ins are installed only where the real module is missing, so running the same tests
 inside Slicer's Python uses the real ones.
@@ -145,6 +145,14 @@ def _scripted_loadable_module_standin() -> types.ModuleType:
     return mod
 
 
+def _i18n_standin() -> types.ModuleType:
+    """``slicer.i18n``: Slicer's translation helpers without Qt (the text is returned as it is)."""
+    mod = types.ModuleType("slicer.i18n")
+    mod.tr = lambda text: text
+    mod.translate = lambda context, text: text
+    return mod
+
+
 def install_standins() -> None:
     """Put the stand-ins into ``sys.modules`` where the real modules are missing."""
     import slicer
@@ -154,6 +162,10 @@ def install_standins() -> None:
             importlib.import_module(name)
         except ImportError:
             sys.modules[name] = _MissingInHarness(name)
+    try:
+        importlib.import_module("slicer.i18n")
+    except ImportError:
+        sys.modules["slicer.i18n"] = slicer.i18n = _i18n_standin()
     try:
         importlib.import_module("slicer.ScriptedLoadableModule")
     except ImportError:

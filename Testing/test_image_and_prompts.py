@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from LesionLocatorLib.image import Image, ImageError, read_image, write_image, nonzero_bbox
-from LesionLocatorLib.prompts import (Box, Point, PromptError, VoxelPrompt, ball, box_to_model_grid, paint_prompt,
-                                      point_to_model_grid, prompts_from_labels,
-                                      read_prompt_file, to_voxel_prompt, write_upstream_json, write_world_json)
+from LesionLocatorLib.encoding import ball, box_to_model_grid, paint_prompt, point_to_model_grid
+from LesionLocatorLib.prompts import (Box, Point, PromptError, VoxelPrompt, prompts_from_labels, read_prompt_file,
+                                      to_voxel_prompt, write_upstream_json, write_world_json)
 from phantoms import ct_phantom, oblique_direction
 
 OBLIQUE = dict(shape_zyx=(20, 40, 30), spacing_xyz=(0.7, 1.3, 3.1), origin_xyz=(12.5, -40.0, 100.0),

@@ -6,7 +6,7 @@ import SimpleITK as sitk
 
 import LesionLocatorLib.register as reg
 from LesionLocatorLib.image import Image
-from LesionLocatorLib.metrics import dice
+from LesionLocatorLib.evaluate import dice
 from LesionLocatorLib.register import RegistrationError, Transform, register
 from phantoms import ct_phantom, oblique_direction
 

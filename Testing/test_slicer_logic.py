@@ -25,6 +25,10 @@ from LesionLocatorLib.predict import CancelToken, Cancelled, segment as library_
 from LesionLocatorLib.prompts import Box, MaskPrompt, Point, PromptError, to_voxel_prompt
 from LesionLocatorLib.runner import InProcessRunner, SegmentationResponse, SegmentationRunner
 pytest_plugins = ["slicer_harness"]  # fixtures: slicer_scene, lesionlocator_module
+from slicer_harness import import_module_file  # noqa: E402
+
+import_module_file()  # puts LesionLocator/ on sys.path, as Slicer does
+from LesionLocatorSlicer import logic as logic_module, models, results, scene, trackoutputs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "LesionLocator"
@@ -271,7 +275,7 @@ def test_real_model_result_equals_the_library_on_the_hardened_volume(slicer_scen
     assert expected.sum() > 50, "the random model must segment something for the comparison to mean anything"
     assert np.array_equal(_segment_array(result, "lesion_1", volume), expected)
     assert result.GetName() == "CT lesions"
-    assert LL.LesionLocatorLogic.isResultNode(result)
+    assert results.isResultNode(result)
     assert result.GetNodeReferenceID(result.GetReferenceImageGeometryReferenceRole()) == volume.GetID()
     assert result.GetTransformNodeID() == volume.GetTransformNodeID()
 
@@ -315,7 +319,7 @@ def test_resegmenting_keeps_segment_ids_names_and_colours(slicer_scene, painting
     points = _points(h, [_world_ras_of_voxel(volume, LESION), _world_ras_of_voxel(volume, (5, 9, 30))])
 
     node = logic.segment(volume, points, modelPath="unused")
-    colors = LL.LesionLocatorLogic.COLORS
+    colors = results.COLORS
     assert _segments(node) == {"lesion_1": ("Lesion 1", tuple(round(c, 4) for c in colors[0])),
                                "lesion_2": ("Lesion 2", tuple(round(c, 4) for c in colors[1]))}
     node.GetSegmentation().GetSegment("lesion_1").SetName("Liver metastasis")  # the user renames it
@@ -398,8 +402,8 @@ def test_user_segmentation_is_never_written_to(slicer_scene, painting, LL):
 
     result = logic.segment(volume, points, modelPath="unused", segmentationNode=user)
 
-    assert result is not user and LL.LesionLocatorLogic.isResultNode(result)
-    assert not LL.LesionLocatorLogic.isResultNode(user)
+    assert result is not user and results.isResultNode(result)
+    assert not results.isResultNode(user)
     assert _segments(user) == {"lesion_1": ("My tumour", (0.1, 0.2, 0.3))}
     assert np.array_equal(_segment_array(user, "lesion_1", volume), user_mask)
     assert user.GetSegmentation().GetSegment("lesion_1").GetMTime() == user_mtime
@@ -464,7 +468,7 @@ def test_refine_from_segment(slicer_scene, painting, LL):
     edited = np.zeros(SHAPE, bool)
     edited[10:14, 20:26, 3:9] = True
     assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        LL.LesionLocatorLogic._labelmapFromMask(edited, volume), user, "edit",
+        scene.labelmapFromMask(edited, volume), user, "edit",
         slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
     segmentation = user.GetSegmentation()
     assert segmentation.GetLayerIndex("edit") == segmentation.GetLayerIndex("lesion_1")  # one shared layer
@@ -497,7 +501,7 @@ def test_refine_from_segment(slicer_scene, painting, LL):
     shifted = np.eye(4)
     shifted[:3, 3] = (500.0, 500.0, 500.0)
     assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        LL.LesionLocatorLogic._labelmapFromMask(user_mask, volume, slicer.util.vtkMatrixFromArray(shifted)), far,
+        scene.labelmapFromMask(user_mask, volume, slicer.util.vtkMatrixFromArray(shifted)), far,
         "far", slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
     before_ids = h.node_ids()
     with pytest.raises(PromptError, match=r"segment 'Far away' has no voxel inside volume 'CT'"):
@@ -546,7 +550,7 @@ def test_missing_model_folder_raises_model_layout_error(slicer_scene, LL, tmp_pa
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLayoutError, match="no 'point' model"):
         logic.segment(volume, points, modelPath=str(tmp_path / "empty"), device="cpu")
-    if logic.defaultModelPath() is None:
+    if models.defaultModelPath() is None:
         with pytest.raises(ModelLayoutError, match="no model folder given"):
             logic.segment(volume, points)
     assert h.node_ids() == before
@@ -576,11 +580,10 @@ def test_dependency_check_names_what_is_missing(LL, monkeypatch):
     Logic = LL.LesionLocatorLogic
     assert Logic.checkDependencies() is None
     real = importlib.util.find_spec
-    monkeypatch.setattr(LL.importlib.util, "find_spec",
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name in ("torch", "nnunetv2") else real(name, *a))
     message = Logic.checkDependencies()
-    assert "torch, nnunetv2" in message and "PyTorch extension" in message and "nnunetv2>=2.8" in message
-    assert Logic.pipRequirements(Logic.missingPackages()) == ["nnunetv2>=2.8"]
+    assert "torch, nnunetv2" in message and "PyTorch extension" in message
     with pytest.raises(LL.MissingDependencyError, match="torch"):
         Logic(runner=PaintingRunner()).segment(None, None)
 
@@ -720,7 +723,7 @@ def _user_segment_in_another_frame(h, LL, volume, mask):
     volume.GetIJKToRASMatrix(ijk)
     ijk_to_user = slicer.util.arrayFromVTKMatrix(to_parent) @ slicer.util.arrayFromVTKMatrix(ijk)
     assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        LL.LesionLocatorLogic._labelmapFromMask(mask, volume, slicer.util.vtkMatrixFromArray(ijk_to_user)), user,
+        scene.labelmapFromMask(mask, volume, slicer.util.vtkMatrixFromArray(ijk_to_user)), user,
         "edited", slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
     assert user.GetParentTransformNode() is not volume.GetParentTransformNode()
     return user
@@ -741,7 +744,7 @@ def test_refine_runs_the_edited_segment_as_a_mask_prompt_with_the_tiny_model(sli
     volume = _oblique_volume(h)
     edited = _edited_mask()
     user = _user_segment_in_another_frame(h, LL, volume, edited)
-    user_before = (_segments(user), logic.segmentMask(user, "edited", volume),
+    user_before = (_segments(user), scene.segmentMask(user, "edited", volume),
                    user.GetSegmentation().GetSegment("edited").GetMTime())
 
     node = logic.refineFromSegment(volume, user, "edited", modelPath=str(tiny_model_root), device="cpu")
@@ -757,10 +760,10 @@ def test_refine_runs_the_edited_segment_as_a_mask_prompt_with_the_tiny_model(sli
     assert expected.sum() > 50, "the random model must segment something for the comparison to mean anything"
     assert np.array_equal(_segment_array(node, "lesion_1", volume), expected)
     assert logic.runner.loads == 1 and [key[1] for key in runner._models] == ["prev_mask"]
-    assert node is not user and LL.LesionLocatorLogic.isResultNode(user) is False
+    assert node is not user and results.isResultNode(user) is False
     assert sorted(node.GetSegmentation().GetSegmentIDs()) == ["lesion_1"]
     assert _segments(user) == user_before[0]
-    assert np.array_equal(logic.segmentMask(user, "edited", volume), user_before[1])
+    assert np.array_equal(scene.segmentMask(user, "edited", volume), user_before[1])
     assert user.GetSegmentation().GetSegment("edited").GetMTime() == user_before[2]
 
     # the user corrects the module's lesion in place (Segment Editor) and refines it: replaced in
@@ -769,7 +772,7 @@ def test_refine_runs_the_edited_segment_as_a_mask_prompt_with_the_tiny_model(sli
     corrected[8:13, 16:20, 15:20] = True
     corrected[:, :, :LESION[2] - 3] = False
     assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        LL.LesionLocatorLogic._labelmapFromMask(corrected, volume), node, "lesion_1",
+        scene.labelmapFromMask(corrected, volume), node, "lesion_1",
         slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
     node.GetSegmentation().GetSegment("lesion_1").SetName("Liver metastasis")
     before = _segments(node)
@@ -908,11 +911,11 @@ def _ui_widgets():
 
 def test_every_widget_the_module_uses_exists_in_the_ui_with_the_expected_class():
     root, widgets, custom = _ui_widgets()
-    source = (MODULE_DIR / "LesionLocator.py").read_text()
+    source = (MODULE_DIR / "LesionLocator.py").read_text() + (MODULE_DIR / "LesionLocatorSlicer" / "widget.py").read_text()
     used = set(re.findall(r"self\.ui\.(\w+)", source))
     assert used, "the Widget must use the .ui"
     missing = sorted(used - set(widgets))
-    assert not missing, f"used in LesionLocator.py but not in the .ui: {missing}"
+    assert not missing, f"used in the module's panel but not in the .ui: {missing}"
     for name, cls in EXPECTED_WIDGET_CLASSES.items():
         assert widgets.get(name) == cls, f"{name}: {widgets.get(name)} in the .ui, expected {cls}"
     unused = sorted(set(EXPECTED_WIDGET_CLASSES) - used)
@@ -941,6 +944,8 @@ def test_cmakelists_lists_every_file_the_module_needs(LL):
     library = _cmake_list(text, "LIBRARY_PYTHON_SCRIPTS")
     testing = _cmake_list(text, "TESTING_PYTHON_SCRIPTS")
     assert "${MODULE_NAME}.py" in scripts
+    package = {f"LesionLocatorSlicer/{p.name}" for p in (MODULE_DIR / "LesionLocatorSlicer").glob("*.py")}
+    assert set(scripts) - {"${MODULE_NAME}.py"} == package, "every file of the module's package, nothing else"
     needed_resources = {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file()}
     listed_resources = {r.replace("${MODULE_NAME}", "LesionLocator") for r in resources}
     assert needed_resources == listed_resources
@@ -954,8 +959,12 @@ def test_cmakelists_lists_every_file_the_module_needs(LL):
     shipped = _cmake_list(text, "SHIPPED_DATA_DIRS")
     assert shipped == ["Models/LesionLocatorDemo", "Demo"]
     assert "install(DIRECTORY ${CMAKE_CURRENT_SOURCE_DIR}/../Resources/${dir}" in text
-    for sub, lookup in zip(shipped, ("DEMO_MODEL_SUBPATHS", "DEMO_CASE_SUBPATHS")):
-        assert os.path.join("Resources", *sub.split("/")) in getattr(LL.LesionLocatorLogic, lookup)
+    # the library finds them beside itself: the top of a checkout, the scripted-modules folder once installed
+    from LesionLocatorLib.demo import demo_case_dir
+    from LesionLocatorLib.zoo import demo_model_dir
+    assert [demo_model_dir(), demo_case_dir()] == [REPO / "Resources" / sub for sub in shipped]
+    assert "DESTINATION ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/Resources/${parent}" in text
+    assert not any("training" in f for f in library), "the extension ships no training code"
     assert "slicerMacroBuildScriptedModule" in text
     top = (REPO / "CMakeLists.txt").read_text()
     assert "add_subdirectory(LesionLocator)" in top and "set(EXTENSION_DEPENDS PyTorch)" in top
@@ -976,8 +985,8 @@ def test_parameter_node_defaults(slicer_scene, LL):
     logic.setDefaultParameters(node)
     assert node.GetParameter("Device") == "auto" and node.GetParameter("TTA") == "auto"
     assert logic.getParameterNode() is node
-    assert LL.LesionLocatorLogic.parseFolds(" 0, 2 ") == (0, 2)
-    assert LL.LesionLocatorLogic.parseFolds("") is None and LL.LesionLocatorLogic.parseFolds("all") == ("all",)
+    assert models.parseFolds(" 0, 2 ") == (0, 2)
+    assert models.parseFolds("") is None and models.parseFolds("all") == ("all",)
 
 
 def test_track_options_come_from_the_parameter_node_as_track_keywords(slicer_scene, LL):
@@ -987,13 +996,13 @@ def test_track_options_come_from_the_parameter_node_as_track_keywords(slicer_sce
     node = logic.getParameterNode()
     logic.setDefaultParameters(node)
     assert logic.trackOptions() == {"minVolumeMl": 0.0, "minPromptFraction": 0.0}  # off by default
-    node.SetParameter(logic.PARAM_MIN_VOLUME_ML, "0.0654")
-    node.SetParameter(logic.PARAM_MIN_PROMPT_FRACTION, "0.1")
+    node.SetParameter(logic_module.PARAM_MIN_VOLUME_ML, "0.0654")
+    node.SetParameter(logic_module.PARAM_MIN_PROMPT_FRACTION, "0.1")
     assert logic.trackOptions(node) == {"minVolumeMl": 0.0654, "minPromptFraction": 0.1}
     import inspect
     assert set(logic.trackOptions()) <= set(inspect.signature(logic.track).parameters)
     for bad in ("-1", "many", "nan"):
-        node.SetParameter(logic.PARAM_MIN_PROMPT_FRACTION, bad)
+        node.SetParameter(logic_module.PARAM_MIN_PROMPT_FRACTION, bad)
         with pytest.raises(ValueError, match=f"TrackMinPromptFraction must be a number >= 0, got '{bad}'"):
             logic.trackOptions()
 
@@ -1086,7 +1095,11 @@ class ShiftingTracker(PaintingRunner):
                 zz, yy, xx = np.ogrid[tuple(slice(0, n) for n in images[t].shape)]
                 masks[t][pid] = (zz - index[0]) ** 2 + (yy - index[1]) ** 2 + (xx - index[2]) ** 2 <= 4
                 status[pid].append("tracked")
-        return TrackResponse(request.id, masks, status, {"registration": 0.0}, [], 0.01)
+        from LesionLocatorLib.measure import lesion_measurements
+        from LesionLocatorLib.report import plain_rows
+
+        rows = plain_rows(lesion_measurements(images, masks, status, request.names))  # the library's measurement
+        return TrackResponse(request.id, masks, status, {"registration": 0.0}, [], 0.01, [], rows)
 
 
 def _follow_up_volume(h, name, rotation_axis, degrees, spacing, centre_world, parent=None, seed=1):
@@ -1150,11 +1163,11 @@ def test_track_writes_every_timepoint_on_its_own_volume_with_the_baseline_identi
     assert out.segmentationNodes[0] is base_node and _segments(base_node) == baseline_segments
     assert len(out.segmentationNodes) == 3 and out.segmentIds == {1: "lesion_1", 2: "lesion_2", 3: "lesion_3"}
     for volume, node in zip(out.volumeNodes[1:], out.segmentationNodes[1:]):
-        assert LL.LesionLocatorLogic.isResultNode(node) and node.GetName() == f"{volume.GetName()} lesions"
+        assert results.isResultNode(node) and node.GetName() == f"{volume.GetName()} lesions"
         assert _segments(node) == baseline_segments
         assert node.GetTransformNodeID() == volume.GetTransformNodeID()
         assert node.GetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole()) == volume.GetID()
-        assert LL.LesionLocatorLogic.resultNodeForVolume(volume) is node
+        assert results.resultNodeForVolume(volume) is node
     # geometry: each follow-up mask is the ball around the moved centre, as MRML maps it
     for t, (volume, node) in enumerate(zip(out.volumeNodes, out.segmentationNodes)):
         for pid, kji in zip((1, 2, 3), clicks):
@@ -1199,7 +1212,7 @@ def test_track_writes_every_timepoint_on_its_own_volume_with_the_baseline_identi
     assert browser.GetMasterSequenceNode() is segs and browser.IsSynchronizedSequenceNode(vols.GetID())
     browser.SetSelectedItemNumber(1)
     proxy_seg, proxy_vol = browser.GetProxyNode(segs), browser.GetProxyNode(vols)
-    assert not LL.LesionLocatorLogic.isResultNode(proxy_seg) and proxy_vol.GetTransformNodeID() is None
+    assert not results.isResultNode(proxy_seg) and proxy_vol.GetTransformNodeID() is None
     assert np.array_equal(slicer.util.arrayFromVolume(proxy_vol), slicer.util.arrayFromVolume(fu1))
     origin, spacing, direction = _hardened_lps_geometry(h, fu1)
     proxy_ijk = vtk.vtkMatrix4x4()
@@ -1250,9 +1263,9 @@ def test_follow_up_order(slicer_scene, painting, LL):
     c.SetAttribute("DICOM.StudyDate", "2023-01-01")
     c.SetAttribute("DICOM.StudyTime", "000001")
     assert logic.orderFollowUps([a, b, c]) == [b, a, c]
-    assert LL.LesionLocatorLogic.studyDateTime(c) == "20230101000001.000000"
+    assert scene.studyDateTime(c) == "20230101000001.000000"
     _set_study_date(h, a, "20200101")  # the node's own attribute wins over its study's
-    assert LL.LesionLocatorLogic.studyDateTime(a).startswith("20230101")
+    assert scene.studyDateTime(a).startswith("20230101")
     with pytest.raises(ValueError, match="order must be"):
         logic.orderFollowUps([a], order="date")
 
@@ -1296,7 +1309,7 @@ def test_track_with_the_tiny_model(slicer_scene, LL, tiny_model_root, three_time
     model = str(tiny_model_root)
     base = logic.segment(volumes[0], clicks, modelPath=model, device="cpu")
     assert all(_segment_array(base, sid, volumes[0]).any() for sid in ("lesion_1", "lesion_2"))
-    image = logic.volumeToImage(volumes[1])
+    image = scene.volumeToImage(volumes[1])
     assert image.same_geometry(three_timepoints[1].with_array(image.array), tol=1e-6)  # world geometry as built
 
     out = logic.track(volumes[0], volumes[1:], modelPath=model, device="cpu", registration=registration)
@@ -1479,11 +1492,12 @@ def test_track_through_the_worker_process(slicer_scene, LL, tiny_model_root, thr
             # the client believes the worker holds a key it never got: the worker says
             # ImageNotCached and the client sends the file after all
             logic.runner._sent["not-in-the-worker"] = True
-            logic.imageKey = lambda volume, image: "not-in-the-worker"
+            real_key = scene.imageKey
+            scene.imageKey = lambda volume, image: "not-in-the-worker"
             try:
                 node = logic.segment(volumes[1], (points, 0), modelPath=model, device="cpu")
             finally:
-                del logic.imageKey
+                scene.imageKey = real_key
             assert len(writes) == 3 and node is first
             assert np.array_equal(_segment_array(node, "lesion_2", volumes[1]), fresh)
         finally:
@@ -1524,8 +1538,8 @@ def test_download_official_weights_selects_them_and_they_segment(slicer_scene, L
 
     h = slicer_scene
     logic = LL.LesionLocatorLogic()
-    assert "lesionlocator" not in [m["name"] for m in logic.availableModels()]
-    question = logic.describeDownload()
+    assert "lesionlocator" not in [m["name"] for m in models.availableModels()]
+    question = models.describeDownload()
     assert question.startswith("Download LesionLocator official checkpoint (Rokuss et al., CVPR 2025)?")
     assert (f"LesionLocatorCheckpoint.zip: {zoo.human_size(len(zenodo.archive))} from {zenodo.url}, record 15174217, "
             "version 1.0, licence cc-by-4.0.") in question
@@ -1540,18 +1554,18 @@ def test_download_official_weights_selects_them_and_they_segment(slicer_scene, L
     assert any(m.startswith("Downloading lesionlocator: ") for _, m in seen)
     assert seen[-1][1] == f"Model 'lesionlocator' ready: {root}"
     # selectable, and selected as the module's model
-    [entry] = [m for m in logic.availableModels() if m["name"] == "lesionlocator"]
+    [entry] = [m for m in models.availableModels() if m["name"] == "lesionlocator"]
     assert entry["path"] == str(root) and entry["version"] == "1.0" and entry["license"] == "cc-by-4.0"
-    assert logic.getParameterNode().GetParameter(logic.PARAM_MODEL_PATH) == str(root)
+    assert logic.getParameterNode().GetParameter(logic_module.PARAM_MODEL_PATH) == str(root)
     assert logic.selectModel("lesionlocator") == str(root) == logic.selectModel("official")
-    assert logic.describeDownload("official").startswith("LesionLocator official checkpoint (Rokuss et al., CVPR "
+    assert models.describeDownload("official").startswith("LesionLocator official checkpoint (Rokuss et al., CVPR "
                                                          f"2025) is downloaded already ({root}).")
     requests = len(zenodo.requests)
     assert logic.downloadModel("official") == root and len(zenodo.requests) == requests  # installed: no network
     # a segment with the selected model places a mask in the scene
     volume = _oblique_volume(h)
     points = _points(h, [_world_ras_of_voxel(volume, LESION)])
-    result = logic.segment(volume, points, modelPath=logic.getParameterNode().GetParameter(logic.PARAM_MODEL_PATH),
+    result = logic.segment(volume, points, modelPath=logic.getParameterNode().GetParameter(logic_module.PARAM_MODEL_PATH),
                            device="cpu")
     mask = _segment_array(result, "lesion_1", volume)
     assert mask.sum() > 0 and np.array_equal(mask, logic.lastResponse.masks[1])
@@ -1577,7 +1591,7 @@ def test_failed_download_raises_the_zoo_error_and_changes_nothing(slicer_scene, 
     assert h.node_ids() == before  # not even the parameter node: nothing was selected
     _assert_nothing_installed(zenodo.cache)
     assert list(zenodo.cache.rglob("*.part")) == []
-    assert "lesionlocator" not in [m["name"] for m in logic.availableModels()]
+    assert "lesionlocator" not in [m["name"] for m in models.availableModels()]
     with pytest.raises(zoo.ModelNotFoundError, match="model 'lesionlocator' is not downloaded yet"):
         logic.selectModel("lesionlocator")
 
@@ -1604,4 +1618,4 @@ def test_cancel_during_the_download_installs_nothing_and_the_next_download_resum
         logic.downloadModel(cancel=event)
     root = logic.downloadModel()
     assert zenodo.requests_to("/content")[-1]["headers"]["range"] == f"bytes={have}-"
-    assert logic.getParameterNode().GetParameter(logic.PARAM_MODEL_PATH) == str(root)
+    assert logic.getParameterNode().GetParameter(logic_module.PARAM_MODEL_PATH) == str(root)

@@ -1,16 +1,18 @@
 """Training: a few iterations of the tiny network, the official layout, resume, bad data, full disk."""
 import errno
+import json
 
 import numpy as np
 import pytest
 import torch
 
-from LesionLocatorLib import train as train_module
+import LesionLocatorLib.training.train as train_module
 from LesionLocatorLib.image import write_image
 from LesionLocatorLib.model import load_checkpoint, load_model
 from LesionLocatorLib.predict import segment
 from LesionLocatorLib.prompts import MaskPrompt, Point
-from LesionLocatorLib.train import TrainingDataError, find_pairs, make_plans, save_atomically, train
+from LesionLocatorLib.training.train import (TrainingDataError, TrainOptions, find_pairs, make_plans, save_atomically,
+                                             train)
 from phantoms import ct_phantom
 
 PLANS = make_plans((4, 8, 16), (1, 1, 1), (32, 48, 48), spacing=(2.5, 1.5, 1.5))
@@ -31,8 +33,9 @@ def data(tmp_path):
 
 def test_few_iterations_write_a_loadable_model_in_the_official_layout(data):
     pairs = find_pairs(data / "images", data / "labels")
-    root = train(pairs, data / "run", PLANS, epochs=2, iterations_per_epoch=2, batch_size=2, val_samples=3,
-                 device="cpu", log=lambda m: None)
+    root = train(pairs, data / "run", PLANS,
+                 TrainOptions(epochs=2, iterations_per_epoch=2, batch_size=2, val_samples=3), device="cpu",
+                 log=lambda m: None)
     assert (data / "run" / "progress.png").read_bytes()[:4] == b"\x89PNG"
     for kind in ("point", "box", "prev_mask"):
         model = load_model(root, kind, device="cpu")
@@ -52,9 +55,11 @@ def test_few_iterations_write_a_loadable_model_in_the_official_layout(data):
 def test_resume_continues_from_the_last_epoch(data):
     pairs = find_pairs(data / "images", data / "labels")
     logs = []
-    train(pairs, data / "run", PLANS, epochs=1, iterations_per_epoch=1, val_samples=2, device="cpu", log=logs.append)
+    train(pairs, data / "run", PLANS, TrainOptions(epochs=1, iterations_per_epoch=1, val_samples=2), device="cpu",
+          log=logs.append)
     logs.clear()
-    train(pairs, data / "run", PLANS, epochs=2, iterations_per_epoch=1, val_samples=2, device="cpu", log=logs.append)
+    train(pairs, data / "run", PLANS, TrainOptions(epochs=2, iterations_per_epoch=1, val_samples=2), device="cpu",
+          log=logs.append)
     assert any("resuming from" in m and "at epoch 1" in m for m in logs)
     assert sum(m.startswith("epoch ") for m in logs) == 1, "only the missing epoch runs"
 
@@ -64,15 +69,15 @@ def test_stop_after_epoch_then_resume_with_other_data(data, tmp_path):
     on other data, resumes at epoch 2 on the same learning-rate schedule and writes the model."""
     pairs = find_pairs(data / "images", data / "labels")
     logs = []
-    assert train(pairs, data / "run", PLANS, epochs=3, iterations_per_epoch=1, val_samples=2, device="cpu",
-                 log=logs.append, stop_after_epoch=1) is None
+    assert train(pairs, data / "run", PLANS, TrainOptions(epochs=3, iterations_per_epoch=1, val_samples=2),
+                 device="cpu", log=logs.append, stop_after_epoch=1) is None
     assert sum(m.startswith("epoch ") for m in logs) == 1 and "stopped after epoch 1 of 3" in logs[-1]
     assert not (data / "run" / "LesionLocatorCheckpoint").exists()
     first = load_checkpoint(data / "run" / "checkpoint_latest.pth")
     assert first["current_epoch"] == 1
     logs.clear()
-    root = train(pairs[:1], data / "run", PLANS, epochs=3, iterations_per_epoch=1, val_samples=2, device="cpu",
-                 log=logs.append)
+    root = train(pairs[:1], data / "run", PLANS, TrainOptions(epochs=3, iterations_per_epoch=1, val_samples=2),
+                 device="cpu", log=logs.append)
     assert any("at epoch 1" in m for m in logs) and sum(m.startswith("epoch ") for m in logs) == 2
     lrs = load_checkpoint(root / "LesionLocatorSeg" / "point_optimized" / "fold_0" / "checkpoint_final.pth")[
         "logging"]["lrs"]
@@ -255,22 +260,23 @@ def test_vanished_mask_gives_none_when_no_lesion_free_place_exists(data):
 
 def test_adamw_optimizer_is_used_and_resumed_and_another_or_unknown_one_is_refused(data):
     pairs = find_pairs(data / "images", data / "labels")
-    train(pairs, data / "run", PLANS, epochs=1, iterations_per_epoch=1, val_samples=1, device="cpu",
-          initial_lr=1e-3, optimizer="adamw", log=lambda m: None)
+    train(pairs, data / "run", PLANS, TrainOptions(epochs=1, iterations_per_epoch=1, val_samples=1, initial_lr=1e-3,
+                                                   optimizer="adamw"), device="cpu", log=lambda m: None)
     state = load_checkpoint(data / "run" / "checkpoint_latest.pth")["optimizer_state"]
     assert "exp_avg" in next(iter(state["state"].values())), "AdamW's moment estimates are saved"
     assert state["param_groups"][0]["weight_decay"] == 1e-2
     before = (data / "run" / "checkpoint_latest.pth").read_bytes()
     with pytest.raises(ValueError, match=r"written by the 'adamw' optimizer: resume with optimizer 'adamw'"):
-        train(pairs, data / "run", PLANS, epochs=2, iterations_per_epoch=1, val_samples=1, device="cpu",
-              optimizer="sgd", log=lambda m: None)
+        train(pairs, data / "run", PLANS,
+              TrainOptions(epochs=2, iterations_per_epoch=1, val_samples=1, optimizer="sgd"), device="cpu",
+              log=lambda m: None)
     assert (data / "run" / "checkpoint_latest.pth").read_bytes() == before, "the checkpoint is left as it was"
-    train(pairs, data / "run", PLANS, epochs=2, iterations_per_epoch=1, val_samples=1, device="cpu",
-          initial_lr=1e-3, optimizer="adamw", log=lambda m: None)
+    train(pairs, data / "run", PLANS, TrainOptions(epochs=2, iterations_per_epoch=1, val_samples=1, initial_lr=1e-3,
+                                                   optimizer="adamw"), device="cpu", log=lambda m: None)
     assert load_checkpoint(data / "run" / "checkpoint_latest.pth")["current_epoch"] == 2, "resumed with AdamW"
     with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
-        train(pairs, data / "other", PLANS, epochs=1, iterations_per_epoch=1, device="cpu", optimizer="adam",
-              log=lambda m: None)
+        train(pairs, data / "other", PLANS, TrainOptions(epochs=1, iterations_per_epoch=1, optimizer="adam"),
+              device="cpu", log=lambda m: None)
     assert not (data / "other").exists(), "refused before anything is written"
 
 
@@ -278,7 +284,8 @@ def test_cpu_bf16_training_steps_follow_the_float32_ones(data):
     pairs = find_pairs(data / "images", data / "labels")
 
     def weights(folder, **kw):
-        root = train(pairs, data / folder, PLANS, epochs=1, val_samples=1, device="cpu", log=lambda m: None, **kw)
+        root = train(pairs, data / folder, PLANS, TrainOptions(epochs=1, val_samples=1, **kw), device="cpu",
+                     log=lambda m: None)
         return load_checkpoint(root / "LesionLocatorSeg" / "point_optimized" / "fold_0" /
                                "checkpoint_final.pth")["network_weights"]
     start = weights("start", iterations_per_epoch=0)        # the same seed: the same initial weights
@@ -365,7 +372,8 @@ def test_deep_supervision_targets_match_the_network_outputs_and_nearest_ones_sit
     with pytest.raises(ValueError, match="unknown deep-supervision target mode 'mean'"):
         train_module.downsample_targets(y, strides, "mean")
     with pytest.raises(ValueError, match="unknown deep-supervision target mode 'mean'"):
-        train(find_pairs(data / "images", data / "labels"), data / "run", PLANS, deep_supervision_targets="mean")
+        train(find_pairs(data / "images", data / "labels"), data / "run", PLANS,
+              TrainOptions(deep_supervision_targets="mean"))
     assert not (data / "run").exists()
 
 
@@ -392,12 +400,13 @@ def test_outline_weight_adds_cross_entropy_on_each_lesions_outermost_layer_only(
     pairs = find_pairs(data / "images", data / "labels")
 
     def first_loss(folder, **kw):
-        train(pairs, data / folder, PLANS, epochs=1, iterations_per_epoch=1, val_samples=1, device="cpu",
-              log=lambda m: None, **kw)
+        train(pairs, data / folder, PLANS, TrainOptions(epochs=1, iterations_per_epoch=1, val_samples=1, **kw),
+              device="cpu", log=lambda m: None)
         return load_checkpoint(data / folder / "checkpoint_latest.pth")["logging"]["train_losses"][0]
     assert first_loss("weighted", outline_weight=3.0) > first_loss("plain") + 1e-3   # same samples and weights
     with pytest.raises(ValueError, match="outline_weight must be >= 0, got -1"):
-        train(pairs, data / "negative", PLANS, epochs=1, device="cpu", outline_weight=-1, log=lambda m: None)
+        train(pairs, data / "negative", PLANS, TrainOptions(epochs=1, outline_weight=-1), device="cpu",
+              log=lambda m: None)
     assert not (data / "negative").exists(), "refused before anything is written"
 
 
@@ -414,9 +423,8 @@ def test_intensity_augmentation_changes_about_two_thirds_of_the_blocks_reproduci
 
 def test_the_build_plan_repeats_only_the_runs_the_installed_model_builds_on():
     import build_demo_model as build
-    runs = [{"out": "a", "init": None}, {"out": "b", "init": None},
-            {"out": "c", "init": "b/checkpoint_latest.pth"}, {"out": "d", "init": "c/run/checkpoint_final.pth"},
-            {"out": "e", "init": "c/run/checkpoint_final.pth"}]
+    runs = [{"out": "a", "parent": None}, {"out": "b", "parent": None}, {"out": "c", "parent": "b"},
+            {"out": "d", "parent": "c"}, {"out": "e", "parent": "c"}]
     assert [r["out"] for r in build.run_chain(runs, "d")] == ["b", "c", "d"]
     assert [r["out"] for r in build.run_chain(runs, "b")] == ["b"]
     # one folder per prompt type from two branches of the same chain: the shared runs come once,
@@ -461,13 +469,13 @@ def test_the_install_step_puts_each_folder_of_its_run_into_the_model_and_keeps_t
 
 def test_the_build_keeps_the_run_unfinished_or_finished_for_the_next_machine(tmp_path, monkeypatch):
     import build_demo_model as build
-    monkeypatch.setattr(build, "STATE", tmp_path / "repo_state")
-    monkeypatch.setattr(build, "REPO", tmp_path)
+    monkeypatch.setattr(build, "STATE", tmp_path / "state")      # outside the repository
+    monkeypatch.setattr(build, "REPO", tmp_path / "repo")
     last = build.runs_of_installed_model()[-1]["out"]
     work = tmp_path / "work"
     save_atomically({"current_epoch": 7}, work / last / "checkpoint_latest.pth")
     build.step_keep(work)
-    kept = tmp_path / "repo_state" / last / "checkpoint_latest.pth"
+    kept = tmp_path / "state" / last / "checkpoint_latest.pth"
     assert torch.load(kept)["current_epoch"] == 7
     # a finished run (its model root exists) is kept too: on a new machine ``train`` only exports it
     kept.unlink()
@@ -479,15 +487,100 @@ def test_the_build_keeps_the_run_unfinished_or_finished_for_the_next_machine(tmp
 
 def test_resuming_a_finished_run_trains_nothing_and_writes_its_model_root(data, tmp_path):
     pairs = find_pairs(data / "images", data / "labels")
-    train(pairs, data / "run", PLANS, epochs=1, iterations_per_epoch=1, val_samples=2, device="cpu", log=lambda m: None)
+    train(pairs, data / "run", PLANS, TrainOptions(epochs=1, iterations_per_epoch=1, val_samples=2), device="cpu",
+          log=lambda m: None)
     moved = tmp_path / "new_machine"
     moved.mkdir()
     (data / "run" / "checkpoint_latest.pth").rename(moved / "checkpoint_latest.pth")
     logs = []
-    root = train(pairs, moved, PLANS, epochs=1, iterations_per_epoch=1, val_samples=2, device="cpu",
+    root = train(pairs, moved, PLANS, TrainOptions(epochs=1, iterations_per_epoch=1, val_samples=2), device="cpu",
                  log=logs.append)
     assert not any(m.startswith("epoch ") for m in logs)
     final = load_checkpoint(root / "LesionLocatorSeg" / "point_optimized" / "fold_0" / "checkpoint_final.pth")
     latest = load_checkpoint(moved / "checkpoint_latest.pth")
     assert final["network_weights"].keys() == latest["network_weights"].keys()
-    assert all(torch.equal(final["network_weights"][k], latest["network_weights"][k]) for k in latest["network_weights"])
+    assert all(torch.equal(final["network_weights"][k], latest["network_weights"][k])
+               for k in latest["network_weights"])
+
+
+def test_train_options_hold_the_command_defaults_and_refuse_values_out_of_range(data):
+    from dataclasses import asdict
+
+    from LesionLocatorLib.cli import build_parser
+    base = ["train", "--images", "i", "--labels", "l", "-o", "o"]
+    args = build_parser().parse_args(base)
+    flags = {"iterations_per_epoch": "iterations", "initial_lr": "lr"}
+    defaults = asdict(TrainOptions())
+    assert {k: v for k, v in defaults.items() if k != "val_samples"} == \
+        {k: tuple(getattr(args, flags.get(k, k))) if k == "prompt_types" else getattr(args, flags.get(k, k))
+         for k in defaults if k != "val_samples"}, "the library and the command agree on every default"
+    assert TrainOptions(prompt_types=["box"]).prompt_types == ("box",)
+    for bad, message in ((dict(tight_box_prob=1.5), "tight_box_prob must be between 0 and 1, got 1.5"),
+                         (dict(vanish_prob=-0.1), "vanish_prob must be between 0 and 1, got -0.1"),
+                         (dict(low_res_prob=float("nan")), "low_res_prob must be between 0 and 1, got nan"),
+                         (dict(box_jitter_mm=-3), "box_jitter_mm must be >= 0 or None, got -3"),
+                         (dict(epochs=0), "epochs must be a whole number >= 1, got 0"),
+                         (dict(batch_size=1.5), "batch_size must be a whole number >= 1, got 1.5"),
+                         (dict(initial_lr=0), "initial_lr must be > 0, got 0"),
+                         (dict(prompt_types=("scribble",)),
+                          r"prompt_types must be some of \('point', 'box', 'mask'\), got \('scribble',\)")):
+        with pytest.raises(ValueError, match=message):
+            TrainOptions(**bad)
+    with pytest.raises(TypeError, match="options must be a TrainOptions, got dict"):
+        train(find_pairs(data / "images", data / "labels"), data / "run", PLANS, {"epochs": 1})
+    assert not (data / "run").exists()
+
+
+def test_no_shipped_module_imports_the_training_package():
+    import ast
+    from pathlib import Path
+    lib = Path(train_module.__file__).resolve().parents[1]
+    for path in lib.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [f"{'.' * node.level}{node.module or ''}"] if isinstance(node, ast.ImportFrom) else []
+            if path.name == "cli.py" and isinstance(node, ast.ImportFrom) and node.module in ("training.train",
+                                                                                               "training.synth"):
+                continue   # the train and synth commands import it when they run
+            assert not any("training" in n.split(".") for n in names), f"{path.name} imports {names}"
+
+
+def test_the_build_plan_gives_the_train_command_every_option_of_each_run(tmp_path):
+    import build_demo_model as build
+    from LesionLocatorLib.cli import build_parser
+    parser = build_parser()
+    for run in build.runs_of_installed_model():
+        commands = build.train_commands(tmp_path, run)
+        assert len(commands) == len(run["phases"])
+        for cmd, phase in zip(commands, run["phases"]):
+            args = vars(parser.parse_args(cmd[3:]))
+            expected = TrainOptions(**run["options"], **phase["options"])
+            for name, flag in build.TRAIN_FLAGS.items():   # what the command parses = what the plan says
+                value = args[flag[2:].replace("-", "_")]
+                assert (tuple(value) if name == "prompt_types" else value) == getattr(expected, name), (run, name)
+            assert args["stop_after_epoch"] == phase["until_epoch"]
+            assert (args["init"] is None) == (run["parent"] is None)
+    # a plan that leaves an option to a default, or misspells one, is refused before anything runs
+    for change, message in ((lambda plan: plan["runs"][1].update(parent="run99"),
+                             "run9's parent 'run99' is not a run listed before it"),
+                            (lambda plan: plan["runs"][0]["options"].pop("box_jitter_mm"),
+                             r"run7 \(phase until epoch 300\) misses \['box_jitter_mm'\]$"),
+                            (lambda plan: plan["runs"][0]["options"].update(box_jitter=8.0),
+                             r"has unknown options \['box_jitter'\]")):
+        plan = json.loads(build.PLAN_FILE.read_text())
+        change(plan)
+        (tmp_path / "plan.json").write_text(json.dumps(plan))
+        with pytest.raises(build.PlanError, match=message):
+            build.load_plan(tmp_path / "plan.json")
+
+
+def test_keep_writes_only_outside_the_repository(tmp_path, monkeypatch):
+    import build_demo_model as build
+    monkeypatch.setattr(build, "REPO", tmp_path / "repo")
+    monkeypatch.setattr(build, "STATE", None)
+    with pytest.raises(SystemExit, match="give --state DIR"):
+        build.step_keep(tmp_path / "work")
+    monkeypatch.setattr(build, "STATE", tmp_path / "repo" / "Testing" / "state")
+    with pytest.raises(SystemExit, match="lies inside the repository"):
+        build.step_keep(tmp_path / "work")
+    assert not (tmp_path / "repo").exists()

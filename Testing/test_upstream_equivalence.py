@@ -59,8 +59,8 @@ from LesionLocatorLib import modelgrid  # noqa: E402
 from LesionLocatorLib.image import Image, read_image  # noqa: E402
 from LesionLocatorLib.model import load_checkpoint, load_model  # noqa: E402
 from LesionLocatorLib.predict import _encode, _tiles, segment  # noqa: E402
-from LesionLocatorLib.prompts import (MaskPrompt, box_to_model_grid, point_to_model_grid,  # noqa: E402
-                                      read_prompt_file, to_voxel_prompt)
+from LesionLocatorLib.encoding import box_to_model_grid, point_to_model_grid  # noqa: E402
+from LesionLocatorLib.prompts import MaskPrompt, read_prompt_file, to_voxel_prompt  # noqa: E402
 
 FIX = HERE / "fixtures" / "upstream"
 META = json.loads((FIX / "metadata.json").read_text())

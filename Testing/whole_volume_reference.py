@@ -13,7 +13,8 @@ import torch
 
 from LesionLocatorLib.model import LoadedModel
 from LesionLocatorLib.predict import _encode, _tiles, _blend
-from LesionLocatorLib.prompts import paint_prompt, to_voxel_prompt
+from LesionLocatorLib.encoding import paint_prompt
+from LesionLocatorLib.prompts import to_voxel_prompt
 from LesionLocatorLib.modelgrid import ModelGrid
 
 

@@ -41,7 +41,7 @@ def main() -> None:
     from LesionLocatorLib.model import load_model
     from LesionLocatorLib.report import growth_plot
     from LesionLocatorLib.prompts import MaskPrompt
-    from LesionLocatorLib.synth import make_case
+    from LesionLocatorLib.training.synth import make_case
     from LesionLocatorLib.track import track
 
     work = Path(a.work)

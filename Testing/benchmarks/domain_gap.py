@@ -44,7 +44,7 @@ def main() -> None:
     from LesionLocatorLib.model import load_model
     from LesionLocatorLib.predict import segment
     from LesionLocatorLib.prompts import prompts_from_labels
-    from LesionLocatorLib.synth import make_case
+    from LesionLocatorLib.training.synth import make_case
     from evaluate_demo_model import model_root
 
     work = Path(a.work)

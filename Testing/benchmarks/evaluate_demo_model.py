@@ -36,7 +36,7 @@ def model_root(model: str, work: Path) -> str:
     if not model.endswith(".pth"):
         return model
     from LesionLocatorLib.model import load_checkpoint
-    from LesionLocatorLib.train import export_model
+    from LesionLocatorLib.training.train import export_model
     ckpt = load_checkpoint(model)
     root = export_model(ckpt["network_weights"], ckpt["init_args"]["plans"], ckpt["logging"],
                         int(ckpt["current_epoch"]), work / "model")
@@ -61,7 +61,7 @@ def evaluation_case(cts: list, index: int, a):
     """The ``index``-th synthetic evaluation case (seed ``a.seed + index``), made in the CT
     ``index % len(cts)`` of :func:`evaluation_cts` with the settings of the parsed arguments ``a``
     (lesions, follow-ups, diameters, vanishing)."""
-    from LesionLocatorLib.synth import make_case
+    from LesionLocatorLib.training.synth import make_case
     ct, avoid = cts[index % len(cts)]
     return make_case(ct, n_lesions=a.lesions, n_followups=a.followups, seed=a.seed + index,
                      diameter_range_mm=(a.min_diameter, 40.0), p_vanish=a.p_vanish,

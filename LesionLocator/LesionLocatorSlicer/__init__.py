@@ -1,0 +1,19 @@
+"""The LesionLocator Slicer module's code, one job per file (``LesionLocator.py`` beside this
+package holds only the module class, a thin widget shell and the self-test entry):
+
+* ``logic.py``: the Logic facade (``LesionLocatorLogic``): segment, refine, track, undo, export,
+  models; console calls block, the GUI runs the same operations as jobs.
+* ``scene.py``: scene conversion, the one place RAS meets LPS (parent transforms included):
+  volume -> library Image, markups -> prompts, segment <-> mask, study dates.
+* ``results.py``: result nodes: find or create, lesion IDs, tags, colours, undo records.
+* ``trackoutputs.py``: tracking outputs: per-timepoint segmentations, sequences and browser (no CT
+  copies), lesion table, volume plot, export to files.
+* ``models.py``: model choice and download through the library's zoo.
+* ``dependencies.py``: the Python packages the module needs, and installing them without
+  replacing the PyTorch extension's torch.
+* ``jobs.py``: long work off the GUI thread (prepare on the main thread, work on a background
+  thread, commit on the main thread), polled by a timer.
+* ``interaction.py``: click and box interaction as Slicer's markups widgets deliver it, queued.
+* ``widget.py``: the module panel (Qt): .ui wiring, parameter node, shortcuts, messages.
+* ``selftest.py``: the self-test cases.
+"""

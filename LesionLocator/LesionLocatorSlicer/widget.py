@@ -1,0 +1,385 @@
+"""The module's panel: wires the .ui to the Logic and the parameter node; no behaviour of its own.
+
+Everything long runs as a job (:mod:`.jobs`) polled by a ``QTimer`` every 50 ms: the network in the
+persistent worker process, waited for on a background thread, so the GUI never blocks. Prompts
+placed while a job runs wait in order (:mod:`.interaction`). Keyboard shortcuts while the module is
+shown: P point, B box, R refine, T track, Esc cancel, Ctrl+Z undo.
+"""
+from __future__ import annotations
+
+import logging
+
+import vtk
+
+import qt
+import slicer
+from slicer.i18n import tr as _
+from slicer.util import VTKObservationMixin
+
+from . import dependencies, logic as logicModule, models, trackoutputs
+from .interaction import InteractiveSegmentation
+from .jobs import Job
+from .logic import LesionLocatorLogic
+
+L = logicModule
+POLL_MS = 50
+SHORTCUTS = (("P", "onPlacePoint"), ("B", "onPlaceBox"), ("R", "onRefine"), ("T", "onTrack"),
+             ("Esc", "onCancel"), ("Ctrl+Z", "onUndo"))
+
+
+class LesionLocatorPanel(VTKObservationMixin):
+    """The GUI of the module (``parent``: the ScriptedLoadableModuleWidget)."""
+
+    SETTINGS_MODEL_PATH = "LesionLocator/ModelPath"
+
+    def __init__(self, moduleWidget):
+        VTKObservationMixin.__init__(self)
+        self.moduleWidget = moduleWidget
+        self.logic = None
+        self._parameterNode = None
+        self._updatingGUI = False
+        self._followUpRefreshPending = False
+        self._shortcuts = []
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_MS)
+        self.timer.connect("timeout()", self.poll)
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, layout, uiWidget):
+        layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = LesionLocatorLogic()
+        self.logic.useWorkerProcess()  # off Slicer's process: a crash or OOM there costs a message only
+        self.session = InteractiveSegmentation(
+            self.logic, volume=self._baseline, options=lambda: self.logic.modelOptions(self._parameterNode),
+            enabled=lambda: self._parameterNode.GetParameter(L.PARAM_AUTO_SEGMENT) == "true",
+            done=self.showSegmentation, failed=self.showError, cancelled=self.showCancelled,
+            progress=self.showProgress)
+        for event, handler in ((slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose),
+                               (slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose),
+                               (slicer.mrmlScene.NodeAddedEvent, self.onVolumesChanged),
+                               (slicer.mrmlScene.NodeRemovedEvent, self.onVolumesChanged)):
+            self.addObserver(slicer.mrmlScene, event, handler)
+        self._connect()
+        savedPath = qt.QSettings().value(self.SETTINGS_MODEL_PATH, "")
+        self.initializeParameterNode()
+        if savedPath and not self._parameterNode.GetParameter(L.PARAM_MODEL_PATH):
+            self._parameterNode.SetParameter(L.PARAM_MODEL_PATH, savedPath)
+        self.ui.progressBar.setVisible(False)
+        self.updateDependencyStatus()
+
+    def _connect(self):
+        ui = self.ui
+        for widget, signal in ((ui.baselineVolumeSelector, "currentNodeChanged(vtkMRMLNode*)"),
+                               (ui.promptNodeSelector, "currentNodeChanged(vtkMRMLNode*)"),
+                               (ui.modelPathLineEdit, "currentPathChanged(QString)"),
+                               (ui.deviceComboBox, "currentIndexChanged(int)"), (ui.foldsLineEdit, "editingFinished()"),
+                               (ui.ttaCheckBox, "stateChanged(int)"), (ui.autoSegmentCheckBox, "toggled(bool)"),
+                               (ui.minVolumeSpinBox, "valueChanged(double)"),
+                               (ui.minPromptFractionSpinBox, "valueChanged(double)")):
+            widget.connect(signal, self.updateParameterNodeFromGUI)
+        for button, handler in ((ui.placePointButton, self.onPlacePoint), (ui.placeBoxButton, self.onPlaceBox),
+                                (ui.segmentButton, self.onSegment), (ui.refineButton, self.onRefine),
+                                (ui.trackButton, self.onTrack), (ui.cancelButton, self.onCancel),
+                                (ui.undoButton, self.onUndo), (ui.installDependenciesButton, self.onInstallDependencies),
+                                (ui.downloadModelButton, self.onDownloadModel)):
+            button.connect("clicked()", handler)
+        ui.baselineVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateFollowUpList)
+        ui.refineSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtonStates)
+        ui.refineSegmentSelector.connect("currentSegmentChanged(QString)", self.updateButtonStates)
+
+    def cleanup(self):
+        self.timer.stop()
+        self.removeObservers()
+        if self.logic is not None:
+            self.session.close()
+            self.logic.cleanup()
+
+    def enter(self):
+        self.initializeParameterNode()
+        mainWindow = slicer.util.mainWindow()
+        for keys, handler in SHORTCUTS:
+            shortcut = qt.QShortcut(qt.QKeySequence(keys), mainWindow)
+            shortcut.connect("activated()", getattr(self, handler))
+            self._shortcuts.append(shortcut)
+
+    def exit(self):
+        self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        for shortcut in self._shortcuts:
+            shortcut.setParent(None)
+            shortcut.deleteLater()
+        self._shortcuts = []
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onVolumesChanged(self, caller, event, node=None):
+        """A volume was loaded or removed: refresh the follow-up list (once, after the load)."""
+        if node is not None and node.IsA("vtkMRMLScalarVolumeNode") and not self._followUpRefreshPending:
+            self._followUpRefreshPending = True
+            qt.QTimer.singleShot(0, self._refreshFollowUps)
+
+    def _refreshFollowUps(self):
+        self._followUpRefreshPending = False
+        self.updateFollowUpList()
+
+    def onSceneStartClose(self, caller, event):
+        self.session.cancel()
+        self.session.watcher.unwatch()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.moduleWidget.parent.isEntered:
+            self.initializeParameterNode()
+
+    # ------------------------------------------------------------------ parameter node
+    def initializeParameterNode(self):
+        node = self.logic.getParameterNode()
+        self.logic.setDefaultParameters(node)
+        if not node.GetNodeReference(L.REF_BASELINE):
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first is not None and not first.IsA("vtkMRMLLabelMapVolumeNode"):
+                node.SetNodeReferenceID(L.REF_BASELINE, first.GetID())
+        self.setParameterNode(node)
+
+    def setParameterNode(self, node):
+        if self._parameterNode is not None:
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNode = node
+        if node is not None:
+            self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None):
+        node = self._parameterNode
+        if node is None or self._updatingGUI:
+            return
+        self._updatingGUI = True
+        try:
+            self.ui.baselineVolumeSelector.setCurrentNode(node.GetNodeReference(L.REF_BASELINE))
+            self.ui.promptNodeSelector.setCurrentNode(node.GetNodeReference(L.REF_PROMPTS))
+            self.ui.modelPathLineEdit.currentPath = node.GetParameter(L.PARAM_MODEL_PATH)
+            self.ui.deviceComboBox.setCurrentIndex(max(self.ui.deviceComboBox.findText(node.GetParameter(L.PARAM_DEVICE)), 0))
+            self.ui.foldsLineEdit.text = node.GetParameter(L.PARAM_FOLDS)
+            self.ui.ttaCheckBox.setCheckState({"on": qt.Qt.Checked, "off": qt.Qt.Unchecked}.get(
+                node.GetParameter(L.PARAM_TTA), qt.Qt.PartiallyChecked))
+            self.ui.autoSegmentCheckBox.checked = node.GetParameter(L.PARAM_AUTO_SEGMENT) == "true"
+            try:
+                options = self.logic.trackOptions(node)
+            except ValueError as error:  # e.g. a scene saved by hand: shown as 0, tracking refuses it
+                logging.warning(f"LesionLocator: {error}")
+                options = {"minVolumeMl": 0.0, "minPromptFraction": 0.0}
+            self.ui.minVolumeSpinBox.value = options["minVolumeMl"]
+            self.ui.minPromptFractionSpinBox.value = options["minPromptFraction"]
+            self.session.watcher.unwatch()
+            self.session.watcher.watch(node.GetNodeReference(L.REF_PROMPTS))
+            self.updateButtonStates()
+        finally:
+            self._updatingGUI = False
+
+    def updateParameterNodeFromGUI(self, *args):
+        node = self._parameterNode
+        if node is None or self._updatingGUI:
+            return
+        wasModified = node.StartModify()
+        node.SetNodeReferenceID(L.REF_BASELINE, self.ui.baselineVolumeSelector.currentNodeID)
+        node.SetNodeReferenceID(L.REF_PROMPTS, self.ui.promptNodeSelector.currentNodeID)
+        node.SetParameter(L.PARAM_MODEL_PATH, self.ui.modelPathLineEdit.currentPath)
+        node.SetParameter(L.PARAM_DEVICE, self.ui.deviceComboBox.currentText)
+        node.SetParameter(L.PARAM_FOLDS, self.ui.foldsLineEdit.text.strip())
+        state = self.ui.ttaCheckBox.checkState()
+        node.SetParameter(L.PARAM_TTA, "on" if state == qt.Qt.Checked else "off" if state == qt.Qt.Unchecked else "auto")
+        node.SetParameter(L.PARAM_AUTO_SEGMENT, "true" if self.ui.autoSegmentCheckBox.checked else "false")
+        node.SetParameter(L.PARAM_MIN_VOLUME_ML, repr(float(self.ui.minVolumeSpinBox.value)))
+        node.SetParameter(L.PARAM_MIN_PROMPT_FRACTION, repr(float(self.ui.minPromptFractionSpinBox.value)))
+        node.EndModify(wasModified)
+        if self.ui.modelPathLineEdit.currentPath:
+            qt.QSettings().setValue(self.SETTINGS_MODEL_PATH, self.ui.modelPathLineEdit.currentPath)
+
+    def updateButtonStates(self, *args):
+        node = self._parameterNode
+        haveVolume = node is not None and node.GetNodeReference(L.REF_BASELINE) is not None
+        havePrompts = node is not None and node.GetNodeReference(L.REF_PROMPTS) is not None
+        busy = self.session.jobs.busy
+        self.ui.placePointButton.enabled = self.ui.placeBoxButton.enabled = haveVolume  # clicks queue while busy
+        self.ui.segmentButton.enabled = haveVolume and havePrompts
+        self.ui.refineButton.enabled = (haveVolume and self.ui.refineSegmentSelector.currentNodeID() != ""
+                                        and bool(self.ui.refineSegmentSelector.currentSegmentID()))
+        self.ui.trackButton.enabled = haveVolume and not busy
+        self.ui.downloadModelButton.enabled = not busy
+        self.ui.undoButton.enabled = self.logic.canUndo and not busy
+        self.ui.cancelButton.enabled = busy
+
+    def updateFollowUpList(self, *args):
+        """Every other scalar volume, checkable, in time order (study date, else load order); the
+        user may drag them into another order, which tracking then follows."""
+        baseline = self.ui.baselineVolumeSelector.currentNode()
+        items = [self.ui.followUpList.item(i) for i in range(self.ui.followUpList.count)]
+        checked = {item.data(qt.Qt.UserRole) for item in items if item.checkState() == qt.Qt.Checked}
+        shown = [item.data(qt.Qt.UserRole) for item in items]  # the user's order so far
+        self.ui.followUpList.clear()
+        volumes = [v for v in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                   if v is not baseline and not v.IsA("vtkMRMLLabelMapVolumeNode") and not v.GetHideFromEditors()]
+        byId = {v.GetID(): v for v in volumes}
+        ordered = [byId[i] for i in shown if i in byId]
+        ordered += [v for v in self.logic.orderFollowUps(volumes) if v.GetID() not in shown]
+        for volume in ordered:
+            item = qt.QListWidgetItem(volume.GetName())
+            item.setData(qt.Qt.UserRole, volume.GetID())
+            item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+            item.setCheckState(qt.Qt.Checked if volume.GetID() in checked else qt.Qt.Unchecked)
+            self.ui.followUpList.addItem(item)
+
+    # ------------------------------------------------------------------ prompts
+    def onPlacePoint(self):
+        node = self._parameterNode.GetNodeReference(L.REF_PROMPTS)
+        if node is None or not node.IsA("vtkMRMLMarkupsFiducialNode"):
+            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode",
+                                                      slicer.mrmlScene.GenerateUniqueName(_("Lesion points")))
+            node.CreateDefaultDisplayNodes()
+            self._parameterNode.SetNodeReferenceID(L.REF_PROMPTS, node.GetID())
+        slicer.modules.markups.logic().SetActiveList(node)
+        slicer.modules.markups.logic().StartPlaceMode(True)
+
+    def onPlaceBox(self):
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode",
+                                                  slicer.mrmlScene.GenerateUniqueName(_("Lesion box")))
+        node.CreateDefaultDisplayNodes()
+        self._parameterNode.SetNodeReferenceID(L.REF_PROMPTS, node.GetID())
+        slicer.modules.markups.logic().SetActiveList(node)
+        slicer.modules.markups.logic().StartPlaceMode(False)
+
+    # ------------------------------------------------------------------ actions
+    def _baseline(self):
+        return self._parameterNode.GetNodeReference(L.REF_BASELINE)
+
+    def submit(self, job: Job):
+        """Queue a job and make sure the timer polls it."""
+        self.session.submit(job)
+        self.poll()
+
+    def poll(self):
+        busy = self.session.poll()
+        if busy and not self.timer.isActive():
+            self.timer.start()
+            self.ui.progressBar.setVisible(True)
+        elif not busy and self.timer.isActive():
+            self.timer.stop()
+            self.ui.progressBar.setVisible(False)
+        self.updateButtonStates()
+
+    def onSegment(self):
+        prompts = self._parameterNode.GetNodeReference(L.REF_PROMPTS)
+        self.submit(self.logic.segmentationJob(self._baseline(), prompts, options=self.logic.modelOptions(),
+                                               done=self.showSegmentation, failed=self.showError,
+                                               cancelled=self.showCancelled))
+
+    def onRefine(self):
+        refine = (self.ui.refineSegmentSelector.currentNode(), self.ui.refineSegmentSelector.currentSegmentID())
+        if refine[0] is None or not refine[1]:
+            return
+        self.submit(self.logic.segmentationJob(self._baseline(), refine=refine, options=self.logic.modelOptions(),
+                                               done=self.showSegmentation, failed=self.showError,
+                                               cancelled=self.showCancelled))
+
+    def onTrack(self):
+        followUps = [slicer.mrmlScene.GetNodeByID(self.ui.followUpList.item(i).data(qt.Qt.UserRole))
+                     for i in range(self.ui.followUpList.count)
+                     if self.ui.followUpList.item(i).checkState() == qt.Qt.Checked]
+        if not followUps:
+            slicer.util.warningDisplay(_("Check the follow-up scans to track the lesions into (Inputs > Follow-ups)."),
+                                       windowTitle="LesionLocator")
+            return
+        with slicer.util.tryWithErrorDisplay(_("Invalid tracking options."), waitCursor=False):
+            options = self.logic.trackOptions(self._parameterNode)
+            self.submit(self.logic.trackJob(self._baseline(), followUps, self.logic.modelOptions(), options,
+                                            done=self.showTrackResults, failed=self.showError,
+                                            cancelled=self.showCancelled))
+
+    def onDownloadModel(self):
+        """Ask (with the size, read from the record off the GUI thread), then download the official
+        weights with the module's progress bar and Cancel, and make them the model."""
+        def ask(question):
+            if slicer.util.confirmOkCancelDisplay(question, windowTitle="LesionLocator"):
+                self.submit(self.logic.downloadJob(done=self.showDownloadedModel, failed=self.showError,
+                                                   cancelled=self.showDownloadCancelled))
+        self.submit(Job(_("Reading the model record"), lambda plan, progress, cancel: models.describeDownload(),
+                        done=ask, failed=self.showError))
+
+    def onCancel(self):
+        self.session.cancel()
+        self.ui.statusLabel.text = _("Cancelling...")
+
+    def onUndo(self):
+        if self.session.jobs.busy:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Nothing could be undone."), waitCursor=False):
+            self.ui.statusLabel.text = _("Undone: {what}").format(what=self.logic.undo())
+        self.updateButtonStates()
+
+    # ------------------------------------------------------------------ results
+    def showProgress(self, fraction, message):
+        self.ui.progressBar.value = int(100 * fraction)
+        waiting = len(self.session.jobs.waiting())
+        self.ui.statusLabel.text = message + (_(" ({n} waiting)").format(n=waiting) if waiting else "")
+
+    def showSegmentation(self, resultNode):
+        summary = self.logic.lastRunSummary()
+        self.ui.statusLabel.text = summary
+        self.ui.refineSegmentSelector.setCurrentNode(resultNode)
+        if self.logic.lastResponse is not None and self.logic.lastResponse.empty:
+            slicer.util.warningDisplay(summary, windowTitle="LesionLocator")
+
+    def showTrackResults(self, outputs: trackoutputs.TrackOutputs):
+        """The lesion table in the module panel, the volume plot in the layout's plot view."""
+        self.ui.resultsTableView.setMRMLTableNode(outputs.tableNode)
+        self.ui.resultsCollapsibleButton.collapsed = False
+        plots = getattr(slicer.modules, "plots", None)
+        if plots is not None and outputs.plotChartNode is not None:
+            plots.logic().ShowChartInLayout(outputs.plotChartNode)
+        self.ui.statusLabel.text = self.logic.lastTrackSummary()
+        if outputs.warnings:
+            slicer.util.warningDisplay("\n".join(outputs.warnings), windowTitle="LesionLocator")
+
+    def showDownloadedModel(self, modelRoot):
+        self.ui.modelPathLineEdit.addCurrentPathToHistory()
+        qt.QSettings().setValue(self.SETTINGS_MODEL_PATH, str(modelRoot))
+        self.ui.statusLabel.text = _("Model ready and selected: {path}").format(path=modelRoot)
+
+    def showError(self, error):
+        """Every failure is a message (the scene is unchanged), not only a traceback in the log."""
+        logging.error("LesionLocator failed", exc_info=(type(error), error, error.__traceback__))
+        self.ui.statusLabel.text = _("Failed: {error}").format(error=error)
+        slicer.util.errorDisplay(str(error), windowTitle="LesionLocator")
+
+    def showCancelled(self):
+        self.ui.statusLabel.text = _("Cancelled: nothing was changed.")
+
+    def showDownloadCancelled(self):
+        self.ui.statusLabel.text = _("Download cancelled: nothing was installed; downloading again resumes where "
+                                     "it stopped.")
+
+    # ------------------------------------------------------------------ dependencies
+    def updateDependencyStatus(self):
+        message = dependencies.status_message()
+        self.ui.installDependenciesButton.setVisible(message is not None)
+        if message:
+            self.ui.statusLabel.text = message
+
+    def onInstallDependencies(self):
+        message = dependencies.status_message()
+        if message is None:
+            self.updateDependencyStatus()
+            return
+        if not slicer.util.confirmOkCancelDisplay(message + "\n\n" + _("Install them now? This downloads several "
+                                                                       "hundred MB."), windowTitle="LesionLocator"):
+            return
+        with slicer.util.WaitCursor():
+            problem = dependencies.install_in_slicer(report=self._showInstallStep)
+        if problem:
+            self.ui.statusLabel.text = problem
+            slicer.util.errorDisplay(problem, windowTitle="LesionLocator")
+        self.updateDependencyStatus()
+
+    def _showInstallStep(self, message):
+        self.ui.statusLabel.text = message
+        slicer.app.processEvents()
