@@ -247,7 +247,8 @@ class ModelGrid:
         if sep is None:
             block = apply_axes(block, mats)
             if self.clip is not None:
-                lo_v, hi_v = normalize(np.array(self.clip[0], np.float32)), normalize(np.array(self.clip[1], np.float32))
+                lo_v = normalize(np.array(self.clip[0], np.float32))
+                hi_v = normalize(np.array(self.clip[1], np.float32))
                 block = torch.clamp(block, float(lo_v), float(hi_v))
         else:
             block = apply_axes(block, {a: m for a, m in mats.items() if a != sep})
@@ -292,7 +293,8 @@ class ModelGrid:
             ranges.append((int(cols[0]), int(cols[-1]) + 1))
             mats[a] = w[:, ranges[a][0]:ranges[a][1]]
         src = mask[tuple(slice(c + r[0], c + r[1]) for c, r in zip(self.crop_lo, ranges))]
-        block = apply_axes(torch.from_numpy(np.ascontiguousarray(src, dtype=np.float32)), {2: mats[2], 1: mats[1], 0: mats[0]})
+        block = apply_axes(torch.from_numpy(np.ascontiguousarray(src, dtype=np.float32)),
+                           {2: mats[2], 1: mats[1], 0: mats[0]})
         dst = tuple(slice(a - l_ + p, b - l_ + p) for a, b, l_, p in zip(mlo, mhi, lo, self.pad_lo))
         block = block.numpy()
         out[dst] = ((block > 0.5) if self.mask_strict else (block >= 0.5)).astype(np.float32)

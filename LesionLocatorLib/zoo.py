@@ -44,82 +44,44 @@ on Windows)::
     downloads/NAME/*.part                  partial downloads (resumable)
     locks/NAME.lock
 
-Only the standard library is used for HTTP (urllib).
+The HTTP transfer (records API, resume, retries, MD5) lives in
+:mod:`LesionLocatorLib.download` and safe unpacking in :mod:`LesionLocatorLib.archives`;
+this module keeps the registry, the cache places, the per-model lock, installing
+into the cache with its manifest, the installed models and the public API, and
+re-exports the errors and helpers of both modules.
 """
 from __future__ import annotations
 
 import datetime
-import errno
-import hashlib
-import http.client
 import json
 import os
 import re
 import shutil
 import socket
-import stat
 import sys
-import tarfile
 import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import uuid
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cancel import Cancelled
+from .archives import ArchiveError, _archive_members, _extract, _find_model_root
+from .archives import UnsafeArchiveError  # noqa: F401  (re-exported: the zoo API)
+from .download import (ZENODO_URL, ChecksumError, DownloadCancelled, ZooError, _check_free, _hash_file,
+                       download_file, fetch_record, human_size, pick_file, zenodo_url)
+from .download import CHUNK, MAX_BACKOFF, RETRY_STATUS  # noqa: F401  (re-exported: the zoo API)
+from .download import DiskFullError, DownloadError, RemoteFile  # noqa: F401  (re-exported: the zoo API)
 
-ZENODO_URL = "https://zenodo.org"
 MANIFEST_NAME = "lesionlocator-model.json"
 MANIFEST_FORMAT = "lesionlocator-model/1"
 DEFAULT_DOWNLOAD = "lesionlocator"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL_DIR = REPO_ROOT / "Resources" / "Models" / "LesionLocatorDemo"
-CHUNK = 256 * 1024
-RETRY_STATUS = (408, 425, 429, 500, 502, 503, 504)
-MAX_BACKOFF = 60.0
 
 
 # --------------------------------------------------------------------------- errors
-class ZooError(RuntimeError):
-    """A model could not be downloaded or installed (the message says why and what to do)."""
-
-
-class DownloadError(ZooError):
-    """The server could not be reached, refused, or answered something other than the file."""
-
-
-class ChecksumError(DownloadError):
-    """The downloaded file does not match the checksum published with it."""
-
-
-class ArchiveError(ZooError):
-    """An archive that cannot be unpacked into a model (not an archive, no model inside)."""
-
-
-class UnsafeArchiveError(ArchiveError):
-    """An archive with entries that would be written outside the target folder."""
-
-
 class ModelNotFoundError(FileNotFoundError):
     """A model name that is not installed (or not known), or a model folder that does not exist."""
-
-
-class DiskFullError(OSError):
-    """Not enough disk space for a download or an unpacked model."""
-
-    def __init__(self, message: str):
-        super().__init__(errno.ENOSPC, message)
-
-    def __str__(self) -> str:
-        return self.strerror
-
-
-class DownloadCancelled(Cancelled):
-    """The download was cancelled; the partial file is kept and the next call resumes it."""
 
 
 # --------------------------------------------------------------------------- registry
@@ -199,10 +161,6 @@ def default_cache_dir() -> Path:
     return base / "lesionlocator"
 
 
-def zenodo_url(base_url: str | None = None) -> str:
-    return (base_url or os.environ.get("LESIONLOCATOR_ZENODO_URL") or ZENODO_URL).rstrip("/")
-
-
 def demo_model_dir() -> Path:
     """The bundled demo model (``$LESIONLOCATOR_DEMO_MODEL`` overrides)."""
     env = os.environ.get("LESIONLOCATOR_DEMO_MODEL")
@@ -216,18 +174,6 @@ def cache_root(cache_dir=None) -> Path:
 
 def _notify(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _sleep(seconds: float) -> None:  # patched by tests
-    time.sleep(seconds)
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000.0
-    return f"{n} B"
 
 
 # --------------------------------------------------------------------------- lock
@@ -366,399 +312,7 @@ def _model_lock(cache: Path, name: str, cancel=None) -> _Lock:
     return _Lock(cache / "locks" / f"{name}.lock", cancel=cancel, on_wait=waiting)
 
 
-# --------------------------------------------------------------------------- HTTP
-_NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout)
-
-
-def _user_agent() -> str:
-    from . import __version__
-    return f"LesionLocatorLib/{__version__} (+https://github.com/MIC-DKFZ/LesionLocator)"
-
-
-def _check_web_url(url: str) -> None:
-    """Only http(s) links are followed: a record (or a redirect) naming file://, ftp:// or anything
-    else is refused, so a download can never read a local file or another protocol."""
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
-    if scheme not in ("http", "https"):
-        raise DownloadError(f"refused to open {url!r}: only http:// and https:// links are followed "
-                            f"(this one is {scheme + '://' if scheme else 'not a web address'})")
-
-
-class _WebOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        _check_web_url(newurl)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def _urlopen(url: str, headers: dict, timeout: float):
-    _check_web_url(url)
-    req = urllib.request.Request(url, headers={"User-Agent": _user_agent(), **headers})
-    return urllib.request.build_opener(_WebOnlyRedirects).open(req, timeout=timeout)
-
-
-def _is_html(content_type: str | None, head: bytes = b"") -> bool:
-    ctype = (content_type or "").split(";")[0].strip().lower()
-    return ctype in ("text/html", "application/xhtml+xml") or head.lstrip()[:15].lower().startswith(
-        (b"<!doctype html", b"<html"))
-
-
-def _reason(e: BaseException) -> str:
-    """A short text for a network error (the socket error inside a URLError)."""
-    if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError):
-        e = e.reason
-        if not isinstance(e, BaseException):
-            return str(e)
-    return str(e).strip() or type(e).__name__
-
-
-def _backoff_delay(backoff: float, attempt: int, retry_after: str | None = None) -> float:
-    delay = backoff * (2 ** attempt)
-    if retry_after:
-        try:
-            delay = max(delay, float(retry_after))
-        except ValueError:
-            pass
-    return min(delay, MAX_BACKOFF)
-
-
-def fetch_record(record: str, base_url: str | None = None, *, retries: int = 4, backoff: float = 2.0,
-                 timeout: float = 60.0) -> dict:
-    """The Zenodo records API JSON of a record (``{base}/api/records/{record}``)."""
-    url = f"{zenodo_url(base_url)}/api/records/{record}"
-    for attempt in range(retries + 1):
-        try:
-            with _urlopen(url, {"Accept": "application/json"}, timeout) as resp:
-                body = resp.read(16 * 1024 * 1024)
-                ctype = resp.headers.get("Content-Type")
-        except urllib.error.HTTPError as e:
-            if e.code in RETRY_STATUS and attempt < retries:
-                _sleep(_backoff_delay(backoff, attempt, e.headers.get("Retry-After") if e.headers else None))
-                continue
-            if e.code == 404:
-                raise DownloadError(f"Zenodo record {record} not found at {url} (HTTP 404)") from None
-            tries = f" after {attempt + 1} attempts" if e.code in RETRY_STATUS else ""
-            raise DownloadError(f"{url}: the server answered HTTP {e.code} {e.reason}{tries}; "
-                                "try again later") from None
-        except _NETWORK_ERRORS as e:
-            if attempt < retries:
-                _sleep(_backoff_delay(backoff, attempt))
-                continue
-            raise DownloadError(f"could not reach {url} after {attempt + 1} attempts: {_reason(e)} "
-                                "(check the network connection, or download the archive elsewhere and "
-                                "use `lesionlocator download --from-file ARCHIVE`)") from None
-        if _is_html(ctype, body[:64]):
-            raise DownloadError(f"{url} returned an HTML page, not the Zenodo records API JSON "
-                                "(is the server address right? it is set by LESIONLOCATOR_ZENODO_URL)")
-        try:
-            data = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DownloadError(f"{url} returned invalid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise DownloadError(f"{url} returned JSON that is not a Zenodo record")
-        return data
-    raise AssertionError("unreachable")
-
-
-@dataclass
-class RemoteFile:
-    key: str
-    url: str
-    size: int
-    md5: str | None
-
-
-def _record_files(data: dict) -> list:
-    files = data.get("files") or []
-    if isinstance(files, dict):  # InvenioRDM style {"entries": [...]}
-        files = files.get("entries") or []
-        if isinstance(files, dict):
-            files = list(files.values())
-    return [f for f in files if isinstance(f, dict) and f.get("key")]
-
-
-def pick_file(data: dict, api_url: str, preferred: str | None = None) -> RemoteFile:
-    """The archive to download from a record: ``preferred`` if listed, else its only zip file."""
-    files = _record_files(data)
-    if not files:
-        raise DownloadError(f"{api_url}: the record lists no files")
-    chosen = [f for f in files if preferred and f["key"] == preferred]
-    if not chosen:
-        chosen = [f for f in files if f["key"].lower().endswith((".zip", ".tar.gz", ".tgz", ".tar"))]
-    if len(chosen) != 1:
-        raise DownloadError(f"{api_url}: cannot tell which file is the model: "
-                            + ", ".join(f["key"] for f in files))
-    f = chosen[0]
-    links = f.get("links") or {}
-    link = links.get("self") or links.get("content") or links.get("download")
-    if not link:
-        link = f"{api_url}/files/{urllib.parse.quote(f['key'])}/content"
-    checksum = str(f.get("checksum") or "")
-    md5 = checksum.split(":", 1)[1].lower() if checksum.lower().startswith("md5:") else None
-    try:
-        size = int(f.get("size") or f.get("filesize"))
-    except (TypeError, ValueError):
-        raise DownloadError(f"{api_url}: the record gives no size for {f['key']}") from None
-    return RemoteFile(key=f["key"], url=urllib.parse.urljoin(api_url, link), size=size, md5=md5)
-
-
-def _check_free(folder: Path, need: int, what: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder).free
-    if free < need:
-        raise DiskFullError(f"not enough free disk space in {folder}: {what} needs {human_size(need)}, "
-                            f"{human_size(free)} free; free some space or set LESIONLOCATOR_HOME to a "
-                            "folder on a bigger disk")
-
-
-def _open_part(path: Path, mode: str):  # a seam for tests (disk full while writing)
-    return open(path, mode)
-
-
-def _is_disk_full(e: OSError) -> bool:
-    return e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
-
-
-def _hash_file(path: Path, algo: str = "md5", cancel=None):
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        while True:
-            if cancel is not None and cancel.is_set():
-                raise DownloadCancelled("cancelled")
-            b = f.read(4 * CHUNK)
-            if not b:
-                return h
-            h.update(b)
-
-
-def download_file(remote: RemoteFile, part: Path, progress=None, cancel=None, *, retries: int = 4,
-                  backoff: float = 2.0, timeout: float = 60.0) -> Path:
-    """Download ``remote`` into ``part`` (resuming what is there) and verify its MD5.
-
-    Network errors and HTTP 429/5xx are retried ``retries`` times in a row without
-    progress, waiting ``backoff * 2**n`` seconds (at most 60 s); an attempt that
-    brought new bytes resets that count. The partial file is kept on network errors,
-    cancellation and Ctrl-C (the next call resumes it with an HTTP Range request); it
-    is removed on a checksum mismatch, an oversized answer and a full disk.
-    """
-    part.parent.mkdir(parents=True, exist_ok=True)
-    have = part.stat().st_size if part.exists() else 0
-    if have > remote.size:
-        part.unlink()
-        have = 0
-    hasher = _hash_file(part, cancel=cancel) if have else hashlib.md5()
-    failures = 0
-    if progress:
-        progress(have, remote.size)
-
-    def check_cancel():
-        if cancel is not None and cancel.is_set():
-            raise DownloadCancelled(f"download of {remote.key} cancelled at {human_size(have)} of "
-                                    f"{human_size(remote.size)}; the partial file is kept for resuming")
-
-    def give_up(msg: str) -> DownloadError:
-        kept = (f"; {human_size(have)} of {human_size(remote.size)} are kept in {part}, run the command again "
-                "to resume") if have else ""
-        return DownloadError(msg + kept)
-
-    def restart():
-        nonlocal have, hasher
-        part.unlink(missing_ok=True)
-        have, hasher = 0, hashlib.md5()
-
-    def stream(resp) -> int:
-        """Append the response body to the part file; returns the bytes received."""
-        nonlocal have
-        got = 0
-        try:
-            with _open_part(part, "ab" if have else "wb") as f:
-                while True:
-                    check_cancel()
-                    chunk = resp.read1(CHUNK)
-                    if not chunk:
-                        break
-                    if have + len(chunk) > remote.size:
-                        f.close()
-                        restart()
-                        raise DownloadError(f"{remote.url} sent more than the {remote.size} bytes the record "
-                                            "lists; the file was removed")
-                    f.write(chunk)
-                    hasher.update(chunk)
-                    have += len(chunk)
-                    got += len(chunk)
-                    if progress:
-                        progress(have, remote.size)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            if isinstance(e, _NETWORK_ERRORS) or not _is_disk_full(e):
-                raise
-            restart()
-            raise DiskFullError(f"the disk is full: writing {part} failed ({e.strerror}); the partial file "
-                                "was removed; free some space or set LESIONLOCATOR_HOME to a folder on a "
-                                "bigger disk") from None
-        return got
-
-    while have < remote.size:
-        check_cancel()
-        before, last_error, retry_after = have, "", None
-        try:
-            resp = _urlopen(remote.url, {"Range": f"bytes={have}-"} if have else {}, timeout)
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and have:  # the server will not resume this file: start again
-                restart()
-                last_error = "HTTP 416 Range Not Satisfiable"
-            elif e.code in RETRY_STATUS:
-                last_error = f"HTTP {e.code} {e.reason}"
-                retry_after = e.headers.get("Retry-After") if e.headers else None
-            else:
-                raise give_up(f"download of {remote.key} failed: HTTP {e.code} {e.reason} from "
-                              f"{remote.url}") from None
-        except _NETWORK_ERRORS as e:
-            last_error = _reason(e)
-        else:
-            with resp:
-                if _is_html(resp.headers.get("Content-Type")):
-                    raise give_up(f"{remote.url} returned an HTML page instead of {remote.key} "
-                                  "(the server may be down for maintenance; try again later)")
-                ok = True
-                if resp.status == 206:
-                    m = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range") or "")
-                    if not m or int(m.group(1)) != have:
-                        last_error = (f"the server resumed at the wrong place (Content-Range "
-                                      f"{resp.headers.get('Content-Range')!r} for bytes={have}-)")
-                        restart()
-                        ok = False
-                elif have:  # 200: the server sends the whole file again
-                    restart()
-                if ok:
-                    try:
-                        stream(resp)
-                    except (*_NETWORK_ERRORS, http.client.HTTPException) as e:
-                        last_error = _reason(e)
-                    if have < remote.size and not last_error:
-                        last_error = (f"the connection closed after {human_size(have)} of "
-                                      f"{human_size(remote.size)}")
-        if have >= remote.size:
-            break
-        failures = 0 if have > before else failures + 1
-        if failures > retries:
-            raise give_up(f"download of {remote.key} failed after {retries + 1} attempts without progress: "
-                          f"{last_error}")
-        _sleep(_backoff_delay(backoff, max(failures - 1, 0), retry_after))
-    digest = hasher.hexdigest()
-    if remote.md5 and digest != remote.md5:
-        part.unlink(missing_ok=True)
-        raise ChecksumError(f"checksum mismatch for {remote.key}: expected md5 {remote.md5}, got {digest}; "
-                            "the downloaded file was removed (run the command again to download it afresh)")
-    return part
-
-
-# --------------------------------------------------------------------------- archives
-_SKIP = ("__MACOSX/",)
-
-
-def _safe_relpath(name: str, label: str) -> str | None:
-    """The member's relative path, or None for entries to skip; raises for unsafe names."""
-    n = name.replace("\\", "/")
-    if n.startswith(_SKIP) or n.rstrip("/").split("/")[-1] == ".DS_Store":
-        return None
-    if n.startswith("/") or re.match(r"^[A-Za-z]:", n) or "\x00" in n:
-        raise UnsafeArchiveError(f"refused to unpack {label}: entry {name!r} has an absolute path")
-    parts = [p for p in n.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise UnsafeArchiveError(f"refused to unpack {label}: entry {name!r} would be written outside "
-                                 "the target folder")
-    return "/".join(parts) or None
-
-
-def _archive_members(archive: Path, label: str) -> tuple:
-    """(kind, entries): entries are (relpath, is_dir, size, member); every entry checked first."""
-    entries = []
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                mode = (info.external_attr >> 16) & 0o170000
-                rel = _safe_relpath(info.filename, label)
-                if rel is None:
-                    continue
-                if mode and mode not in (stat.S_IFREG, stat.S_IFDIR):
-                    raise UnsafeArchiveError(f"refused to unpack {label}: entry {info.filename!r} is a "
-                                             "link or special file")
-                entries.append((rel, info.is_dir(), info.file_size, info))
-        return "zip", entries
-    try:
-        is_tar = tarfile.is_tarfile(archive)
-    except OSError:
-        is_tar = False
-    if is_tar:
-        with tarfile.open(archive) as tf:
-            for m in tf.getmembers():
-                rel = _safe_relpath(m.name, label)
-                if rel is None:
-                    continue
-                if not (m.isfile() or m.isdir()):
-                    raise UnsafeArchiveError(f"refused to unpack {label}: entry {m.name!r} is a link or "
-                                             "special file")
-                entries.append((rel, m.isdir(), m.size, m))
-        return "tar", entries
-    raise ArchiveError(f"{label} is not a zip or tar archive")
-
-
-def _extract(archive: Path, kind: str, entries: list, dest: Path, label: str, cancel=None, progress=None) -> dict:
-    """Unpack the checked entries into ``dest``; returns {relpath: {size, sha256}}."""
-    total = sum(e[2] for e in entries if not e[1])
-    done = 0
-    files = {}
-    dest_real = os.path.realpath(dest)
-    opener = zipfile.ZipFile if kind == "zip" else tarfile.open
-    with opener(archive) as ar:
-        for rel, is_dir, size, member in entries:
-            if cancel is not None and cancel.is_set():
-                raise DownloadCancelled("cancelled while unpacking")
-            target = dest / rel
-            real = os.path.realpath(target)
-            if os.path.commonpath([dest_real, real]) != dest_real:  # belt and braces
-                raise UnsafeArchiveError(f"refused to unpack {label}: entry {rel!r} would be written "
-                                         "outside the target folder")
-            if is_dir:
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            h = hashlib.sha256()
-            src = ar.open(member) if kind == "zip" else ar.extractfile(member)
-            try:
-                with src, open(target, "wb") as out:
-                    while True:
-                        b = src.read(4 * CHUNK)
-                        if not b:
-                            break
-                        out.write(b)
-                        h.update(b)
-                        done += len(b)
-                        if progress:
-                            progress(done, total)
-            except OSError as e:
-                if _is_disk_full(e):
-                    raise DiskFullError(f"the disk is full while unpacking {label} into {dest.parent} "
-                                        f"({e.strerror}); nothing was installed") from None
-                raise
-            except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
-                raise ArchiveError(f"{label} is corrupt: {rel}: {e}") from None
-            files[rel] = {"size": target.stat().st_size, "sha256": h.hexdigest()}
-    return files
-
-
-def _find_model_root(folder: Path) -> Path | None:
-    """The folder holding ``LesionLocatorSeg`` (the unpacked top folder or one/two levels down)."""
-    def candidates(d: Path, depth: int):
-        yield d
-        if depth:
-            for sub in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(("__MACOSX", "."))):
-                yield from candidates(sub, depth - 1)
-    found = [d for d in candidates(folder, 2) if (d / "LesionLocatorSeg").is_dir()]
-    return found[0] if len(found) == 1 else None
-
-
+# --------------------------------------------------------------------------- installing into the cache
 def _clean_leftovers(models: Path, name: str) -> None:
     """Staging folders of this model left by a crashed process (we hold the model's lock)."""
     for d in models.glob(f".tmp-{name}-*"):
@@ -1084,5 +638,4 @@ def resolve_model(name_or_path=None, cache_dir=None) -> Path:
 
 
 # --------------------------------------------------------------------------- command line
-
 

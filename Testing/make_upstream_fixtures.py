@@ -589,7 +589,8 @@ def pack(work: Path, fixtures: Path) -> None:
                       "grid), mask (uint8, the exported <case>_lesion_<id>.nii.gz, whole image, z y x); "
                       "model_logits (fp32 run only): upstream's preprocessed-grid logits (cropped, resampled, "
                       "unpadded) at voxels model_lo + model_step * index, inside the half-open box [model_lo, "
-                      "model_hi) where they are finite (NaN elsewhere: not predicted); orig_logits: the same logits resampled to the input grid "
+                      "model_hi) where they are finite (NaN elsewhere: not predicted); orig_logits: the same "
+                      "logits resampled to the input grid "
                       "by upstream's resampling_fn_probabilities, at voxels orig_lo + orig_step * index inside "
                       "[orig_lo, orig_hi), the box where they are finite (fp32 run; release run as float16)",
         "images": images,
@@ -923,13 +924,15 @@ def pack_track(work: Path, fixtures: Path) -> dict:
                                           "counted by the centre of mass); its instance-label branch "
                                           "(prompts == lesion index) does not"},
         "array_keys": "<case>/<lesion>/previous_mask (uint8, the mask file on the image grid, z y x); "
-                      "<case>/<variant>/<lesion>/...: mask (the exported <case>_lesion_<id>.nii.gz), slicer ([z0, z1, y0, "
+                      "<case>/<variant>/<lesion>/...: mask (the exported <case>_lesion_<id>.nii.gz), "
+                      "slicer ([z0, z1, y0, "
                       "y1, x0, x1] of the patch in the unpadded model grid, get_patch_around_mask), "
                       "unet_input_prompt (int8, the prompt channel of the U-Net input, patch size, after pad_input), "
                       "prompt_model_grid (the preprocessed previous mask TrackNet centres its patch on, int8, "
                       "cropped to its nonzero box starting at prompt_model_grid_lo; prompt_model_grid_sum its sum "
                       "over the whole grid), prompt_roundtrip_identity (TrackNet's 175^3 nearest-exact round trip "
-                      "left it unchanged); compared variant only: patch_logits (the U-Net output for its whole input patch, which starts at "
+                      "left it unchanged); compared variant only: patch_logits (the U-Net output for its whole "
+                      "input patch, which starts at "
                       "slicer start - (patch_size - slicer extent) // 2, lattice [::patch_step]), "
                       "orig_logits (TrackNet's output, patch logits and [1, 0] elsewhere, resampled by upstream's "
                       "resampling_fn_probabilities, at voxels orig_lo + orig_step * index inside [orig_lo, orig_hi), "

@@ -137,11 +137,13 @@ REAL_LESION_CTS = {
     "lung1_5mm": RegistryCT(
         "data/lung1_image.nrrd", (48, 512, 512), (0.5703125, 0.5703125, 5.0),
         "chest, a 1.4 ml lung nodule",
-        "379fa48bf34cfa961e6f5ec19c0c38757a30b9aa884212ef28dc29b5061c64ed", sdist=PYRADIOMICS, label_member="data/lung1_label.nrrd"),
+        "379fa48bf34cfa961e6f5ec19c0c38757a30b9aa884212ef28dc29b5061c64ed", sdist=PYRADIOMICS,
+        label_member="data/lung1_label.nrrd"),
     "lung2_5mm": RegistryCT(
         "data/lung2_image.nrrd", (61, 512, 512), (0.6269531, 0.6269531, 5.0),
         "chest, a 48 ml lung tumour",
-        "aa2b94eec79127ed786798ac8dc3c013010e1692d5787bebfae1a1e9685a4651", sdist=PYRADIOMICS, label_member="data/lung2_label.nrrd"),
+        "aa2b94eec79127ed786798ac8dc3c013010e1692d5787bebfae1a1e9685a4651", sdist=PYRADIOMICS,
+        label_member="data/lung2_label.nrrd"),
 }
 
 

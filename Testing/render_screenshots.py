@@ -60,7 +60,7 @@ if not os.environ.get("DISPLAY"):
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
 sys.path.insert(0, str(HERE))
-from slicer_harness import SlicerHarness, import_module_file
+from slicer_harness import SlicerHarness, import_module_file  # noqa: E402  (after the path and EGL set-up)
 
 
 # ----------------------------------------------------------------------------- demo data

@@ -327,6 +327,28 @@ class SlicerHarness:
         node.CreateDefaultDisplayNodes()
         return node
 
+    def voxel_buffers(self) -> dict:
+        """{address of a voxel buffer: number of voxels} of every volume in the scene, the items of
+        every sequence included: the memory the scene's images really use (shared buffers count once)."""
+        import slicer
+        from vtk.util import numpy_support
+
+        images = []
+        for node in slicer.util.getNodesByClass("vtkMRMLVolumeNode"):
+            images.append(node.GetImageData())
+        for sequence in slicer.util.getNodesByClass("vtkMRMLSequenceNode"):
+            for i in range(sequence.GetNumberOfDataNodes()):
+                item = sequence.GetNthDataNode(i)
+                if item is not None and item.IsA("vtkMRMLVolumeNode"):
+                    images.append(item.GetImageData())
+        buffers = {}
+        for image in images:
+            scalars = image.GetPointData().GetScalars() if image is not None else None
+            if scalars is not None and scalars.GetNumberOfTuples():
+                address = numpy_support.vtk_to_numpy(scalars).__array_interface__["data"][0]
+                buffers[address] = scalars.GetNumberOfTuples()
+        return buffers
+
     def add_linear_transform(self, matrix_to_parent, name="transform", parent=None):
         import slicer.util
 

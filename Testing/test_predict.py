@@ -39,7 +39,8 @@ SPACINGS = [(1.5, 1.5, 2.5), (0.7, 0.7, 4.0), (1.0, 0.9, 0.6), (0.8, 1.2, 1.0)]
 def test_roi_path_equals_whole_volume_preprocessing(tiny_model_root, spacing, kind):
     model = load_model(tiny_model_root, kind, device="cpu")
     img, _ = _phantom(spacing)
-    prompt = VoxelPrompt(1, "point", [15.3, 40, 30.6]) if kind == "point" else VoxelPrompt(1, "box", [10, 22, 30, 52, 20, 42])
+    prompt = (VoxelPrompt(1, "point", [15.3, 40, 30.6]) if kind == "point"
+              else VoxelPrompt(1, "box", [10, 22, 30, 52, 20, 42]))
     ours = segment(img, [prompt], model)
     ref_mask, ref_prob = segment_whole_volume(img, prompt, model)
     _assert_same(ours.masks[1], ours.probabilities[1], ref_mask, ref_prob)

@@ -475,7 +475,8 @@ def test_self_test_skip_reason_when_torch_is_missing(monkeypatch):
 # what pip says when it cannot reach an index: with --retries 0 a refused connection only
 # shows as a package with no versions at all
 OFFLINE_SIGNS = ("NewConnectionError", "Could not fetch URL", "Failed to establish",
-                 "Temporary failure in name resolution", "Network is unreachable", "ConnectTimeout", "ReadTimeout", "ProxyError",
+                 "Temporary failure in name resolution", "Network is unreachable", "ConnectTimeout", "ReadTimeout",
+                 "ProxyError",
                  "(from versions: none)")
 
 

@@ -25,10 +25,11 @@ from LesionLocatorLib.predict import CancelToken, Cancelled, segment as library_
 from LesionLocatorLib.prompts import Box, MaskPrompt, Point, PromptError, to_voxel_prompt
 from LesionLocatorLib.runner import InProcessRunner, SegmentationResponse, SegmentationRunner
 pytest_plugins = ["slicer_harness"]  # fixtures: slicer_scene, lesionlocator_module
+pytest.register_assert_rewrite("slicer_harness")
 from slicer_harness import import_module_file  # noqa: E402
 
 import_module_file()  # puts LesionLocator/ on sys.path, as Slicer does
-from LesionLocatorSlicer import logic as logic_module, models, results, scene, trackoutputs  # noqa: E402
+from LesionLocatorSlicer import logic as logic_module, models, results, scene  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "LesionLocator"
@@ -630,7 +631,6 @@ def test_cancel_stops_and_leaves_the_scene_unchanged(slicer_scene, LL, tiny_mode
 def test_worker_process_runner(slicer_scene, LL, tiny_model_root):
     """The same Logic calls through a persistent worker process: same segments, model kept
     loaded, the library's errors with their messages, cancel, restart after a crash."""
-    import os
     import signal
 
     from LesionLocatorLib.runner import WorkerProcessRunner
@@ -911,7 +911,7 @@ def _ui_widgets():
 
 def test_every_widget_the_module_uses_exists_in_the_ui_with_the_expected_class():
     root, widgets, custom = _ui_widgets()
-    source = (MODULE_DIR / "LesionLocator.py").read_text() + (MODULE_DIR / "LesionLocatorSlicer" / "widget.py").read_text()
+    source = "".join((MODULE_DIR / f).read_text() for f in ("LesionLocator.py", "LesionLocatorSlicer/widget.py"))
     used = set(re.findall(r"self\.ui\.(\w+)", source))
     assert used, "the Widget must use the .ui"
     missing = sorted(used - set(widgets))
@@ -977,6 +977,24 @@ def test_cmakelists_lists_every_file_the_module_needs(LL):
 def test_module_self_test_runs(slicer_scene, LL):
     module = LL.LesionLocator(type("Parent", (), {"path": str(MODULE_DIR / "LesionLocator.py")})())
     module.runTest()
+
+
+def test_module_self_test_skips_with_the_reason_without_torch(slicer_scene, LL, monkeypatch):
+    """On an extension build machine (no torch, no nnunetv2) the registered self-test is skipped with a
+    message naming what is missing, for Slicer's test runner (each test_* method) and Reload and Test."""
+    import unittest
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "nnunetv2")
+                        else real(name, *a))
+    module = LL.LesionLocator(type("Parent", (), {"path": str(MODULE_DIR / "LesionLocator.py")})())
+    with pytest.raises(unittest.SkipTest, match="torch") as skipped:
+        module.runTest()
+    assert "nnunetv2" in str(skipped.value)
+    suite = unittest.TestLoader().loadTestsFromTestCase(LL.LesionLocatorTest)
+    outcome = unittest.TestResult()
+    suite.run(outcome)
+    assert outcome.testsRun == 4 and len(outcome.skipped) == 4 and not outcome.errors and not outcome.failures
 
 
 def test_parameter_node_defaults(slicer_scene, LL):
@@ -1223,6 +1241,15 @@ def test_track_writes_every_timepoint_on_its_own_volume_with_the_baseline_identi
     for sid in baseline_segments:
         assert np.array_equal(_segment_array(proxy_seg, sid, proxy_vol),
                               _segment_array(out.segmentationNodes[1], sid, fu1))
+    # no CT is copied: the volume sequence's items and the proxy share the scans' voxels, at every
+    # timepoint; the proxies are hidden from node selectors and the volume sequence is not saved again
+    scan_voxels = int(np.prod(SHAPE))
+    for t in range(3):
+        browser.SetSelectedItemNumber(t)
+        same_size = [a for a, n in h.voxel_buffers().items() if n == scan_voxels]
+        assert len(same_size) == 3, f"timepoint {t}: {len(same_size)} scan-sized voxel buffers (the 3 scans' own)"
+    assert proxy_vol.GetHideFromEditors() and proxy_seg.GetHideFromEditors()
+    assert not vols.GetSaveWithScene() and not proxy_vol.GetSaveWithScene()
     # plot: one series per lesion, in the lesion's colour, volume over time
     assert out.plotChartNode.GetNumberOfPlotSeriesNodes() == 3
     for node, sid in zip(out.plotSeriesNodes, ("lesion_1", "lesion_2", "lesion_3")):
@@ -1514,14 +1541,14 @@ def zenodo(tiny_model_root, tmp_path, monkeypatch):
     import shutil
 
     from http_fixture_server import FixtureServer
-    from LesionLocatorLib import zoo
+    from LesionLocatorLib import download
 
     archive = Path(shutil.make_archive(str(tmp_path / "LesionLocatorCheckpoint"), "zip",
                                        root_dir=tiny_model_root.parent, base_dir=tiny_model_root.name)).read_bytes()
     monkeypatch.setenv("LESIONLOCATOR_HOME", str(tmp_path / "cache"))
     for var in ("NO_PROXY", "no_proxy"):
         monkeypatch.setenv(var, "127.0.0.1,localhost")
-    monkeypatch.setattr(zoo, "_sleep", lambda seconds: None)
+    monkeypatch.setattr(download, "_sleep", lambda seconds: None)
     with FixtureServer() as server:
         server.add_record("15174217", {"LesionLocatorCheckpoint.zip": archive})
         server.archive, server.cache = archive, tmp_path / "cache"
@@ -1565,7 +1592,8 @@ def test_download_official_weights_selects_them_and_they_segment(slicer_scene, L
     # a segment with the selected model places a mask in the scene
     volume = _oblique_volume(h)
     points = _points(h, [_world_ras_of_voxel(volume, LESION)])
-    result = logic.segment(volume, points, modelPath=logic.getParameterNode().GetParameter(logic_module.PARAM_MODEL_PATH),
+    selected = logic.getParameterNode().GetParameter(logic_module.PARAM_MODEL_PATH)
+    result = logic.segment(volume, points, modelPath=selected,
                            device="cpu")
     mask = _segment_array(result, "lesion_1", volume)
     assert mask.sum() > 0 and np.array_equal(mask, logic.lastResponse.masks[1])

@@ -9,8 +9,8 @@ import pytest
 from scipy import ndimage
 
 from LesionLocatorLib.image import Image, read_image, write_image
-from LesionLocatorLib.training.synth import (AMPLITUDES, SynthConfig, growth_displacement, make_case,
-                                             resample_labels, run_synth, write_case)
+from LesionLocatorLib.training.followups import AMPLITUDES, SynthConfig, growth_displacement, resample_labels
+from LesionLocatorLib.training.synth import make_case, run_synth, write_case
 from phantoms import ct_phantom
 
 SHAPE = (48, 128, 128)
@@ -338,7 +338,7 @@ def test_config_defaults_follow_the_supplement():
 
 # ------------------------------------------------------------------ visibility
 def test_visible_values_push_the_standing_out_part_away_from_the_tissue():
-    from LesionLocatorLib.training.synth import visible_values
+    from LesionLocatorLib.training.lesions import visible_values
     # homogeneous lesions: both values move together, in their own direction
     assert visible_values(30.0, 30.0, 0.0, 40.0, 60.0, upward=False) == (-20.0, -20.0)
     assert visible_values(55.0, 55.0, 0.0, 40.0, 60.0, upward=False) == (100.0, 100.0)
@@ -357,7 +357,7 @@ def test_visible_values_push_the_standing_out_part_away_from_the_tissue():
 
 
 def test_above_water_raises_what_the_contrast_rule_took_below_water():
-    from LesionLocatorLib.training.synth import above_water
+    from LesionLocatorLib.training.lesions import above_water
     # a homogeneous lesion pushed to fat density next to fat-rich tissue (median 4 HU, 86 HU of
     # contrast needed): drawn 86 HU brighter than the tissue instead
     assert above_water(-82.0, -82.0, 0.0, 4.0, 86.0, 0.0) == (90.0, 90.0)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from http_fixture_server import FixtureServer
-from LesionLocatorLib import zoo
+from LesionLocatorLib import download, zoo
 from LesionLocatorLib.cli import main
 from LesionLocatorLib.model import ModelLayoutError, check_model_root
 
@@ -74,7 +74,7 @@ def cache(tmp_path, monkeypatch) -> Path:
 def sleeps(monkeypatch) -> list:
     """Backoff waits are recorded, not slept."""
     waits = []
-    monkeypatch.setattr(zoo, "_sleep", waits.append)
+    monkeypatch.setattr(download, "_sleep", waits.append)
     return waits
 
 
@@ -295,7 +295,7 @@ def test_unsafe_archives_are_refused_before_anything_is_written(cache, tiny_mode
 
 def test_not_enough_disk_space_is_refused_before_downloading(server, cache, archive, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(zoo.shutil, "disk_usage", lambda p: usage(10 ** 9, 10 ** 9 - 1000, 1000))
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda p: usage(10 ** 9, 10 ** 9 - 1000, 1000))
     with pytest.raises(zoo.DiskFullError) as e:
         zoo.download_model(NAME, base_url=server.url)
     assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC
@@ -313,7 +313,7 @@ def test_disk_full_while_writing_removes_the_partial_file(server, cache, monkeyp
             if self.tell() > 100_000:
                 raise OSError(errno.ENOSPC, "No space left on device")
             return super().write(b)
-    monkeypatch.setattr(zoo, "_open_part", lambda path, mode: FullDisk(path, mode.replace("b", "")))
+    monkeypatch.setattr(download, "_open_part", lambda path, mode: FullDisk(path, mode.replace("b", "")))
     with pytest.raises(zoo.DiskFullError, match=r"^the disk is full: writing .*\.part failed \(No space left on "
                                                 r"device\); the partial file was removed"):
         zoo.download_model(NAME, base_url=server.url)

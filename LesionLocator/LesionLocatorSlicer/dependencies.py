@@ -49,7 +49,7 @@ import sys
 import tempfile
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 logger = logging.getLogger(__name__)
 
@@ -458,6 +458,145 @@ def _failure(what: str, command: Optional[str], error: BaseException, output: st
     return "\n".join(lines)
 
 
+def _reporter(report: Callable[[str], object]) -> Callable[[str], None]:
+    """``report`` that never raises: a failing report is logged and the install goes on."""
+    def say(text):
+        try:
+            report(text)
+        except Exception:
+            logger.exception("LesionLocator: report failed")
+    return say
+
+
+def _plan_or_result(say: Callable[[str], None], find_spec: Optional[FindSpec], version: Optional[VersionOf],
+                    requires: Optional[RequiresOf],
+                    version_info: Optional[VersionInfo]) -> Union[InstallPlan, InstallResult]:
+    """The plan to carry out, or the final result when there is nothing to do or nothing may be
+    done (planning failed, unsupported Python, a protected package with a wrong version)."""
+    try:
+        plan = plan_install(find_spec, version, requires, version_info)
+    except Exception as error:  # e.g. unreadable metadata
+        logger.exception("LesionLocator: planning the install failed")
+        message = _failure("Checking LesionLocator's Python packages", None, error, "")
+        say(message)
+        return InstallResult(False, message)
+    if plan.problem:
+        say(plan.problem)
+        return InstallResult(False, plan.problem)
+    if plan.empty:
+        message = "All of LesionLocator's Python packages are installed."
+        say(message)
+        return InstallResult(True, message)
+    return plan
+
+
+def _torch_failure(requirement: str, error: BaseException, tail: _Tail) -> str:
+    """The message for an exception (or SystemExit) raised by the PyTorch extension's install."""
+    command = getattr(error, "cmd", None)
+    if isinstance(command, (list, tuple)):
+        command = " ".join(str(part) for part in command)
+    return _failure(
+        f"Installing torch{requirement} with the PyTorch extension",
+        command or f"PyTorchUtilsLogic().installTorch(torchVersionRequirement={requirement!r})",
+        error, _output_text(error) or tail.text(),
+        hint="If the PyTorch extension is missing: install it from the Extensions Manager and restart Slicer.")
+
+
+def _install_torch_step(requirement: str, install_torch: Optional[Callable[[str], object]],
+                        say: Callable[[str], None], version: Optional[VersionOf]) -> Union[str, InstallResult]:
+    """Install ``torch<requirement>`` through the PyTorch extension; returns what was installed
+    (``"torch X.Y"``), or the failed :class:`InstallResult` (already reported)."""
+    if install_torch is None:
+        message = (f"torch is not installed: install the PyTorch extension (Extensions Manager), restart "
+                   f"Slicer, then install torch{requirement} with it (PyTorch Utils module).")
+        say(message)
+        return InstallResult(False, message)
+    say(f"Installing torch{requirement} with the PyTorch extension (this can take several minutes)...")
+    tail = _Tail(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(tail):
+            result = install_torch(requirement)
+    except (Exception, SystemExit) as error:
+        logger.exception("LesionLocator: installing torch failed")
+        message = _torch_failure(requirement, error, tail)
+        say(message)
+        return InstallResult(False, message)
+    if result is None:
+        message = "Installing torch was cancelled: nothing was changed."
+        say(message)
+        return InstallResult(False, message)
+    importlib.invalidate_caches()
+    torch_version = installed_version("torch", version)
+    if torch_version is None or not _version_in(torch_version, requirement):
+        message = (f"The PyTorch extension installed torch {torch_version or '(none)'}, but LesionLocator "
+                   f"needs torch{requirement}: install a matching torch in the PyTorch Utils module.")
+        say(message)
+        return InstallResult(False, message)
+    return f"torch {torch_version}"
+
+
+def _pip_failure(error: BaseException, tail: _Tail, command: str, pins: List[str]) -> str:
+    """The message for a failed pip run: its command, output tail and what the pins had to do with it."""
+    output = _output_text(error) or tail.text()
+    hint = ""
+    if "ResolutionImpossible" in output or "conflicting dependencies" in output:
+        hint = (f"pip found no versions that work with the installed {', '.join(pins)} "
+                f"(kept as installed on purpose, nothing of them was changed).")
+    message = _failure("Installing LesionLocator's Python packages", command, error, output, hint)
+    if not hint:
+        message += f"\n{CONSTRAINTS_NAME}: {', '.join(pins) or '(empty)'}"
+    return message
+
+
+def _install_pip_step(requirements: List[str], pip_install: Callable[[List[str]], object],
+                      say: Callable[[str], None], version: Optional[VersionOf]) -> Union[str, InstallResult]:
+    """One ``pip install`` of ``requirements`` with the installed protected packages pinned by a
+    constraints file; returns what was installed, or the failed :class:`InstallResult` (already
+    reported; ``restart`` set when pip changed torch after all)."""
+    pins = constraint_lines(version)  # again: torch may be new
+    torch_before = installed_version("torch", version)
+    with tempfile.TemporaryDirectory(prefix="LesionLocatorPip") as folder:
+        constraints = os.path.join(folder, CONSTRAINTS_NAME)
+        with open(constraints, "w", encoding="utf-8") as file:
+            file.write("".join(pin + "\n" for pin in pins))
+        args = pip_arguments(requirements, constraints)
+        command = _command_text(pip_arguments(requirements, CONSTRAINTS_NAME))  # the folder is temporary
+        say(f"Installing {' '.join(requirements)} with pip, keeping {', '.join(pins) or 'nothing'} "
+            f"as installed (this can take several minutes)...")
+        tail = _Tail(sys.stdout)
+        try:
+            with contextlib.redirect_stdout(tail):
+                pip_install(args)
+        except (Exception, SystemExit) as error:
+            logger.exception("LesionLocator: pip install failed")
+            message = _pip_failure(error, tail, command, pins)
+            say(message)
+            return InstallResult(False, message)
+    importlib.invalidate_caches()
+    torch_after = installed_version("torch", version)
+    if torch_after != torch_before:
+        message = (f"pip changed torch from {torch_before} to {torch_after} although it was pinned "
+                   f"(command: {command}); check torch in the PyTorch Utils module.")
+        say(message)
+        return InstallResult(False, message, restart=True)
+    return " ".join(requirements)
+
+
+def _final_result(done: List[str], loaded_outdated: List[str], find_spec: Optional[FindSpec],
+                  say: Callable[[str], None]) -> InstallResult:
+    """After the installs: is everything importable now, and does Slicer need a restart?"""
+    importlib.invalidate_caches()
+    still = missing_packages(find_spec)
+    if still:
+        message = f"Installed {', '.join(done)}, but still missing: {', '.join(still)}. Restart Slicer and try again."
+        say(message)
+        return InstallResult(False, message, restart=True)
+    restart = bool(loaded_outdated)
+    message = f"Installed {', '.join(done)}." + (" Restart 3D Slicer before using LesionLocator." if restart else "")
+    say(message)
+    return InstallResult(True, message, restart)
+
+
 def install(pip_install: Callable[[List[str]], object],
             install_torch: Optional[Callable[[str], object]] = None,
             report: Callable[[str], object] = print, *,
@@ -475,112 +614,24 @@ def install(pip_install: Callable[[List[str]], object],
     :class:`InstallResult` whose message names the command and quotes its output's tail;
     nothing is raised. ``find_spec``/``version``/``requires``/``version_info``: for tests.
     """
-    def say(text):
-        try:
-            report(text)
-        except Exception:
-            logger.exception("LesionLocator: report failed")
-
-    try:
-        plan = plan_install(find_spec, version, requires, version_info)
-    except Exception as error:  # e.g. unreadable metadata
-        logger.exception("LesionLocator: planning the install failed")
-        message = _failure("Checking LesionLocator's Python packages", None, error, "")
-        say(message)
-        return InstallResult(False, message)
-    if plan.problem:
-        say(plan.problem)
-        return InstallResult(False, plan.problem)
-    if plan.empty:
-        message = "All of LesionLocator's Python packages are installed."
-        say(message)
-        return InstallResult(True, message)
-
+    say = _reporter(report)
+    plan = _plan_or_result(say, find_spec, version, requires, version_info)
+    if isinstance(plan, InstallResult):
+        return plan
     # a package pip upgrades while the old one is imported in this session needs a restart
     loaded_outdated = [module for module in outdated_packages(version) if module in sys.modules]
     done = []
     if plan.torch is not None:
-        if install_torch is None:
-            message = (f"torch is not installed: install the PyTorch extension (Extensions Manager), restart "
-                       f"Slicer, then install torch{plan.torch} with it (PyTorch Utils module).")
-            say(message)
-            return InstallResult(False, message)
-        say(f"Installing torch{plan.torch} with the PyTorch extension (this can take several minutes)...")
-        tail = _Tail(sys.stdout)
-        try:
-            with contextlib.redirect_stdout(tail):
-                result = install_torch(plan.torch)
-        except (Exception, SystemExit) as error:
-            logger.exception("LesionLocator: installing torch failed")
-            command = getattr(error, "cmd", None)
-            if isinstance(command, (list, tuple)):
-                command = " ".join(str(part) for part in command)
-            message = _failure(
-                f"Installing torch{plan.torch} with the PyTorch extension",
-                command or f"PyTorchUtilsLogic().installTorch(torchVersionRequirement={plan.torch!r})",
-                error, _output_text(error) or tail.text(),
-                hint="If the PyTorch extension is missing: install it from the Extensions Manager and restart Slicer.")
-            say(message)
-            return InstallResult(False, message)
-        if result is None:
-            message = "Installing torch was cancelled: nothing was changed."
-            say(message)
-            return InstallResult(False, message)
-        importlib.invalidate_caches()
-        torch_version = installed_version("torch", version)
-        if torch_version is None or not _version_in(torch_version, plan.torch):
-            message = (f"The PyTorch extension installed torch {torch_version or '(none)'}, but LesionLocator "
-                       f"needs torch{plan.torch}: install a matching torch in the PyTorch Utils module.")
-            say(message)
-            return InstallResult(False, message)
-        done.append(f"torch {torch_version}")
-
+        outcome = _install_torch_step(plan.torch, install_torch, say, version)
+        if isinstance(outcome, InstallResult):
+            return outcome
+        done.append(outcome)
     if plan.pip:
-        pins = constraint_lines(version)  # again: torch may be new
-        torch_before = installed_version("torch", version)
-        with tempfile.TemporaryDirectory(prefix="LesionLocatorPip") as folder:
-            constraints = os.path.join(folder, CONSTRAINTS_NAME)
-            with open(constraints, "w", encoding="utf-8") as file:
-                file.write("".join(pin + "\n" for pin in pins))
-            args = pip_arguments(plan.pip, constraints)
-            command = _command_text(pip_arguments(plan.pip, CONSTRAINTS_NAME))  # the folder is temporary
-            say(f"Installing {' '.join(plan.pip)} with pip, keeping {', '.join(pins) or 'nothing'} "
-                f"as installed (this can take several minutes)...")
-            tail = _Tail(sys.stdout)
-            try:
-                with contextlib.redirect_stdout(tail):
-                    pip_install(args)
-            except (Exception, SystemExit) as error:
-                logger.exception("LesionLocator: pip install failed")
-                output = _output_text(error) or tail.text()
-                hint = ""
-                if "ResolutionImpossible" in output or "conflicting dependencies" in output:
-                    hint = (f"pip found no versions that work with the installed {', '.join(pins)} "
-                            f"(kept as installed on purpose, nothing of them was changed).")
-                message = _failure("Installing LesionLocator's Python packages", command, error, output, hint)
-                if not hint:
-                    message += f"\n{CONSTRAINTS_NAME}: {', '.join(pins) or '(empty)'}"
-                say(message)
-                return InstallResult(False, message)
-        importlib.invalidate_caches()
-        torch_after = installed_version("torch", version)
-        if torch_after != torch_before:
-            message = (f"pip changed torch from {torch_before} to {torch_after} although it was pinned "
-                       f"(command: {command}); check torch in the PyTorch Utils module.")
-            say(message)
-            return InstallResult(False, message, restart=True)
-        done.append(" ".join(plan.pip))
-
-    importlib.invalidate_caches()
-    still = missing_packages(find_spec)
-    if still:
-        message = f"Installed {', '.join(done)}, but still missing: {', '.join(still)}. Restart Slicer and try again."
-        say(message)
-        return InstallResult(False, message, restart=True)
-    restart = bool(loaded_outdated)
-    message = f"Installed {', '.join(done)}." + (" Restart 3D Slicer before using LesionLocator." if restart else "")
-    say(message)
-    return InstallResult(True, message, restart)
+        outcome = _install_pip_step(plan.pip, pip_install, say, version)
+        if isinstance(outcome, InstallResult):
+            return outcome
+        done.append(outcome)
+    return _final_result(done, loaded_outdated, find_spec, say)
 
 
 # ------------------------------------------------------------------------------- Slicer glue

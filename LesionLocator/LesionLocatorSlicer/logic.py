@@ -345,7 +345,8 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         if not followups:
             raise ValueError(_("choose at least one follow-up volume to track the lesions into"))
         if any(v is baseline for v in followups):
-            raise ValueError(_("'{name}' is the baseline; it cannot also be a follow-up").format(name=baseline.GetName()))
+            raise ValueError(_("'{name}' is the baseline; it cannot also be a follow-up").format(
+                name=baseline.GetName()))
         if len({v.GetID() for v in followups}) != len(followups):
             raise ValueError(_("a follow-up volume is listed twice"))
         return [baseline] + followups
@@ -474,7 +475,8 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         def commit(plan, root):
             self.selectModel(str(root))
             return root
-        return Job(_("Downloading"), lambda plan, progress, cancel: models.downloadModel(name, progress, cancel, baseUrl),
+        return Job(_("Downloading"),
+                   lambda plan, progress, cancel: models.downloadModel(name, progress, cancel, baseUrl),
                    commit=commit, done=done or (lambda root: None), failed=failed or (lambda error: None),
                    cancelled=cancelled or (lambda: None))
 

@@ -34,17 +34,19 @@ class SelfTestCases:
     """Mixed into the module's ``ScriptedLoadableModuleTest`` (``self.assert*``, ``self.delayDisplay``)."""
 
     def setUp(self):
-        slicer.mrmlScene.Clear()
+        """Skips (``unittest.SkipTest`` with the reason) where torch or nnunetv2 are missing; Slicer's
+        test runner calls it before each ``test_*`` method, the module's Reload and Test via runTest."""
         self._tempDir = None
+        reason = dependencies.self_test_skip_reason()
+        if reason:
+            self.skipTest(reason)
+        slicer.mrmlScene.Clear()
 
     def tearDown(self):
         if self._tempDir is not None:
             self._tempDir.cleanup()
 
     def runTest(self):
-        reason = dependencies.self_test_skip_reason()
-        if reason:
-            self.skipTest(reason)
         for test in (self.test_PointLandsOnClickedVoxel, self.test_ResegmentKeepsLesionIdentity,
                      self.test_PromptOutsideVolumeLeavesSceneUnchanged, self.test_TrackThroughFollowUps):
             self.setUp()
@@ -67,7 +69,8 @@ class SelfTestCases:
         """``build_test_models``: importable, in the source checkout's Testing/, or installed with
         the extension under LesionLocatorTesting/."""
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        for folder in (None, os.path.join(here, "LesionLocatorTesting"), os.path.join(os.path.dirname(here), "Testing")):
+        installed, checkout = os.path.join(here, "LesionLocatorTesting"), os.path.join(os.path.dirname(here), "Testing")
+        for folder in (None, installed, checkout):
             if folder is not None and os.path.isdir(folder) and folder not in sys.path:
                 sys.path.append(folder)
             if importlib.util.find_spec("build_test_models") is not None:

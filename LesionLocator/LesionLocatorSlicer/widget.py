@@ -82,7 +82,8 @@ class LesionLocatorPanel(VTKObservationMixin):
         for button, handler in ((ui.placePointButton, self.onPlacePoint), (ui.placeBoxButton, self.onPlaceBox),
                                 (ui.segmentButton, self.onSegment), (ui.refineButton, self.onRefine),
                                 (ui.trackButton, self.onTrack), (ui.cancelButton, self.onCancel),
-                                (ui.undoButton, self.onUndo), (ui.installDependenciesButton, self.onInstallDependencies),
+                                (ui.undoButton, self.onUndo),
+                                (ui.installDependenciesButton, self.onInstallDependencies),
                                 (ui.downloadModelButton, self.onDownloadModel)):
             button.connect("clicked()", handler)
         ui.baselineVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateFollowUpList)
@@ -158,7 +159,8 @@ class LesionLocatorPanel(VTKObservationMixin):
             self.ui.baselineVolumeSelector.setCurrentNode(node.GetNodeReference(L.REF_BASELINE))
             self.ui.promptNodeSelector.setCurrentNode(node.GetNodeReference(L.REF_PROMPTS))
             self.ui.modelPathLineEdit.currentPath = node.GetParameter(L.PARAM_MODEL_PATH)
-            self.ui.deviceComboBox.setCurrentIndex(max(self.ui.deviceComboBox.findText(node.GetParameter(L.PARAM_DEVICE)), 0))
+            device = self.ui.deviceComboBox.findText(node.GetParameter(L.PARAM_DEVICE))
+            self.ui.deviceComboBox.setCurrentIndex(max(device, 0))
             self.ui.foldsLineEdit.text = node.GetParameter(L.PARAM_FOLDS)
             self.ui.ttaCheckBox.setCheckState({"on": qt.Qt.Checked, "off": qt.Qt.Unchecked}.get(
                 node.GetParameter(L.PARAM_TTA), qt.Qt.PartiallyChecked))
@@ -187,7 +189,7 @@ class LesionLocatorPanel(VTKObservationMixin):
         node.SetParameter(L.PARAM_DEVICE, self.ui.deviceComboBox.currentText)
         node.SetParameter(L.PARAM_FOLDS, self.ui.foldsLineEdit.text.strip())
         state = self.ui.ttaCheckBox.checkState()
-        node.SetParameter(L.PARAM_TTA, "on" if state == qt.Qt.Checked else "off" if state == qt.Qt.Unchecked else "auto")
+        node.SetParameter(L.PARAM_TTA, {qt.Qt.Checked: "on", qt.Qt.Unchecked: "off"}.get(state, "auto"))
         node.SetParameter(L.PARAM_AUTO_SEGMENT, "true" if self.ui.autoSegmentCheckBox.checked else "false")
         node.SetParameter(L.PARAM_MIN_VOLUME_ML, repr(float(self.ui.minVolumeSpinBox.value)))
         node.SetParameter(L.PARAM_MIN_PROMPT_FRACTION, repr(float(self.ui.minPromptFractionSpinBox.value)))

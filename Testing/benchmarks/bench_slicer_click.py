@@ -92,9 +92,11 @@ def bench(LL, harness, volume, model: str, runner: str, clicks: int) -> list:
     points = harness.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"clicks {runner}")
     for kji in lesion_voxels(slicer.util.arrayFromVolume(volume).shape)[:clicks + 1]:
         points.AddControlPointWorld(list((ijk @ [kji[2], kji[1], kji[0], 1.0])[:3]))
-    convert = Timed(logic.volumeToImage)
-    prompts = Timed(logic.promptsFromNodes)
-    logic.volumeToImage, logic.promptsFromNodes = convert, prompts
+    from LesionLocatorSlicer import scene
+
+    real = scene.volumeToImage, scene.promptsFromNodes
+    convert, prompts = Timed(scene.volumeToImage), Timed(scene.promptsFromNodes)
+    scene.volumeToImage, scene.promptsFromNodes = convert, prompts
     rows = []
     try:
         for index in range(clicks + 1):
@@ -121,6 +123,7 @@ def bench(LL, harness, volume, model: str, runner: str, clicks: int) -> list:
             else:
                 first = row
     finally:
+        scene.volumeToImage, scene.promptsFromNodes = real
         logic.cleanup()
     return rows, first
 
@@ -160,7 +163,8 @@ def main() -> None:
                "date": time.strftime("%Y-%m-%d")}
     with tempfile.TemporaryDirectory() as tmp:
         models = {"tiny": str(build_tiny_checkpoint(Path(tmp)))}
-        demo = a.m or LL.LesionLocatorLogic().defaultModelPath()
+        from LesionLocatorSlicer.models import defaultModelPath
+        demo = a.m or defaultModelPath()
         if demo:
             models["demo"] = demo
         for name, path in models.items():

@@ -121,7 +121,8 @@ def main() -> None:
         boxes = prompts_from_labels(lab, "box")
         offc = [VoxelPrompt(i, "point", list(np.argwhere(lab == i)[rng.integers((lab == i).sum())].astype(float)))
                 for i in ids]
-        for name, prompts, model in (("point (centre)", centre, seg["point"]), ("point (off-centre)", offc, seg["point"]),
+        for name, prompts, model in (("point (centre)", centre, seg["point"]),
+                                     ("point (off-centre)", offc, seg["point"]),
                                      ("box", boxes, seg["box"])):
             res = segment(base, prompts, model)
             folder = folders[name]
@@ -151,7 +152,8 @@ def main() -> None:
                 for i in present:
                     true_prompt_rows.append({"case": c, "timepoint": t, "lesion_id": i,
                                              "true_prompt_dice": dice(exact.masks[i], truth == i),
-                                             "tracked_dice": dice(result.masks[t].get(i, np.zeros(truth.shape, bool)), truth == i)})
+                                             "tracked_dice": dice(result.masks[t].get(i, np.zeros(truth.shape, bool)),
+                                                                  truth == i)})
         for les in case.lesions:
             if les.id in result.status:
                 statuses.append({"case": c, "lesion_id": les.id, "truth": les.status,
@@ -187,7 +189,8 @@ def main() -> None:
     doc = {"model": a.m, "tta": a.tta, "min_volume_ml": a.min_volume_ml, "min_prompt_fraction": a.min_prompt_fraction,
            "ct": a.ct, "cases": a.cases,
            "lesions_per_case": a.lesions, "followups": a.followups,
-           "min_diameter_mm": a.min_diameter, "segmentation": summary, "tracking": agg, "follow_up_true_prompt": true_prompt,
+           "min_diameter_mm": a.min_diameter, "segmentation": summary, "tracking": agg,
+           "follow_up_true_prompt": true_prompt,
            "follow_up_lesions": true_prompt_rows, "vanishing": vanish,
            "statuses": statuses, "timings": timings}
     (HERE / "results").mkdir(exist_ok=True)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parents[1]))
 
 from LesionLocatorLib.metrics import dice  # noqa: E402  (after the path set-up)
-from LesionLocatorLib.training.synth import robust_sigma  # noqa: E402
+from LesionLocatorLib.training.lesions import robust_sigma  # noqa: E402
 
 NEAR_VOXELS = 2        # the oracle knows the lesion to within this many voxels
 SMOOTH_VOXELS = 0.7    # Gaussian sigma of the smoothing before thresholding

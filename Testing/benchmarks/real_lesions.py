@@ -43,7 +43,8 @@ def real_lesion_rows(model_path: str, work: Path, offcentre: int, seed: int = 0)
         rng = np.random.default_rng(seed)
         inside = np.argwhere(truth)
         prompts = {"point (centre)": [prompts_from_labels(truth.astype(np.uint8), "point")],
-                   "point (off-centre)": [[VoxelPrompt(1, "point", list(inside[rng.integers(len(inside))].astype(float)))]
+                   "point (off-centre)": [[VoxelPrompt(1, "point",
+                                                       list(inside[rng.integers(len(inside))].astype(float)))]
                                           for _ in range(offcentre)],
                    "box": [prompts_from_labels(truth.astype(np.uint8), "box")]}
         true_ml = lesion_volume_ml(truth, image.spacing_zyx)
@@ -57,7 +58,8 @@ def real_lesion_rows(model_path: str, work: Path, offcentre: int, seed: int = 0)
                 volumes.append(lesion_volume_ml(result.masks[1], image.spacing_zyx))
             rows.append({"model": model_path, "ct": name, "prompt": kind, "trials": len(trials),
                          "dice": float(np.mean(dices)), "dice_min": float(np.min(dices)),
-                         "true_ml": true_ml, "pred_ml": float(np.mean(volumes)), "s_per_prompt": float(np.mean(seconds))})
+                         "true_ml": true_ml, "pred_ml": float(np.mean(volumes)),
+                         "s_per_prompt": float(np.mean(seconds))})
     return rows
 
 
