@@ -283,6 +283,17 @@ def _messages(record) -> list:
     return out
 
 
+def hidden_console() -> dict:
+    """``Popen`` keywords that keep a console window from opening on Windows (as Slicer's
+    ``slicer.util.launchConsoleProcess`` does); none elsewhere."""
+    if os.name != "nt":
+        return {}
+    info = subprocess.STARTUPINFO()
+    info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+    info.wShowWindow = 0  # SW_HIDE
+    return {"startupinfo": info}
+
+
 class WorkerProcessRunner:
     """Runs requests in a persistent ``python -m LesionLocatorLib.worker`` process.
 
@@ -326,7 +337,8 @@ class WorkerProcessRunner:
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._log = open(os.path.join(self._tmp.name, "worker.log"), "ab")
         self._process = subprocess.Popen([self.python, "-m", "LesionLocatorLib.worker"], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=self._log, env=env, text=True, bufsize=1)
+                                         stdout=subprocess.PIPE, stderr=self._log, env=env, text=True, bufsize=1,
+                                         **hidden_console())
         self._lines = queue.Queue()
         threading.Thread(target=self._read, args=(self._process, self._lines), daemon=True).start()
         self._send({"type": "hello", "protocol": PROTOCOL})

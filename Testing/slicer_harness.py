@@ -359,6 +359,24 @@ class SlicerHarness:
         return node
 
 
+OBLIQUE_SPACING = (0.9, 1.2, 2.5)  # i, j, k in mm
+
+
+def oblique_ijk_to_ras(spacing=OBLIQUE_SPACING, origin=(-20.0, 15.0, 40.0), axis=(1, 0.5, 0.3), degrees=25.0):
+    """The 4x4 IJK-to-RAS matrix of the module tests' oblique, anisotropic volume: index axes rotated
+    ``degrees`` about an oblique ``axis`` (through MRML's own vtkTransform), ``spacing`` mm, ``origin`` RAS mm."""
+    import numpy as np
+    import slicer.util
+    import vtk
+
+    t = vtk.vtkTransform()
+    t.RotateWXYZ(degrees, *axis)
+    m = np.eye(4)
+    m[:3, :3] = slicer.util.arrayFromVTKMatrix(t.GetMatrix())[:3, :3] @ np.diag(spacing)
+    m[:3, 3] = origin
+    return m
+
+
 def import_module_file():
     """Import ``LesionLocator/LesionLocator.py`` as Slicer does (its folder on sys.path)."""
     install_standins()

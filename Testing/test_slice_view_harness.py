@@ -17,10 +17,10 @@ import pytest
 
 import slicer
 import slicer.util
-import vtk
 
-pytest.register_assert_rewrite("slice_view_harness")  # imported here before pytest loads it as a plugin
+pytest.register_assert_rewrite("slice_view_harness", "slicer_harness")  # imported before pytest loads them
 from slice_view_harness import POINT_EVENTS, SliceView, offscreen_rendering, record_events  # noqa: E402
+from slicer_harness import oblique_ijk_to_ras  # noqa: E402
 
 pytest_plugins = ["slicer_harness", "slice_view_harness"]  # fixtures: slicer_scene, slice_view
 
@@ -30,16 +30,7 @@ CENTRE = (18, 20, 10)  # (i, j, k): the view is centred here
 HALF_PIXEL_DIAGONAL = 0.12 * np.sqrt(2) / 2  # mm: farthest a click can land from its target
 
 
-def _ijk_to_ras():
-    t = vtk.vtkTransform()
-    t.RotateWXYZ(25, 1, 0.5, 0.3)
-    m = np.eye(4)
-    m[:3, :3] = slicer.util.arrayFromVTKMatrix(t.GetMatrix())[:3, :3] @ np.diag(SPACING)
-    m[:3, 3] = (-20.0, 15.0, 40.0)
-    return m
-
-
-IJK_TO_RAS = _ijk_to_ras()
+IJK_TO_RAS = oblique_ijk_to_ras(SPACING)
 
 
 def ras(ijk):

@@ -16,11 +16,10 @@ import pytest
 
 import slicer
 import slicer.util
-import vtk
 
 pytest.register_assert_rewrite("slice_view_harness", "slicer_harness")
 from slice_view_harness import record_events  # noqa: E402
-from slicer_harness import import_module_file  # noqa: E402
+from slicer_harness import import_module_file, oblique_ijk_to_ras  # noqa: E402
 
 pytest_plugins = ["slicer_harness", "slice_view_harness"]  # fixtures: slicer_scene, slice_view
 
@@ -35,16 +34,7 @@ SPACING = (0.9, 1.2, 2.5)  # i, j, k in mm
 PLANE_K = 10  # the view shows this K slice of the volume
 
 
-def _ijk_to_ras():
-    t = vtk.vtkTransform()
-    t.RotateWXYZ(25, 1, 0.5, 0.3)
-    m = np.eye(4)
-    m[:3, :3] = slicer.util.arrayFromVTKMatrix(t.GetMatrix())[:3, :3] @ np.diag(SPACING)
-    m[:3, 3] = (-20.0, 15.0, 40.0)
-    return m
-
-
-IJK_TO_RAS = _ijk_to_ras()
+IJK_TO_RAS = oblique_ijk_to_ras(SPACING)
 
 
 def ras(kji):

@@ -596,6 +596,20 @@ def test_module_file_loads_without_importing_torch():
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
 
+def test_the_module_uses_its_own_library_even_when_another_copy_comes_first_on_the_path(tmp_path):
+    """An older LesionLocatorLib pip-installed into Slicer's Python (found first on sys.path) must not
+    shadow the copy shipped with the module."""
+    other = tmp_path / "site-packages" / "LesionLocatorLib"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("OTHER_COPY = True\n")
+    code = ("import sys; sys.path.insert(0, 'Testing'); import slicer_harness; slicer_harness.import_module_file(); "
+            "import LesionLocatorLib, LesionLocatorSlicer.logic; print(LesionLocatorLib.__file__)")
+    env = dict(os.environ, PYTHONPATH=str(other.parent))
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()) == REPO / "LesionLocatorLib" / "__init__.py"
+
+
 # ------------------------------------------------------------------------------ (e) cancel
 def test_cancel_stops_and_leaves_the_scene_unchanged(slicer_scene, LL, tiny_model_root):
     h = slicer_scene

@@ -100,8 +100,8 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         from LesionLocatorLib.runner import InProcessRunner, WorkerProcessRunner
 
         self.cleanup()
-        self._runner = (WorkerProcessRunner(python=shutil.which("PythonSlicer") or sys.executable) if enabled
-                        else InProcessRunner())
+        python = shutil.which("PythonSlicer") or sys.executable
+        self._runner = WorkerProcessRunner(python=python, env=_startupEnvironment()) if enabled else InProcessRunner()
 
     def cleanup(self) -> None:
         """Release the runner (stops a worker process, frees cached models)."""
@@ -497,6 +497,17 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         summary = self.lastTrackSummary() if isinstance(plan, TrackPlan) else self.lastRunSummary()
         report(1.0, summary)
         return value
+
+
+def _startupEnvironment():
+    """Slicer's environment from before its launcher changed it (what ``launchConsoleProcess`` gives the
+    processes it starts; ``PythonSlicer`` sets up its own), or None (this process's) outside Slicer."""
+    import slicer
+
+    try:
+        return dict(slicer.util.startupEnvironment())
+    except Exception:  # noqa: BLE001 - no Slicer application (scripts, tests): inherit this environment
+        return None
 
 
 class _NeverCancelled:

@@ -238,17 +238,20 @@ class LesionLocatorPanel(VTKObservationMixin):
             node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode",
                                                       slicer.mrmlScene.GenerateUniqueName(_("Lesion points")))
             node.CreateDefaultDisplayNodes()
-            self._parameterNode.SetNodeReferenceID(L.REF_PROMPTS, node.GetID())
-        slicer.modules.markups.logic().SetActiveList(node)
-        slicer.modules.markups.logic().StartPlaceMode(True)
+        self._startPlacing(node, persistent=True)
 
     def onPlaceBox(self):
         node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode",
                                                   slicer.mrmlScene.GenerateUniqueName(_("Lesion box")))
         node.CreateDefaultDisplayNodes()
+        self._startPlacing(node, persistent=False)
+
+    def _startPlacing(self, node, persistent):
+        """Make ``node`` the prompts (watched by the interaction) and enter Slicer's place mode for it."""
         self._parameterNode.SetNodeReferenceID(L.REF_PROMPTS, node.GetID())
-        slicer.modules.markups.logic().SetActiveList(node)
-        slicer.modules.markups.logic().StartPlaceMode(False)
+        markups = slicer.modules.markups.logic()
+        markups.SetActiveList(node)
+        markups.StartPlaceMode(persistent)
 
     # ------------------------------------------------------------------ actions
     def _baseline(self):
