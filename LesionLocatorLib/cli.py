@@ -1,10 +1,15 @@
 """The ``lesionlocator`` command.
 
-``lesionlocator segment`` takes the same flags, inputs and output names as
-upstream's ``LesionLocator_segment`` (so switching is a change of command name),
-plus ``--world`` (our LPS world-coordinate prompt JSON), ``--save-probabilities``
-and ``--device auto``. ``lesionlocator prompts`` turns label images into prompt
-JSON like upstream's ``LesionLocator_create_prompt_json``.
+``lesionlocator segment`` takes the same flags, inputs and output names as upstream's
+``LesionLocator_segment`` (so switching is a change of command name), plus ``--world`` (our LPS
+world-coordinate prompt JSON), ``--save-probabilities`` and ``--device auto``. ``lesionlocator
+prompts`` turns label images into prompt JSON like upstream's ``LesionLocator_create_prompt_json``.
+
+Every command checks all of its inputs first (:mod:`LesionLocatorLib.inputs`: options, paths, the
+output folder, image headers, prompt files, the model folder) without importing torch, and creates
+its output folder only then. A user error is one line on stderr and exit status 2 (``--verbose``
+adds the traceback); Ctrl-C or SIGTERM is one line and exit status 130/143, with no partial file
+left (every file is written atomically); an internal error says so, exit status 1.
 """
 from __future__ import annotations
 
@@ -12,71 +17,15 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
-import numpy as np
+from .inputs import UsageError, device_value, folds_value, non_negative, step_fraction
 
-IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-
-
-def _strip_ending(name: str) -> str:
-    for e in IMAGE_ENDINGS + (".json",):
-        if name.endswith(e):
-            return name[: -len(e)]
-    return name
+REGISTRATIONS = ["simpleitk", "greedy", "unigradicon", "none"]
 
 
-def _list_images(folder: Path) -> list:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(IMAGE_ENDINGS))
-
-
-class UsageError(ValueError):
-    """A command line that cannot be run (mismatched inputs, missing files)."""
-
-
-def pair_inputs(image_arg: str, prompt_arg: str) -> list:
-    """(image path, prompt path) pairs: one file each, or two folders matched by name."""
-    img, prm = Path(image_arg), Path(prompt_arg)
-    if not img.exists():
-        raise FileNotFoundError(f"input not found: {img}")
-    if not prm.exists():
-        raise FileNotFoundError(f"prompt not found: {prm}")
-    if img.is_file():
-        if prm.is_dir():
-            raise UsageError("if -i is a file then -p must be a file too, not a folder")
-        return [(img, prm)]
-    if not prm.is_dir():
-        raise UsageError("if -i is a folder then -p must be a folder of prompts named like the images")
-    images = {_strip_ending(p.name): p for p in _list_images(img)}
-    if not images:
-        raise UsageError(f"no images ({', '.join(IMAGE_ENDINGS)}) in {img}")
-    prompts = {_strip_ending(p.name): p for p in sorted(prm.iterdir())
-               if p.is_file() and p.name.endswith(IMAGE_ENDINGS + (".json",))}
-    orphans = sorted(set(prompts) - set(images))
-    if orphans:
-        raise UsageError(f"prompt file(s) with no image of the same name in {img}: "
-                         + ", ".join(prompts[o].name for o in orphans))
-    missing = sorted(set(images) - set(prompts))
-    if missing:
-        raise UsageError(f"image(s) with no prompt file of the same name in {prm}: "
-                         + ", ".join(images[m].name for m in missing))
-    return [(images[k], prompts[k]) for k in sorted(images)]
-
-
-def load_prompts(path: Path, prompt_type: str, world: bool):
-    """Prompts from a JSON file, or derived from a label image (instance or binary)."""
-    from .image import read_image
-    from .prompts import prompts_from_labels, read_prompt_file
-
-    if path.name.endswith(".json"):
-        return read_prompt_file(path, world=world or None)
-    labels = read_image(path).array
-    label_type = "semantic" if set(np.unique(labels)) <= {0, 1} else "instance"
-    return prompts_from_labels(labels, prompt_type, label_type)
-
-
-def _progress_bar(enabled: bool, desc: str):
+def progress_bar(enabled: bool, desc: str):
+    """A tqdm bar on stderr and its ``update(fraction, message)`` callback."""
     from tqdm import tqdm
 
     bar = tqdm(total=100, desc=desc, disable=not enabled, unit="%", leave=False)
@@ -88,67 +37,104 @@ def _progress_bar(enabled: bool, desc: str):
     return bar, update
 
 
+def _warn(command: str, message: str) -> None:
+    print(f"lesionlocator {command}: warning: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- segment
 def cmd_segment(args) -> int:
-    from .image import read_image, write_image
-    from .model import load_model
-    from .predict import segment
+    from .inputs import case_name, check_images, check_model, check_output_folder, image_ending, pair_inputs, \
+        read_prompts
 
     pairs = pair_inputs(args.i, args.p)
-    out = Path(args.o)
-    out.mkdir(parents=True, exist_ok=True)
-    folds = None if args.f is None else [f if f == "all" else int(f) for f in args.f]
-    tta = False if args.disable_tta else (True if args.enable_tta else None)
-    model = load_model(_resolve_model(args.m), args.t, folds=folds, device=args.device, tta=tta)
-    print(f"model: {model.folder} (folds {model.folds}, device {model.device}, "
-          f"test-time mirroring {'on' if model.use_tta else 'off'})", file=sys.stderr)
-    for image_path, prompt_path in pairs:
-        case = _strip_ending(image_path.name)
-        ending = next(e for e in IMAGE_ENDINGS if image_path.name.endswith(e))
-        final = out / f"{case}_lesions{ending}"
-        if args.continue_prediction and final.exists():
-            print(f"{case}: already predicted, skipping (--continue_prediction)", file=sys.stderr)
-            continue
-        image = read_image(image_path)
-        prompts = load_prompts(prompt_path, args.t, args.world)
-        bar, update = _progress_bar(not args.disable_progress_bar, case)
-        try:
-            result = segment(image, prompts, model, progress=update, step_size=args.step_size)
-        finally:
-            bar.close()
-        for pid, mask in result.masks.items():
-            write_image(image.with_array(mask.astype(np.uint8)), out / f"{case}_lesion_{pid}{ending}")
-            if args.save_probabilities:
-                _save_npz(out / f"{case}_lesion_{pid}.npz", result.probabilities[pid])
-        write_image(result.labels, final)
-        sizes = ", ".join(f"{pid}: {int(m.sum())} voxels" for pid, m in result.masks.items())
-        print(f"{case}: {len(result.masks)} lesion(s) -> {final} ({sizes})")
+    out = check_output_folder(args.o)
+    check_images([image for image, _ in pairs])
+    prompts = {image: read_prompts(prompt, args.t, args.world, args.allow_many_prompts) for image, prompt in pairs}
+    root = check_model(args.m, [args.t])
+    from .outputs import OutputFolder
+
+    with OutputFolder(out) as folder:
+        todo = [(image, case_name(image.name), image_ending(image.name)) for image, _ in pairs]
+        if args.continue_prediction:
+            for _, case, _ in todo:
+                if folder.case_complete(case):
+                    print(f"{case}: already predicted, skipping (--continue_prediction)", file=sys.stderr)
+            todo = [item for item in todo if not folder.case_complete(item[1])]
+        if not todo:
+            return 0
+        model = _load_segmentation_model(root, args)
+        for image_path, case, ending in todo:
+            _segment_case(image_path, case, ending, prompts[image_path], model, folder, args)
     return 0
 
 
-def _save_npz(path: Path, probabilities: np.ndarray) -> None:
+def _load_segmentation_model(root, args):
+    from .model import load_model
+
+    tta = False if args.disable_tta else (True if args.enable_tta else None)
+    model = load_model(root, args.t, folds=args.f, device=args.device, tta=tta)
+    print(f"model: {model.folder} (folds {model.folds}, device {model.device}, "
+          f"test-time mirroring {'on' if model.use_tta else 'off'})", file=sys.stderr)
+    return model
+
+
+def _segment_case(image_path, case, ending, prompts, model, folder, args) -> None:
+    """Segment one case and write its files; the case's manifest is written last."""
+    import numpy as np
+
+    from .image import read_image, write_image
+    from .predict import segment
+
+    image = read_image(image_path)
+    bar, update = progress_bar(not args.disable_progress_bar, case)
+    try:
+        result = segment(image, prompts, model, progress=update, step_size=args.step_size)
+    finally:
+        bar.close()
+    folder.begin_case(case)
+    written = []
+    for pid, mask in result.masks.items():
+        lesion = folder.path / f"{case}_lesion_{pid}{ending}"
+        written.append(write_image(image.with_array(mask.astype(np.uint8)), lesion))
+        if args.save_probabilities:
+            written.append(_save_npz(folder.path / f"{case}_lesion_{pid}.npz", result.probabilities[pid]))
+    final = write_image(result.labels, folder.path / f"{case}_lesions{ending}")
+    folder.finish_case(case, written + [final])
+    sizes = ", ".join(f"{pid}: {int(m.sum())} voxels" for pid, m in result.masks.items())
+    print(f"{case}: {len(result.masks)} lesion(s) -> {final} ({sizes})")
+
+
+def _save_npz(path: Path, probabilities) -> Path:
+    import numpy as np
+
     from .files import atomic_output
+
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, probabilities=probabilities.astype(np.float16))
+    return path
 
 
-def _resolve_model(name_or_path):
-    from .zoo import resolve_model
-    return resolve_model(name_or_path)
-
-
+# --------------------------------------------------------------------------- prompts
 def cmd_prompts(args) -> int:
+    import numpy as np
+
     from .image import read_image
-    from .prompts import prompts_from_labels, write_upstream_json, write_world_json, Point, Box
+    from .inputs import case_name, check_images, check_output_folder, list_images
+    from .prompts import Box, Point, prompts_from_labels, write_upstream_json, write_world_json
 
     src = Path(args.i)
-    files = _list_images(src) if src.is_dir() else [src]
+    if not src.exists():
+        raise FileNotFoundError(f"label image or folder not found: {src}")
+    files = list_images(src) if src.is_dir() else [src]
     if not files:
         raise UsageError(f"no label images in {src}")
-    out = Path(args.o)
+    out = check_output_folder(args.o)
+    check_images(files)
     for f in files:
         img = read_image(f)
-        name = _strip_ending(f.name) + ".json"
+        name = case_name(f.name)
+        name = (name[: -len("_label")] if name.endswith("_label") else name) + ".json"  # <case>_label -> <case>
         for kind, sub in (("point", "points"), ("box", "boxes")):
             vps = prompts_from_labels(img.array, kind, args.label_type)
             if args.world:
@@ -158,8 +144,7 @@ def cmd_prompts(args) -> int:
                         world.append(Point(vp.id, tuple(img.index_to_world(vp.coords))))
                     else:
                         c = np.asarray(vp.coords, float).reshape(3, 2)
-                        corners = [c[:, 0], c[:, 1] - 1]
-                        world.append(Box.from_points(vp.id, img.index_to_world(np.array(corners))))
+                        world.append(Box.from_points(vp.id, img.index_to_world(np.array([c[:, 0], c[:, 1] - 1]))))
                 write_world_json(world, out / sub / name)
             else:
                 write_upstream_json(vps, out / sub / name)
@@ -167,355 +152,164 @@ def cmd_prompts(args) -> int:
     return 0
 
 
-def _track_prompts(paths, prompt_type: str, baseline, world: bool):
+# --------------------------------------------------------------------------- track
+def _track_prompts(paths, prompt_type: str, world: bool, allow_many: bool):
+    """The baseline prompts: one point/box file (checked against ``-t``), or for prev_mask one
+    instance label image (a binary one is split into connected lesions) or one mask per lesion."""
+    import re
+
     from .image import read_image
+    from .inputs import read_prompts
     from .prompts import MaskPrompt
 
     paths = [Path(p) for p in paths]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"prompt file not found: {p}")
     if prompt_type != "prev_mask":
         if len(paths) != 1:
             raise UsageError("point/box tracking takes one prompt file (-p)")
-        return load_prompts(paths[0], prompt_type, world)
+        return read_prompts(paths[0], prompt_type, world, allow_many)
     if any(p.name.endswith(".json") for p in paths):
         raise UsageError("-t prev_mask needs label images as prompts, not JSON")
     if len(paths) == 1:
+        import numpy as np
+
         labels = read_image(paths[0])
         if set(np.unique(labels.array)) <= {0, 1}:
             from scipy import ndimage
             inst, _ = ndimage.label(labels.array > 0, structure=np.ones((3, 3, 3)))
             labels = labels.with_array(inst.astype(np.uint16))
         return labels
-    import re
     natural = sorted(paths, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
     return [MaskPrompt(i, read_image(p), name=p.name) for i, p in enumerate(natural, start=1)]
 
 
-def cmd_track(args) -> int:
-    from .image import ImageError, read_image, write_image
-    from .modelfolder import ModelSpec
-    from .report import format_table, growth_plot, write_table
-    from .study import scan_datetime, track_study
+def _readable_followups(paths) -> tuple:
+    """(follow-up paths whose headers check out, messages for the others): a follow-up that cannot
+    be read is reported by name and the others are still tracked."""
+    from .image import ImageError, read_image_header
 
-    out = Path(args.o)
-    folds = None if args.f is None else [f if f == "all" else int(f) for f in args.f]
-    baseline = read_image(args.bl)
-    paths, images, failed = [Path(args.bl)], [baseline], []
-    for fu in args.fu:
+    good, failed = [], []
+    for fu in paths:
         try:
-            images.append(read_image(fu))
-            paths.append(Path(fu))
+            read_image_header(fu)
+            good.append(Path(fu))
         except (ImageError, FileNotFoundError) as e:
-            failed.append(fu)
-            print(f"lesionlocator track: error: follow-up {fu} could not be loaded, skipped: {e}", file=sys.stderr)
-    if len(images) < 2:
-        raise UsageError("no follow-up scan could be loaded; nothing to track")
-    prompts = _track_prompts(args.p, args.t, baseline, args.world)
-    names = [_strip_ending(p.name) for p in paths]
-    model = ModelSpec(str(_resolve_model(args.m)), tuple(folds) if folds is not None else None, args.device)
-    bar, update = _progress_bar(not args.disable_progress_bar, "tracking")
-    try:
-        study = track_study(images, prompts, model, names=names, dates=[scan_datetime(p) for p in paths],
-                            registration=args.registration, min_volume_ml=args.min_volume_ml,
-                            min_prompt_fraction=args.min_prompt_fraction, progress=update)
-    finally:
-        bar.close()
-    for message in study.warnings:
-        print(f"lesionlocator track: warning: {message}", file=sys.stderr)
-    t0 = time.perf_counter()
-    for t, (path, name) in enumerate(zip(paths, names)):
-        ending = next(e for e in IMAGE_ENDINGS if path.name.endswith(e))
-        if t == 0 and args.t == "prev_mask":
-            continue  # the baseline masks are the user's input
-        for pid, mask in study.masks[t].items():
-            write_image(images[t].with_array(mask.astype(np.uint8)), out / f"{name}_lesion_{pid}{ending}")
-        write_image(study.labels[t], out / f"{name}_lesions{ending}")
-    write_table(study.rows, out / "lesions")
-    growth_plot(study.rows, out / "growth.png")
-    study.timings["writing"] = time.perf_counter() - t0
-    print(format_table([{k: r[k] for k in ("lesion_id", "timepoint", "status", "volume_ml", "long_axis_mm",
-                                          "short_axis_mm", "volume_change_vs_baseline_pct",
-                                          "recist_information_only")} for r in study.rows], digits=2))
-    print("time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in study.timings.items()))
-    print(f"wrote {out / 'lesions.csv'}, {out / 'lesions.json'}, {out / 'growth.png'}")
+            failed.append(f"follow-up {fu} could not be loaded, skipped: {e}")
+    return good, failed
+
+
+def cmd_track(args) -> int:
+    from .inputs import case_name, check_images, check_model, check_output_folder
+
+    check_images([args.bl])
+    followups, failed = _readable_followups(args.fu)
+    if not followups:
+        raise UsageError("no follow-up scan could be loaded; nothing to track: " + "; ".join(failed))
+    out = check_output_folder(args.o)
+    prompts = _track_prompts(args.p, args.t, args.world, args.allow_many_prompts)
+    root = check_model(args.m, ["prev_mask"] if args.t == "prev_mask" else [args.t, "prev_mask"])
+    for message in failed:
+        print(f"lesionlocator track: error: {message}", file=sys.stderr)
+    from .outputs import OutputFolder
+
+    paths = [Path(args.bl)] + followups
+    with OutputFolder(out) as folder:
+        study = _run_study(paths, prompts, root, args)
+        _write_study(study, paths, [case_name(p.name) for p in paths], folder, args)
     return 1 if failed else 0
 
 
-def _box_jitter(text: str):
-    """``--box-jitter-mm``: millimetres (>= 0), or 'legacy' (None)."""
-    if text == "legacy":
-        return None
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 or 'legacy', got {text}")
-    return value
+def _run_study(paths, prompts, root, args):
+    from .image import read_image
+    from .modelfolder import ModelSpec
+    from .study import scan_datetime, track_study
+
+    from .inputs import case_name
+
+    images = [read_image(p) for p in paths]
+    if not isinstance(prompts, list) and not prompts.same_geometry(images[0]):
+        from .prompts import PromptError
+        raise PromptError("the baseline label image does not have the baseline scan's geometry")
+    model = ModelSpec(str(root), tuple(args.f) if args.f is not None else None, args.device)
+    bar, update = progress_bar(not args.disable_progress_bar, "tracking")
+    try:
+        study = track_study(images, prompts, model, names=[case_name(p.name) for p in paths],
+                            dates=[scan_datetime(p) for p in paths], registration=args.registration,
+                            min_volume_ml=args.min_volume_ml, min_prompt_fraction=args.min_prompt_fraction,
+                            progress=update)
+    finally:
+        bar.close()
+    study.images = images
+    for message in study.warnings:
+        _warn("track", message)
+    return study
 
 
-def _non_negative(text: str) -> float:
-    """A weight: a number >= 0."""
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+def _write_study(study, paths, names, folder, args) -> None:
+    import numpy as np
+
+    from .image import write_image
+    from .inputs import image_ending
+    from .report import format_table, growth_plot, write_table
+
+    t0 = time.perf_counter()
+    for t, (path, name) in enumerate(zip(paths, names)):
+        if t == 0 and args.t == "prev_mask":
+            continue  # the baseline masks are the user's input
+        ending = image_ending(path.name)
+        folder.begin_case(name)
+        written = [write_image(study.images[t].with_array(mask.astype(np.uint8)),
+                               folder.path / f"{name}_lesion_{pid}{ending}") for pid, mask in study.masks[t].items()]
+        written.append(write_image(study.labels[t], folder.path / f"{name}_lesions{ending}"))
+        folder.finish_case(name, written)
+    write_table(study.rows, folder.path / "lesions")
+    growth_plot(study.rows, folder.path / "growth.png")
+    study.timings["writing"] = time.perf_counter() - t0
+    print(format_table([{k: r[k] for k in ("lesion_id", "timepoint", "status", "volume_ml", "long_axis_mm",
+                                          "short_axis_mm", "volume_change_vs_baseline_pct",
+                                          "lesion_change_category", "recist_information_only")}
+                        for r in study.rows], digits=2))
+    print("time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in study.timings.items()))
+    print(f"wrote {folder.path / 'lesions.csv'}, {folder.path / 'lesions.json'}, {folder.path / 'growth.png'}")
 
 
-def _probability(text: str) -> float:
-    """A share of training samples: a number in [0, 1]."""
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
-def cmd_train(args) -> int:
-    import json as _json
-    from .training.train import TrainingDataError, TrainOptions, find_pairs, make_plans, train
-
-    try:  # option values (--epochs 0, --lr 0, ...) and training folders: a message, not a traceback
-        options = TrainOptions(
-            epochs=args.epochs, iterations_per_epoch=args.iterations, batch_size=args.batch_size,
-            initial_lr=args.lr, optimizer=args.optimizer, seed=args.seed,
-            prompt_types=tuple(dict.fromkeys(args.prompt_types)), box_jitter_mm=args.box_jitter_mm,
-            tight_box_prob=args.tight_box_prob, vanish_prob=args.vanish_prob, vanish_tissue_hu=args.vanish_tissue_hu,
-            vanish_fragment_prob=args.vanish_fragment_prob, low_res_prob=args.low_res_prob,
-            intensity_augmentation=args.intensity_augmentation, deep_supervision_targets=args.deep_supervision_targets,
-            outline_weight=args.outline_weight, cpu_bf16=args.cpu_bf16)
-        pairs = find_pairs(args.images, args.labels)
-        val = find_pairs(args.val_images, args.val_labels) if args.val_images else None
-    except (ValueError, TrainingDataError) as e:
-        raise UsageError(str(e)) from None
-    if args.plans:
-        plans = _json.loads(Path(args.plans).read_text())
-    else:
-        plans = make_plans(args.features, args.blocks, args.patch, args.spacing)
-    root = train(pairs, args.o, plans, options, val_pairs=val, init_from=args.init, device=args.device,
-                 stop_after_epoch=args.stop_after_epoch)
-    if root is None:
-        print(f"stopped after epoch {args.stop_after_epoch} of {args.epochs}; the same command without "
-              f"--stop-after-epoch (or with a later one) resumes from {Path(args.o) / 'checkpoint_latest.pth'}")
-    else:
-        print(f"model written to {root} (learning curves: {Path(args.o) / 'progress.png'})")
-    return 0
-
-
+# --------------------------------------------------------------------------- demo, evaluate
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    bar, update = _progress_bar(not args.disable_progress_bar, "demo")
+    from .inputs import check_model, check_output_folder
+
+    out = check_output_folder(args.o)
+    root = check_model(args.m, ["point", "prev_mask"])
+    bar, update = progress_bar(not args.disable_progress_bar, "demo")
     try:
-        run_demo(args.o, model=args.m, device=args.device, registration=args.registration, progress=update)
+        run_demo(out, model=str(root), device=args.device, registration=args.registration, progress=update)
     finally:
         bar.close()
-    return 0
-
-
-def cmd_synth(args) -> int:
-    from .training.synth import run_synth
-    bar, update = _progress_bar(not args.disable_progress_bar, "synth")
-    try:
-        path = run_synth(args.ct, lesions=args.lesions, followups=args.followups, seed=args.seed, out=args.o,
-                         name=args.name, progress=update)
-    except ValueError as e:  # no body in the CT, too many lesions for it
-        raise UsageError(str(e)) from None
-    finally:
-        bar.close()
-    print(f"wrote {path} and its images/labels in {Path(args.o)}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import aggregate, evaluate_folders
+    from .evaluate import aggregate, evaluate_paths
     from .report import format_table, write_table
 
-    rows = evaluate_folders(args.pred, args.gt, tolerance_mm=args.tolerance, match_mm=args.match)
+    rows = evaluate_paths(args.pred, args.gt, tolerance_mm=args.tolerance, match_mm=args.match)
     print(format_table(rows))
     summary = aggregate(rows)
     print("\n" + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
-    out = Path(args.o) if args.o else Path(args.pred) / "evaluation"
+    pred = Path(args.pred)
+    out = Path(args.o) if args.o else (pred if pred.is_dir() else pred.parent) / "evaluation"
     csv_path, json_path = write_table(rows, out)
     print(f"wrote {csv_path} and {json_path}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lesionlocator", description="Promptable lesion segmentation and tracking "
-                                 "in CT (LesionLocator, CVPR 2025). World coordinates are LPS mm.")
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("segment", help="segment lesions from point or box prompts (upstream LesionLocator_segment)")
-    s.add_argument("-i", required=True, help="input image file or folder (.nii.gz, .nii, .nrrd, .mha)")
-    s.add_argument("-o", required=True, help="output folder (created if missing)")
-    s.add_argument("-p", required=True, help="prompt file or folder: upstream JSON (voxel z,y,x), our world JSON, "
-                   "or an instance/binary label image; files named like their images")
-    s.add_argument("-t", required=True, choices=["point", "box"], help="prompt type")
-    s.add_argument("-m", default=None, help="model: a LesionLocatorCheckpoint folder or a model name")
-    s.add_argument("-f", nargs="+", default=None, help="folds to use (default: all present)")
-    s.add_argument("-step_size", "--step_size", type=float, default=0.5, help="sliding-window step (fraction of patch)")
-    s.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
-    s.add_argument("--enable_tta", action="store_true", help="mirroring test-time augmentation also on CPU")
-    s.add_argument("--continue_prediction", "--c", action="store_true", help="skip cases already predicted")
-    s.add_argument("-device", "--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps")
-    s.add_argument("--world", action="store_true", help="prompt JSON is in LPS world millimetres")
-    s.add_argument("--save-probabilities", "--save_probabilities", dest="save_probabilities", action="store_true",
-                   help="also write each lesion's probability map (.npz)")
-    s.add_argument("--disable_progress_bar", action="store_true")
-    s.add_argument("--verbose", action="store_true")
-    s.add_argument("-npp", type=int, default=None, help="accepted for upstream compatibility; unused")
-    s.add_argument("-nps", type=int, default=None, help="accepted for upstream compatibility; unused")
-    s.set_defaults(func=cmd_segment)
-
-    p = sub.add_parser("prompts", help="label image(s) -> point and box prompt JSON (upstream format)")
-    p.add_argument("-i", required=True, help="label image or folder of label images")
-    p.add_argument("-o", required=True, help="output folder; writes points/ and boxes/")
-    p.add_argument("-label_type", "--label_type", choices=["instance", "semantic"], default="instance")
-    p.add_argument("--world", action="store_true", help="write our LPS world JSON instead of voxel JSON")
-    p.set_defaults(func=cmd_prompts)
-
-    t = sub.add_parser("track", help="segment and track lesions through follow-ups (upstream LesionLocator_track)")
-    t.add_argument("-bl", required=True, help="baseline scan")
-    t.add_argument("-fu", required=True, nargs="+", help="follow-up scans, in time order")
-    t.add_argument("-p", required=True, nargs="+", help="baseline prompt JSON (point/box), or for prev_mask one "
-                   "instance label image or several binary masks (one per lesion)")
-    t.add_argument("-t", default="prev_mask", choices=["point", "box", "prev_mask"], help="prompt type")
-    t.add_argument("-o", required=True, help="output folder")
-    t.add_argument("-m", default=None, help="model: a LesionLocatorCheckpoint folder or a model name")
-    t.add_argument("-f", nargs="+", default=None, help="folds (default: all present)")
-    t.add_argument("-device", "--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    t.add_argument("--registration", default="simpleitk", choices=["simpleitk", "greedy", "unigradicon", "none"])
-    t.add_argument("--min-volume-ml", "--min_volume_ml", dest="min_volume_ml", type=float, default=0.0,
-                   help="a follow-up mask smaller than this (ml) counts as vanished (default 0: any voxel is tracked)")
-    t.add_argument("--min-prompt-fraction", "--min_prompt_fraction", dest="min_prompt_fraction", type=float,
-                   default=0.0, help="a follow-up mask smaller than this fraction of its warped previous mask "
-                   "counts as vanished (default 0: off)")
-    t.add_argument("--world", action="store_true", help="prompt JSON is in LPS world millimetres")
-    t.add_argument("--disable_progress_bar", action="store_true")
-    t.set_defaults(func=cmd_track)
-
-    y = sub.add_parser("synth", help="synthetic lesions and follow-ups from a lesion-free CT (supplement sec. 7)")
-    y.add_argument("--ct", required=True, help="lesion-free CT (Hounsfield units)")
-    y.add_argument("--lesions", type=int, default=5)
-    y.add_argument("--followups", type=int, default=2)
-    y.add_argument("--seed", type=int, default=0)
-    y.add_argument("--name", default=None, help="case name (default: <ct>_synth_s<seed>)")
-    y.add_argument("-o", required=True, help="output folder")
-    y.add_argument("--disable_progress_bar", action="store_true")
-    y.set_defaults(func=cmd_synth)
-
-    r = sub.add_parser("train", help="train or fine-tune a promptable model; writes the official layout")
-    r.add_argument("--images", required=True, help="folder of CT images")
-    r.add_argument("--labels", required=True, help="folder of instance label images with the same names")
-    r.add_argument("--val-images", "--val_images", dest="val_images", default=None)
-    r.add_argument("--val-labels", "--val_labels", dest="val_labels", default=None)
-    r.add_argument("-o", required=True, help="output folder (resumes if it holds checkpoint_latest.pth)")
-    r.add_argument("--plans", default=None, help="plans.json to use (default: a small ResEnc U-Net from the flags)")
-    r.add_argument("--features", nargs="+", type=int, default=[16, 32, 64, 128])
-    r.add_argument("--blocks", nargs="+", type=int, default=[1, 2, 2, 2])
-    r.add_argument("--patch", nargs=3, type=int, default=[64, 96, 96], help="patch size z y x (voxels)")
-    r.add_argument("--spacing", nargs=3, type=float, default=[2.0, 1.5, 1.5], help="model spacing z y x (mm)")
-    r.add_argument("--epochs", type=int, default=50)
-    r.add_argument("--stop-after-epoch", "--stop_after_epoch", dest="stop_after_epoch", type=int, default=None,
-                   help="end this run after that epoch (the learning-rate schedule still spans --epochs); "
-                        "run again to resume, e.g. with other training data")
-    r.add_argument("--vanish-prob", "--vanish_prob", dest="vanish_prob", type=_probability, default=0.0,
-                   help="share of previous-mask samples showing a vanished lesion (prompt on lesion-free "
-                        "tissue, empty target), so tracking learns to report vanished lesions")
-    r.add_argument("--vanish-tissue-hu", "--vanish_tissue_hu", dest="vanish_tissue_hu", type=float, default=None,
-                   help="vanished-lesion samples: put the previous mask on tissue whose median is within this "
-                        "many HU of the lesion's surroundings (default: anywhere in the body)")
-    r.add_argument("--vanish-fragment-prob", "--vanish_fragment_prob", dest="vanish_fragment_prob", type=_probability,
-                   default=0.0, help="share of vanished-lesion samples whose previous mask is a small fragment "
-                                     "(what a previous false positive leaves as the next prompt)")
-    r.add_argument("--low-res-prob", "--low_res_prob", dest="low_res_prob", type=_probability, default=0.0,
-                   help="share of training samples made to look like scans coarser than the model spacing "
-                        "(down- and up-sampled image, 0.33-1 zoom per axis)")
-    r.add_argument("--iterations", type=int, default=50, help="iterations per epoch")
-    r.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=2)
-    r.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
-                   help="sgd: nnU-Net's (Nesterov, momentum 0.99, --lr 1e-2); adamw: try --lr 1e-3")
-    r.add_argument("--lr", type=float, default=1e-2)
-    r.add_argument("--box-jitter-mm", "--box_jitter_mm", dest="box_jitter_mm", type=_box_jitter, default=8.0,
-                   help="box prompts: the lesion's bounding box grown by U[0, this] mm per axis (default 8); "
-                        "'legacy': U[0, 10] model voxels per side (training runs before 2026-12)")
-    r.add_argument("--prompt-types", "--prompt_types", dest="prompt_types", nargs="+",
-                   choices=["point", "box", "mask"], default=["point", "box", "mask"],
-                   help="prompt types simulated, drawn with equal odds (default: all three; 'box' alone "
-                        "trains a box-prompt model such as LesionLocatorSeg/bbox_optimized)")
-    r.add_argument("--outline-weight", "--outline_weight", dest="outline_weight", type=_non_negative,
-                   default=0.0, help="extra cross-entropy weight of each lesion's outermost voxel layer "
-                                     "(partial-volume voxels; default 0: nnU-Net's Dice + CE)")
-    r.add_argument("--tight-box-prob", "--tight_box_prob", dest="tight_box_prob", type=_probability, default=0.0,
-                   help="share of box prompts that are the lesion's exact bounding box, not grown (default 0)")
-    r.add_argument("--cpu-bf16", "--cpu_bf16", dest="cpu_bf16", action="store_true",
-                   help="on the CPU, train in bfloat16 autocast (1.6-1.8x faster with AVX512-BF16/AMX)")
-    r.add_argument("--intensity-augmentation", "--intensity_augmentation", dest="intensity_augmentation",
-                   action="store_true", help="nnU-Net's intensity augmentations (noise, blur, brightness, "
-                                             "contrast, gamma) of the image channel")
-    r.add_argument("--deep-supervision-targets", "--deep_supervision_targets", dest="deep_supervision_targets",
-                   choices=["max_pool", "nearest"], default="max_pool",
-                   help="targets of the coarse decoder outputs: max_pool (default; every run before run12) "
-                        "or nearest (every 2nd voxel from the first: where the network's coarse voxels are centred)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--init", default=None, help="checkpoint to fine-tune from (same architecture)")
-    r.add_argument("-device", "--device", default="auto")
-    r.set_defaults(func=cmd_train)
-
-    d = sub.add_parser("demo", help="segment and track the shipped demo case and report Dice per lesion")
-    d.add_argument("-o", default="demo_output", help="output folder (default: demo_output)")
-    d.add_argument("-m", default=None, help="model (default: the shipped demo model)")
-    d.add_argument("-device", "--device", default="auto")
-    d.add_argument("--registration", default="simpleitk", choices=["simpleitk", "greedy", "unigradicon", "none"])
-    d.add_argument("--disable_progress_bar", action="store_true")
-    d.set_defaults(func=cmd_demo)
-
-    e = sub.add_parser("evaluate", help="per-lesion Dice, NSD, CPM@25, MED of label images against ground truth")
-    e.add_argument("--pred", required=True, help="folder of predicted instance label images")
-    e.add_argument("--gt", required=True, help="folder of ground-truth instance label images (same names)")
-    e.add_argument("-o", default=None, help="output prefix for .csv and .json (default: PRED/evaluation)")
-    e.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
-    e.add_argument("--match", type=float, default=25.0, help="centre distance for a hit in mm (default 25)")
-    e.set_defaults(func=cmd_evaluate)
-
-    _add_model_commands(sub)
-    return ap
-
-
-def _add_model_commands(subparsers) -> None:
-    """Register ``lesionlocator download`` and ``lesionlocator models`` (each sets ``func``)."""
-    from . import zoo
-
-    d = subparsers.add_parser(
-        "download", help="download a known model into the cache (default: the official LesionLocator "
-        "checkpoint), or install an archive downloaded elsewhere (--from-file)",
-        description="Download, verify (MD5) and unpack a model into the cache; an interrupted download is "
-        "resumed by running the same command again. Afterwards use -m NAME.")
-    d.add_argument("name", nargs="?", default=None,
-                   help=f"model name (default: {zoo.DEFAULT_DOWNLOAD}); zenodo:RECORD for another Zenodo record")
-    d.add_argument("--from-file", dest="from_file", metavar="ARCHIVE",
-                   help="install this archive (e.g. LesionLocatorCheckpoint.zip) instead of downloading")
-    d.add_argument("--md5", default=None, help="expected MD5 of --from-file ARCHIVE (as shown on Zenodo)")
-    d.add_argument("--url", dest="base_url", default=None,
-                   help=f"records API server (default: $LESIONLOCATOR_ZENODO_URL or {zoo.ZENODO_URL})")
-    d.add_argument("--cache-dir", dest="cache_dir", default=None,
-                   help="model cache (default: $LESIONLOCATOR_HOME or the platform cache folder)")
-    d.add_argument("--force", action="store_true", help="download and install again even if installed")
-    d.add_argument("--disable_progress_bar", "--no-progress", dest="disable_progress_bar", action="store_true")
-    d.set_defaults(func=cmd_download)
-
-    m = subparsers.add_parser("models", help="list the cached models with their sizes")
-    m.add_argument("--cache-dir", dest="cache_dir", default=None)
-    m.add_argument("--verify", action="store_true", help="re-hash every installed file against its manifest")
-    m.add_argument("--json", action="store_true", help="print JSON")
-    m.set_defaults(func=cmd_models)
-
-
-def _cli_error(command: str, e: BaseException) -> int:
-    print(f"lesionlocator {command}: error: {e}", file=sys.stderr)
-    return 2
-
-
+# --------------------------------------------------------------------------- models
 def cmd_download(args) -> int:
     from tqdm import tqdm
 
     from . import zoo
-    from .modelfolder import CheckpointError, ModelLayoutError
 
     bar = None
 
@@ -534,17 +328,12 @@ def cmd_download(args) -> int:
             root = zoo.download_model(args.name or zoo.DEFAULT_DOWNLOAD, args.base_url, args.cache_dir,
                                       progress=progress, force=args.force)
     except (zoo.DownloadCancelled, KeyboardInterrupt):
-        if bar is not None:
-            bar.close()
         print("\nlesionlocator download: interrupted; the partial download is kept, run the same command to "
               "resume", file=sys.stderr)
         return 130
-    except (zoo.ZooError, ModelLayoutError, CheckpointError, OSError, ValueError) as e:
+    finally:
         if bar is not None:
             bar.close()
-        return _cli_error("download", e)
-    if bar is not None:
-        bar.close()
     info = zoo.get_model_info(args.name or zoo.DEFAULT_DOWNLOAD)
     name = info.name if info else args.name
     manifest = zoo.read_manifest(root.parent if (root.parent / zoo.MANIFEST_NAME).exists() else root) or {}
@@ -553,68 +342,261 @@ def cmd_download(args) -> int:
     return 0
 
 
+def model_entries(cache_dir=None, verify: bool = False) -> list:
+    """Every model the command line knows, as the text and JSON listings show them: cached ones
+    (status ok, damaged or partial), downloadable ones not cached (available) and the bundled demo
+    model (bundled or missing)."""
+    from . import zoo
+
+    entries = zoo.list_cached_models(cache_dir)
+    if verify:
+        for e in entries:
+            if e["status"] == "ok":
+                problems = zoo.verify_model(e["name"], cache_dir)
+                if problems:
+                    e.update(status="damaged", problem="; ".join(problems[:3]))
+    names = {e["name"] for e in entries if e["status"] != "partial"}
+    for info in zoo.REGISTRY.values():
+        if info.source == "zenodo" and info.name not in names:
+            entries.append({"name": info.name, "status": "available", "title": info.title,
+                            "homepage": info.homepage})
+    demo = zoo.demo_model_dir()
+    entries.append({"name": "demo", "status": "bundled" if demo.is_dir() else "missing", "path": str(demo),
+                    "title": zoo.get_model_info("demo").title})
+    return entries
+
+
 def cmd_models(args) -> int:
     from . import zoo
 
-    entries = zoo.list_cached_models(args.cache_dir)
-    if args.verify:
-        for e in entries:
-            if e["status"] == "ok":
-                problems = zoo.verify_model(e["name"], args.cache_dir)
-                if problems:
-                    e.update(status="damaged", problem="; ".join(problems[:3]))
+    entries = model_entries(args.cache_dir, args.verify)
+    code = 0 if all(e["status"] != "damaged" for e in entries) else 1
     if args.json:
-        print(json.dumps(entries, indent=1))
-        return 0 if all(e["status"] != "damaged" for e in entries) else 1
+        print(json.dumps({"cache": str(zoo.cache_root(args.cache_dir)), "models": entries}, indent=1))
+        return code
     print(f"model cache: {zoo.cache_root(args.cache_dir)}")
-    installed = [e for e in entries if e["status"] != "partial"]
-    if installed:
-        for e in installed:
-            line = f"  {e['name']:<16} {zoo.human_size(e['size']):>9}  "
-            if e["status"] == "ok":
-                bits = [f"version {e['version']}" if e.get("version") else None,
-                        f"licence {e['license']}" if e.get("license") else None,
-                        e.get("source"), f"installed {e['date'][:10]}" if e.get("date") else None]
-                line += ", ".join(b for b in bits if b)
-            else:
-                line += f"DAMAGED: {e.get('problem')} (run `lesionlocator download {e['name']} --force`)"
-            print(line)
-    else:
+    cached = [e for e in entries if e["status"] in ("ok", "damaged")]
+    for e in cached:
+        line = f"  {e['name']:<16} {zoo.human_size(e['size']):>9}  "
+        if e["status"] == "ok":
+            bits = [f"version {e['version']}" if e.get("version") else None,
+                    f"licence {e['license']}" if e.get("license") else None,
+                    e.get("source"), f"installed {e['date'][:10]}" if e.get("date") else None]
+            line += ", ".join(b for b in bits if b)
+        else:
+            line += f"DAMAGED: {e.get('problem')} (run `lesionlocator download {e['name']} --force`)"
+        print(line)
+    if not cached:
         print("  (no models downloaded)")
     for e in entries:
         if e["status"] == "partial":
             total = f" of {zoo.human_size(e['total'])}" if e.get("total") else ""
             print(f"  partial download: {e['name']} {e.get('file') or ''} {zoo.human_size(e['size'])}{total} "
                   f"(run `lesionlocator download {e['name']}` to resume)")
-    names = {e["name"] for e in installed}
-    for info in zoo.REGISTRY.values():
-        if info.source == "zenodo" and info.name not in names:
-            print(f"  available: {info.name} - {info.title} ({info.homepage}); `lesionlocator download "
-                  f"{info.name}`")
-    demo = zoo.demo_model_dir()
-    print(f"  bundled: demo - {'at ' + str(demo) if demo.is_dir() else 'missing (' + str(demo) + ')'}")
-    return 0 if all(e["status"] != "damaged" for e in entries) else 1
+        elif e["status"] == "available":
+            print(f"  available: {e['name']} - {e['title']} ({e['homepage']}); `lesionlocator download {e['name']}`")
+        elif e["status"] in ("bundled", "missing"):
+            print(f"  bundled: demo - {'at ' if e['status'] == 'bundled' else 'missing ('}{e['path']}"
+                  f"{'' if e['status'] == 'bundled' else ')'}")
+    return code
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from .image import ImageError
-    from .model import CheckpointError, ModelLayoutError
-    from .predict import Cancelled
-    from .prompts import PromptError
+# --------------------------------------------------------------------------- the parser
+def _model_options(p, prompt_flag=True) -> None:
+    p.add_argument("-m", default=None, help="model: a LesionLocatorCheckpoint folder or a downloaded model's name "
+                   "(default: the bundled demo model)")
+    p.add_argument("-f", nargs="+", type=folds_value, default=None,
+                   help="folds to use, e.g. 0 1 or all (default: every fold present)")
+    p.add_argument("-device", "--device", type=device_value, default="auto",
+                   help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
+
+
+def _add_segment(sub, parents, formatter) -> None:
+    s = sub.add_parser("segment", parents=parents, formatter_class=formatter,
+                       help="segment lesions from point or box prompts (upstream LesionLocator_segment)")
+    s.add_argument("-i", required=True, help="input image file or folder (.nii.gz, .nii, .nrrd, .mha)")
+    s.add_argument("-o", required=True, help="output folder (created once every input checks out)")
+    s.add_argument("-p", required=True, help="prompt file or folder: upstream JSON (voxel z,y,x), our world JSON, "
+                   "or an instance/binary label image; files named like their images")
+    s.add_argument("-t", required=True, choices=["point", "box"], help="prompt type (must match the prompt files)")
+    _model_options(s)
+    s.add_argument("-step_size", "--step_size", type=step_fraction, default=0.5,
+                   help="sliding-window step (fraction of the patch, > 0 and <= 1)")
+    s.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
+    s.add_argument("--enable_tta", action="store_true", help="mirroring test-time augmentation also on CPU")
+    s.add_argument("--continue_prediction", "--c", action="store_true",
+                   help="skip cases whose outputs are complete (their manifest and files)")
+    s.add_argument("--world", action="store_true", help="prompt JSON is in LPS world millimetres")
+    s.add_argument("--save-probabilities", "--save_probabilities", dest="save_probabilities", action="store_true",
+                   help="also write each lesion's probability map (.npz)")
+    s.add_argument("--allow-many-prompts", dest="allow_many_prompts", action="store_true",
+                   help="allow more than 1000 prompts per image (each one is a network run)")
+    s.add_argument("--disable_progress_bar", action="store_true", help="no progress bar")
+    s.add_argument("-npp", type=int, default=None, help="accepted for upstream compatibility; unused")
+    s.add_argument("-nps", type=int, default=None, help="accepted for upstream compatibility; unused")
+    s.set_defaults(func=cmd_segment)
+
+
+def _add_track(sub, parents, formatter) -> None:
+    t = sub.add_parser("track", parents=parents, formatter_class=formatter,
+                       help="segment and track lesions through follow-ups (upstream LesionLocator_track)")
+    t.add_argument("-bl", required=True, help="baseline scan")
+    t.add_argument("-fu", required=True, nargs="+", help="follow-up scans, in time order")
+    t.add_argument("-p", required=True, nargs="+", help="baseline prompt JSON (point/box), or for prev_mask one "
+                   "instance label image or several binary masks (one per lesion)")
+    t.add_argument("-t", default="prev_mask", choices=["point", "box", "prev_mask"], help="prompt type")
+    t.add_argument("-o", required=True, help="output folder (created once every input checks out)")
+    _model_options(t)
+    t.add_argument("--registration", default="simpleitk", choices=REGISTRATIONS, help="registration backend")
+    t.add_argument("--min-volume-ml", "--min_volume_ml", dest="min_volume_ml", type=non_negative, default=0.0,
+                   help="a follow-up mask smaller than this (ml) counts as vanished (0: any voxel is tracked)")
+    t.add_argument("--min-prompt-fraction", "--min_prompt_fraction", dest="min_prompt_fraction", type=non_negative,
+                   default=0.0, help="a follow-up mask smaller than this fraction of its warped previous mask "
+                   "counts as vanished (0: off)")
+    t.add_argument("--world", action="store_true", help="prompt JSON is in LPS world millimetres")
+    t.add_argument("--allow-many-prompts", dest="allow_many_prompts", action="store_true",
+                   help="allow more than 1000 baseline prompts")
+    t.add_argument("--disable_progress_bar", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_track)
+
+
+def _add_small_commands(sub, parents, formatter) -> None:
+    p = sub.add_parser("prompts", parents=parents, formatter_class=formatter,
+                       help="label image(s) -> point and box prompt JSON (upstream format)")
+    p.add_argument("-i", required=True, help="label image or folder of label images")
+    p.add_argument("-o", required=True, help="output folder; writes points/ and boxes/, named like the images "
+                   "(a '_label' suffix is dropped, so they pair with <case>.nii.gz in lesionlocator segment)")
+    p.add_argument("-label_type", "--label_type", choices=["instance", "semantic"], default="instance",
+                   help="instance: label value = lesion ID; semantic: connected components are lesions")
+    p.add_argument("--world", action="store_true", help="write our LPS world JSON instead of voxel JSON")
+    p.set_defaults(func=cmd_prompts)
+
+    d = sub.add_parser("demo", parents=parents, formatter_class=formatter,
+                       help="segment and track the shipped demo case and report Dice per lesion")
+    d.add_argument("-o", default="demo_output", help="output folder")
+    d.add_argument("-m", default=None, help="model (default: the shipped demo model)")
+    d.add_argument("-device", "--device", type=device_value, default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    d.add_argument("--registration", default="simpleitk", choices=REGISTRATIONS, help="registration backend")
+    d.add_argument("--disable_progress_bar", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("evaluate", parents=parents, formatter_class=formatter,
+                       help="per-lesion Dice, NSD, CPM@25, MED of label images against ground truth")
+    e.add_argument("--pred", required=True, help="predicted instance label image, or a folder of them "
+                   "(<case>.nii.gz or lesionlocator's <case>_lesions.nii.gz)")
+    e.add_argument("--gt", required=True, help="ground-truth instance label image, or a folder (same case names)")
+    e.add_argument("-o", default=None, help="output prefix for .csv and .json (default: PRED folder/evaluation)")
+    e.add_argument("--tolerance", type=non_negative, default=2.0, help="NSD tolerance in mm")
+    e.add_argument("--match", type=non_negative, default=25.0, help="centre distance for a hit in mm")
+    e.set_defaults(func=cmd_evaluate)
+
+
+def _add_model_commands(sub, parents, formatter) -> None:
+    from .download import ZENODO_URL
+    from .zoo import DEFAULT_DOWNLOAD
+
+    d = sub.add_parser(
+        "download", parents=parents, formatter_class=formatter,
+        help="download a known model into the cache (default: the official LesionLocator checkpoint), or install "
+        "an archive downloaded elsewhere (--from-file)",
+        description="Download, verify (MD5) and unpack a model into the cache; an interrupted download is "
+        "resumed by running the same command again. Afterwards use -m NAME.")
+    d.add_argument("name", nargs="?", default=None,
+                   help=f"model name (default: {DEFAULT_DOWNLOAD}); zenodo:RECORD for another Zenodo record")
+    d.add_argument("--from-file", dest="from_file", metavar="ARCHIVE",
+                   help="install this archive (e.g. LesionLocatorCheckpoint.zip) instead of downloading")
+    d.add_argument("--md5", default=None, help="expected MD5 of --from-file ARCHIVE (as shown on Zenodo)")
+    d.add_argument("--url", dest="base_url", default=None,
+                   help=f"records API server (default: $LESIONLOCATOR_ZENODO_URL or {ZENODO_URL})")
+    d.add_argument("--cache-dir", dest="cache_dir", default=None,
+                   help="model cache (default: $LESIONLOCATOR_HOME or the platform cache folder)")
+    d.add_argument("--force", action="store_true", help="download and install again even if installed")
+    d.add_argument("--disable_progress_bar", "--no-progress", dest="disable_progress_bar", action="store_true",
+                   help="no progress bar")
+    d.set_defaults(func=cmd_download)
+
+    m = sub.add_parser("models", parents=parents, formatter_class=formatter,
+                       help="list the models: cached (with sizes), downloadable and bundled")
+    m.add_argument("--cache-dir", dest="cache_dir", default=None,
+                   help="model cache (default: $LESIONLOCATOR_HOME or the platform cache folder)")
+    m.add_argument("--verify", action="store_true", help="re-hash every installed file against its manifest")
+    m.add_argument("--json", action="store_true", help="print the same listing as JSON")
+    m.set_defaults(func=cmd_models)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="show the traceback of an error")
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    ap = argparse.ArgumentParser(prog="lesionlocator", parents=[common], formatter_class=formatter,
+                                 description="Promptable lesion segmentation and tracking in CT (LesionLocator, "
+                                 "CVPR 2025). World coordinates are LPS mm.")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+    _add_segment(sub, [common], formatter)
+    _add_small_commands(sub, [common], formatter)
+    _add_track(sub, [common], formatter)
+    try:
+        from .training.commands import add_training_commands
+    except ImportError:  # the Slicer extension ships no training code
+        pass
+    else:
+        add_training_commands(sub, [common], formatter)
+    _add_model_commands(sub, [common], formatter)
+    return ap
+
+
+# --------------------------------------------------------------------------- main
+def _run(args) -> int:
+    import warnings
+
+    from .cancel import Cancelled
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            warnings.showwarning = lambda message, *rest, **kw: _warn(args.command, str(message))
             return args.func(args)
-    except (UsageError, PromptError, ImageError, ModelLayoutError, CheckpointError, FileNotFoundError,
-            RuntimeError, MemoryError) as e:
-        print(f"lesionlocator {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except Cancelled:
         print(f"lesionlocator {args.command}: cancelled; nothing was written for the current case", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print(f"\nlesionlocator {args.command}: interrupted; outputs written so far are complete", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, MemoryError) as e:  # the library's errors are these kinds
+        if args.verbose:
+            import traceback
+            traceback.print_exc()
+        print(f"lesionlocator {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, SystemExit) as e:
+        if isinstance(e, SystemExit) and e.code not in (130, 143):
+            raise
+        print(f"\nlesionlocator {args.command}: interrupted; files written so far are complete, nothing partial "
+              f"is left", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
+    except Exception as e:  # noqa: BLE001 - a bug: say so in one line, the traceback with --verbose
+        if args.verbose:
+            import traceback
+            traceback.print_exc()
+        print(f"lesionlocator {args.command}: internal error ({type(e).__name__}: {_one_line(e)}); run again with "
+              f"--verbose and report the traceback", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text if isinstance(e, (ValueError, OSError)) else text.splitlines()[0]
+
+
+def main(argv=None) -> int:
+    try:
+        from .files import install_termination_handler
+
+        install_termination_handler()
+        args = build_parser().parse_args(argv)
+        return _run(args)
+    except KeyboardInterrupt:  # while starting up, before a command runs
+        print("\nlesionlocator: interrupted", file=sys.stderr)
         return 130
 
 

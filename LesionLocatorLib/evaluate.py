@@ -47,7 +47,8 @@ from scipy import ndimage
 from .image import Image, read_image
 from .measure import _as_bool, _bbox, _spacing3, lesion_volume_ml
 
-__all__ = ["dice", "normalized_surface_dice", "evaluate_case", "aggregate", "evaluate_folders", "LABEL_EXTENSIONS"]
+__all__ = ["dice", "normalized_surface_dice", "evaluate_case", "aggregate", "evaluate_folders", "evaluate_paths",
+           "LABEL_EXTENSIONS"]
 
 #: File name endings recognised by :func:`evaluate_folders` (longest first).
 LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -319,13 +320,39 @@ def _label_files(folder: Path) -> dict:
     return files
 
 
+PREDICTION_SUFFIX = "_lesions"  # lesionlocator segment/track write <case>_lesions.<ending>
+
+
+def evaluate_paths(pred, gt, *, tolerance_mm: float = 2.0, match_mm: float = 25.0, patient_of=None) -> list:
+    """Evaluate a prediction against a ground truth, each a label file or a folder of them
+    (:func:`evaluate_folders`); two files are one case, named after the ground truth."""
+    pred, gt = Path(pred), Path(gt)
+    for what, path in (("prediction", pred), ("ground truth", gt)):
+        if not path.exists():
+            raise FileNotFoundError(f"{what} not found: {path}")
+    if pred.is_file() != gt.is_file():
+        raise ValueError(f"give two label files or two folders: {pred} is a {'file' if pred.is_file() else 'folder'}, "
+                         f"{gt} a {'file' if gt.is_file() else 'folder'}")
+    if pred.is_dir():
+        return evaluate_folders(pred, gt, tolerance_mm=tolerance_mm, match_mm=match_mm, patient_of=patient_of)
+    gt_img, pred_img = read_image(gt), read_image(pred)
+    diff = _geometry_difference(pred_img, gt_img)
+    if diff is not None:
+        raise ValueError(f"geometry mismatch between prediction {pred} and ground truth {gt}: {diff[0]} differs "
+                         f"({diff[1]} vs {diff[2]})")
+    case = _case_name(gt) or gt.name
+    return evaluate_case(pred_img, gt_img, tolerance_mm=tolerance_mm, match_mm=match_mm, case=case,
+                         patient=patient_of(case) if patient_of is not None else None)
+
+
 def evaluate_folders(pred_dir, gt_dir, *, tolerance_mm: float = 2.0, match_mm: float = 25.0,
                      patient_of=None) -> list:
     """Evaluate every ground-truth label file in ``gt_dir`` against ``pred_dir``.
 
     Files are matched by case name: the file name without its extension
     (``.nii.gz``, ``.nii``, ``.nrrd`` or ``.mha``), so ``case1.nii.gz`` may be
-    compared with ``case1.nrrd``.  Predictions without ground truth are ignored.
+    compared with ``case1.nrrd``; a prediction ``case1_lesions.nii.gz`` (what
+    ``lesionlocator segment`` writes) is matched with ``case1`` too.  Predictions without ground truth are ignored.
     ``patient_of(case_name) -> patient`` groups scans by patient for
     :func:`aggregate` (default: every case is its own patient).
 
@@ -341,6 +368,10 @@ def evaluate_folders(pred_dir, gt_dir, *, tolerance_mm: float = 2.0, match_mm: f
         if not folder.is_dir():
             raise FileNotFoundError(f"{what} folder not found: {folder}")
     gt_files, pred_files = _label_files(gt_dir), _label_files(pred_dir)
+    for case in list(pred_files):  # lesionlocator's <case>_lesions.<ending> is the prediction for <case>
+        base = case[: -len(PREDICTION_SUFFIX)] if case.endswith(PREDICTION_SUFFIX) else None
+        if base in gt_files and base not in pred_files:
+            pred_files[base] = pred_files.pop(case)
     if not gt_files:
         raise FileNotFoundError(f"no label files ({', '.join(LABEL_EXTENSIONS)}) in ground-truth folder {gt_dir}")
     rows = []

@@ -277,19 +277,109 @@ def recist_category(sum_diameters_by_timepoint):
     return out
 
 
+LESION_CHANGE_CATEGORIES = ("baseline", "n/a", "disappeared", "reappeared", "increase", "decrease", "stable")
+"""Values of :func:`lesion_change_category` (the ``lesion_change_category`` column)."""
+
+
+def lesion_change_category(long_axes_by_timepoint):
+    """One lesion's own change class per timepoint, from its long axis (mm) -- **for information
+    only**, and not a RECIST response: RECIST 1.1 classifies the *sum* of the target lesions'
+    diameters (:func:`recist_category`); this applies the same thresholds to one lesion, so that a
+    lesion that grows while the sum is stable is visible.
+
+    Input: dict ``{timepoint: long_axis_mm}`` in chronological order or a sequence, the first
+    entry the baseline; ``None`` marks a timepoint where the lesion was not measured (e.g. it lies
+    outside the scan's field of view). Output (same kind as the input), checked in this order:
+
+    * ``'baseline'`` for the first entry;
+    * ``'n/a'``: not measured now, or not measurable at baseline (long axis None or 0 mm);
+    * ``'disappeared'``: 0 mm now (the lesion is gone);
+    * ``'reappeared'``: > 0 mm after a nadir of 0 mm;
+    * ``'increase'``: >= 1.2 x nadir **and** >= nadir + 5 mm, where nadir is the smallest
+      measured long axis at any earlier timepoint (baseline included);
+    * ``'decrease'``: <= 0.7 x baseline (a decrease of at least 30 %);
+    * ``'stable'``: otherwise.
+    """
+    labels, values = _series(long_axes_by_timepoint)
+    if any(v is not None and v < 0 for v in values):
+        raise ValueError(f"long axes must be numbers >= 0 mm (or None), got {values}")
+    baseline = values[0]
+    out, nadir = ["baseline"], baseline
+    for v in values[1:]:
+        if v is None or not baseline:
+            cat = "n/a"
+        elif v == 0:
+            cat = "disappeared"
+        elif nadir == 0:
+            cat = "reappeared"
+        elif v >= 1.2 * nadir - 1e-9 and v - nadir >= 5.0 - 1e-9:
+            cat = "increase"
+        elif v <= 0.7 * baseline + 1e-9:
+            cat = "decrease"
+        else:
+            cat = "stable"
+        out.append(cat)
+        if v is not None and baseline:
+            nadir = min(nadir, v)
+    if isinstance(long_axes_by_timepoint, dict):
+        return dict(zip(labels, out))
+    return out
+
+
+def _overall_response(long_sum, not_evaluable) -> list:
+    """:func:`recist_category` of the sums, where ``not_evaluable[t]`` (a baseline-measurable lesion
+    was not measured at t) gives ``'NE'`` unless the measured lesions' sum already shows
+    progression (RECIST 1.1); such timepoints never set the nadir."""
+    n = len(long_sum)
+    if long_sum[0] <= 0:
+        return [None] * n
+    evaluable = [0] + [t for t in range(1, n) if not not_evaluable[t]]
+    categories = dict(zip(evaluable, recist_category([long_sum[t] for t in evaluable])))
+    out, nadir = [None], long_sum[0]
+    for t in range(1, n):
+        if t in categories:
+            out.append(categories[t])
+            nadir = min(nadir, long_sum[t])
+            continue
+        v = long_sum[t]
+        progressed = (nadir == 0 and v > 0) or (v >= 1.2 * nadir - 1e-9 and v - nadir >= 5.0 - 1e-9)
+        out.append("PD" if progressed else "NE")
+    return out
+
+
 def lesion_measurements(images, masks_by_timepoint, status=None, names=None) -> list:
     """One row per lesion and timepoint: volume (ml), RECIST-style long/short axis (mm),
-    change vs baseline and vs nadir (%, volume and long axis), status, and per
-    timepoint the RECIST 1.1 category of the sum of long axes (for information only).
+    change vs baseline and vs nadir (%, volume and long axis), status, the lesion's own change
+    class, and per timepoint the RECIST 1.1 category of the sum of long axes (for information
+    only).
 
     ``images[t]``: the scan (geometry for world measurements); ``masks_by_timepoint[t]``:
     {lesion id: bool (z, y, x)}; ``status[id][t]``: optional status strings;
     ``names[t]``: optional timepoint names.
+
+    Two columns classify change, and they answer different questions:
+
+    * ``recist_information_only``: the **overall** response of the timepoint, the same in every
+      lesion's row: :func:`recist_category` of ``sum_long_axes_mm`` (the sum over all lesions).
+      At a follow-up where a lesion measurable at baseline is ``outside`` the scan's field of view
+      it is ``'NE'`` (not evaluable, RECIST 1.1), or ``'PD'`` when the measured lesions alone
+      already show progression; ``sum_long_axes_mm`` there is the sum of the lesions measured.
+    * ``lesion_change_category``: **this lesion's** own change class
+      (:func:`lesion_change_category` of its long axis): ``'baseline'``, ``'n/a'`` (``outside``,
+      or nothing to measure at baseline), ``'disappeared'``, ``'reappeared'``, ``'increase'``,
+      ``'decrease'`` or ``'stable'``. A lesion that grows 63 % while the sum is stable shows
+      ``'increase'`` here and ``'SD'`` in ``recist_information_only``.
+
+    A lesion with an empty mask has 0 ml and 0 mm. Where it is ``outside`` (not measured, only
+    its mask is empty) its changes are None, its change class ``'n/a'``, and that timepoint is
+    never its nadir.
     """
     n = len(images)
     names = list(names) if names else [f"t{t}" for t in range(n)]
     ids = sorted({pid for masks in masks_by_timepoint for pid in masks})
+    status = status or {}
     rows, long_sum = [], [0.0] * n
+    not_evaluable = [False] * n
     per_lesion = {}
     for pid in ids:
         vols, longs, shorts = [], [], []
@@ -302,15 +392,20 @@ def lesion_measurements(images, masks_by_timepoint, status=None, names=None) -> 
             long_mm, short_mm, _ = axial_diameters(images[t].with_array(np.asarray(mask, dtype=bool)))
             longs.append(long_mm), shorts.append(short_mm)
             long_sum[t] += long_mm
-        per_lesion[pid] = (vols, longs, shorts)
-    recist = recist_category(long_sum) if long_sum[0] > 0 else [None] * n
+        outside = [t > 0 and _status_at(status, pid, t) == "outside" for t in range(n)]
+        for t in range(1, n):
+            not_evaluable[t] |= outside[t] and longs[0] > 0
+        per_lesion[pid] = (vols, longs, shorts, outside)
+    recist = _overall_response(long_sum, not_evaluable)
     for pid in ids:
-        vols, longs, shorts = per_lesion[pid]
-        vchange, lchange = change_table(vols), change_table(longs)
+        vols, longs, shorts, outside = per_lesion[pid]
+        vchange = change_table([None if outside[t] else vols[t] for t in range(n)])
+        measured_longs = [None if outside[t] else longs[t] for t in range(n)]
+        lchange, own = change_table(measured_longs), lesion_change_category(measured_longs)
         for t in range(n):
             rows.append({
                 "lesion_id": pid, "timepoint": names[t], "index": t,
-                "status": (status or {}).get(pid, ["-"] * n)[t],
+                "status": status.get(pid, ["-"] * n)[t],
                 "volume_ml": vols[t], "long_axis_mm": longs[t], "short_axis_mm": shorts[t],
                 "volume_change_vs_baseline_pct": vchange[t]["change_vs_baseline_pct"],
                 "volume_change_vs_nadir_pct": vchange[t]["change_vs_nadir_pct"],
@@ -318,5 +413,11 @@ def lesion_measurements(images, masks_by_timepoint, status=None, names=None) -> 
                 "long_axis_change_vs_nadir_pct": lchange[t]["change_vs_nadir_pct"],
                 "sum_long_axes_mm": long_sum[t],
                 "recist_information_only": recist[t],
+                "lesion_change_category": own[t],
             })
     return rows
+
+
+def _status_at(status: dict, pid, t: int):
+    per = status.get(pid)
+    return per[t] if per is not None and t < len(per) else None

@@ -29,13 +29,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .plans import SUPPORTED_RESAMPLING, UnsupportedPlansError  # noqa: F401  (UnsupportedPlansError: re-exported)
+
 ANISOTROPY_THRESHOLD = 3.0
 WEIGHT_CUTOFF = 1e-7
-SUPPORTED_RESAMPLING = ("resample_data_or_seg_to_shape", "resample_torch_fornnunet")
-
-
-class UnsupportedPlansError(ValueError):
-    """Plans that ask for a preprocessing step this library does not reproduce."""
 
 
 def compute_new_shape(old_shape, old_spacing, new_spacing) -> np.ndarray:

@@ -85,6 +85,29 @@ class PlansError(ModelLayoutError):
     """A plans.json or dataset.json that is not plain data of an allowed architecture (the message names the key)."""
 
 
+class UnsupportedPlansError(PlansError):
+    """Plans that ask for a preprocessing step this library does not reproduce."""
+
+
+SUPPORTED_NORMALIZATIONS = ("CTNormalization", "NoNormalization")
+SUPPORTED_RESAMPLING = ("resample_data_or_seg_to_shape", "resample_torch_fornnunet")
+
+
+def check_supported_preprocessing(configuration: dict, where: str = "plans.json") -> None:
+    """Refuse, before any model loads, a configuration whose normalisation or resampling functions
+    this library does not reproduce (they are computed per region around a prompt, so only
+    schemes without whole-image statistics are possible)."""
+    for scheme in configuration.get("normalization_schemes") or []:
+        if scheme not in SUPPORTED_NORMALIZATIONS:
+            raise UnsupportedPlansError(f"{where}: normalisation {scheme!r} needs whole-image statistics and is not "
+                                        f"supported; supported: {', '.join(SUPPORTED_NORMALIZATIONS)}")
+    for key in ("resampling_fn_data", "resampling_fn_seg", "resampling_fn_probabilities"):
+        name = configuration.get(key, SUPPORTED_RESAMPLING[0])
+        if name not in SUPPORTED_RESAMPLING:
+            raise UnsupportedPlansError(f"{where}: {key} {name!r} is not supported; supported: "
+                                        f"{', '.join(SUPPORTED_RESAMPLING)}")
+
+
 @dataclass(frozen=True)
 class Architecture:
     """A checked network description: the class's attribute name in

@@ -22,7 +22,8 @@ import torch
 from .cancel import CancelToken, Cancelled  # noqa: F401  (re-exported: the library API)
 from .image import Image, nonzero_bbox
 from .model import LoadedModel, warn_if_not_ct
-from .modelgrid import ModelGrid, UnsupportedPlansError, ct_normalizer
+from .modelgrid import ModelGrid, ct_normalizer
+from .plans import SUPPORTED_NORMALIZATIONS, UnsupportedPlansError
 from .encoding import BALL_RADIUS_VOXELS, box_to_model_grid, paint_prompt, point_to_model_grid
 from .prompts import PromptError, to_voxel_prompt
 
@@ -57,7 +58,7 @@ def _normalizer(model: LoadedModel):
     if scheme == "NoNormalization":
         return lambda block: block
     raise UnsupportedPlansError(f"normalisation {scheme!r} needs whole-image statistics and is not supported; "
-                                f"supported: CTNormalization, NoNormalization")
+                                f"supported: {', '.join(SUPPORTED_NORMALIZATIONS)}")
 
 
 def _encode(vp, grid: ModelGrid):

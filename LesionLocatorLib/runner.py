@@ -303,7 +303,9 @@ class WorkerProcessRunner:
     ``cancel_timeout_s`` it is killed (and restarted on the next request). Volumes go to the
     worker as uncompressed NRRD files, mask prompts (resampled onto the volume's grid) and
     tracking baselines as ``.npz``, and masks come back as ``.npz``, all in a private
-    temporary folder removed by :meth:`close`.
+    temporary folder (the *session folder*, made readable by this user only) removed by
+    :meth:`close`. The worker is started with ``--session`` naming that folder and accepts no
+    file path outside it (see "The session folder" in :mod:`LesionLocatorLib.protocol`).
     """
 
     IMAGE_CACHE = 2  # images the worker keeps by key (the same number as worker.IMAGE_CACHE)
@@ -336,9 +338,9 @@ class WorkerProcessRunner:
         env["PYTHONPATH"] = os.pathsep.join([package_parent] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._log = open(os.path.join(self._tmp.name, "worker.log"), "ab")
-        self._process = subprocess.Popen([self.python, "-m", "LesionLocatorLib.worker"], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=self._log, env=env, text=True, bufsize=1,
-                                         **hidden_console())
+        self._process = subprocess.Popen([self.python, "-m", "LesionLocatorLib.worker", "--session", self._tmp.name],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env,
+                                         text=True, bufsize=1, **hidden_console())
         self._lines = queue.Queue()
         threading.Thread(target=self._read, args=(self._process, self._lines), daemon=True).start()
         self._send({"type": "hello", "protocol": PROTOCOL})

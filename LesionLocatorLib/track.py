@@ -12,7 +12,30 @@ Each lesion gets a status per timepoint:
   empty: never a guess), or less than ``min_volume_ml`` or ``min_prompt_fraction`` of its
   prompt (then the mask is emptied); the warped location keeps being followed, so a lesion
   that comes back is found again;
-* ``outside``: the warped lesion lies outside the scan's field of view.
+* ``outside``: the warped lesion lies mostly outside the scan's field of view (the rule
+  below). Its mask is empty and nothing is measured; it is not followed further: a lesion
+  ``outside`` at scan t stays ``outside`` at every later scan.
+
+The field-of-view rule. The previous mask is warped with the registration (linear
+interpolation, threshold 0.5) onto a grid of scan t's voxel size and orientation that is
+not cut at scan t's edges, and :data:`MIN_INSIDE_FRACTION` of that warped volume (world
+mm^3: every voxel of the grid has the same size, so voxel counts are volumes) must fall
+inside scan t's voxel grid for the lesion to be segmented there. With less, it is
+``outside``. The reason: a network prompted with a sliver of the lesion at the edge of the
+scan segments that sliver, and its volume and diameters would be read as a response
+(e.g. -99.9 %, "PR") when the lesion simply left the field of view. Half is where "mostly
+outside" starts; for a lesion symmetric about its centre (a sphere or ellipsoid cut by the
+scan's edge) it is also where its centre leaves the scan. A lesion with at least half of
+its volume inside but clipped by the edge is ``tracked`` and measured on the part inside;
+a warning names it and the share outside (:attr:`TrackResult.inside_fraction` holds the
+fractions). A lesion that thins out to nothing when warped (smaller than a voxel) has no
+volume to count: it is ``outside`` when its warped centre of mass is outside scan t, and
+otherwise prompted with a ball of its volume around that centre.
+
+No overlap. When the two scans' fields of view do not intersect after registration
+(:func:`fields_of_view_overlap`: scan t's grid mapped into scan t-1's world misses scan
+t-1's grid, or the other way round), a warning says that registration found no overlap
+between the two scans, and every lesion followed from scan t-1 is ``outside`` at scan t.
 
 Images are :class:`~LesionLocatorLib.image.Image` (arrays (z, y, x), LPS world).
 """
@@ -32,17 +55,28 @@ from .prompts import MaskPrompt, PromptError
 
 STATUSES = ("tracked", "vanished", "outside")
 
+MIN_INSIDE_FRACTION = 0.5
+"""A lesion is segmented at scan t only if at least this fraction of its warped previous mask's
+volume lies inside scan t's voxel grid; with less it is ``outside`` (see the module docstring)."""
+
+_WARP_MARGIN_MM = 25.0        # as Transform.warp_mask: the region resampled around a mapped lesion
+_MAX_EXTENDED_VOXELS = 2 ** 24  # the uncut grid of one lesion is coarsened beyond this (odd transforms only)
+
 
 @dataclass
 class TrackResult:
     """``masks[t][id]``: bool (z, y, x) on scan t; ``labels[t]``: instance label Image;
     ``status[id][t]``: one of STATUSES; ``transforms[t-1]``: registration of scan t
-    (fixed) to scan t-1 (moving); ``timings``: seconds per stage."""
+    (fixed) to scan t-1 (moving); ``timings``: seconds per stage; ``inside_fraction[id][t]``:
+    the fraction of the lesion's warped previous mask (world volume) inside scan t's field of
+    view (1.0 at the baseline; 0.0 when the scans do not overlap; None where the lesion was
+    not warped (no longer followed) or warped to less than a voxel)."""
     masks: list
     labels: list
     status: dict
     transforms: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    inside_fraction: dict = field(default_factory=dict)
 
     @property
     def lesion_ids(self) -> list:
@@ -98,25 +132,118 @@ def _ball_mask(reference: Image, centre_zyx, radius_mm: float) -> np.ndarray:
     return d2 <= radius_mm ** 2
 
 
-def warp_prompt(mask: np.ndarray, moving: Image, fixed: Image, transform) -> np.ndarray | None:
-    """Warp a lesion mask from scan ``moving`` onto scan ``fixed``; None if it leaves the field of view.
+def _grid_lattice(image: Image, n: int) -> np.ndarray:
+    """World points (LPS mm) of an n^3 lattice spanning the image's full extent (voxel faces)."""
+    axes = [np.linspace(-0.5, size - 0.5, n) for size in image.shape]
+    index = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    return image.index_to_world(index)
+
+
+def _boxes_intersect(index_points: np.ndarray, shape) -> bool:
+    """Whether the bounding box of continuous (z, y, x) indices meets a grid's extent with a volume."""
+    lo, hi = index_points.min(0), index_points.max(0)
+    return bool(np.all(hi > -0.5) and np.all(lo < np.asarray(shape) - 0.5))
+
+
+def fields_of_view_overlap(fixed: Image, moving: Image, transform) -> bool:
+    """Whether the scans' fields of view intersect after registration.
+
+    ``fixed``'s grid (a 9^3 lattice over its extent, corners included) mapped into ``moving``'s
+    world by ``transform`` must meet ``moving``'s grid, and ``moving``'s grid (3^3 lattice)
+    mapped into ``fixed``'s world must meet ``fixed``'s grid. Bounding boxes are compared, so the
+    test never reports "no overlap" for scans that do overlap under an affine transform (the
+    box of a mapped box contains it); a thin oblique miss may pass as overlap, and then every
+    lesion is simply found ``outside`` by the field-of-view rule.
+    """
+    in_moving = moving.world_to_index(transform.fixed_to_moving(_grid_lattice(fixed, 9)))
+    if not np.all(np.isfinite(in_moving)) or not _boxes_intersect(in_moving, moving.shape):
+        return False
+    in_fixed = fixed.world_to_index(transform.map_points(_grid_lattice(moving, 3)))
+    return bool(np.all(np.isfinite(in_fixed)) and _boxes_intersect(in_fixed, fixed.shape))
+
+
+def _mapped_region(mask: np.ndarray, moving: Image, fixed: Image, transform):
+    """Half-open (z, y, x) index box on ``fixed``'s grid, not cut at its edges, around the mapped
+    bounding box of ``mask`` plus the margin that :meth:`Transform.warp_mask` resamples."""
+    idx = np.argwhere(mask)
+    lo, hi = idx.min(0), idx.max(0)
+    corners = np.array([[z, y, x] for z in (lo[0], hi[0]) for y in (lo[1], hi[1]) for x in (lo[2], hi[2])], float)
+    mapped = fixed.world_to_index(transform.map_points(moving.index_to_world(corners)))
+    margin = _WARP_MARGIN_MM / np.asarray(fixed.spacing_zyx)
+    a = np.floor(mapped.min(0) - margin).astype(int)
+    b = np.ceil(mapped.max(0) + margin).astype(int) + 1
+    return a, b
+
+
+def inside_fraction(mask: np.ndarray, moving: Image, fixed: Image, transform) -> float | None:
+    """Fraction of the volume of ``mask`` (bool (z, y, x) on ``moving``), warped by ``transform``
+    (linear interpolation, threshold 0.5), that lies inside ``fixed``'s voxel grid; None when
+    the mask warps to nothing (smaller than a voxel) or is empty.
+
+    The warp is made on a grid of ``fixed``'s voxel size and orientation, aligned with its voxels
+    but extended beyond its edges as far as the mapped lesion reaches (coarsened by an integer
+    factor only if that grid would exceed 2^24 voxels), so the part outside is counted as
+    well: equal voxels, so the voxel count ratio is the world volume ratio. A lesion whose
+    mapped region lies well inside the grid is 1.0 without a second warp.
+    """
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        return None
+    a, b = _mapped_region(mask, moving, fixed, transform)
+    shape = np.asarray(fixed.shape)
+    if np.all(a >= 0) and np.all(b <= shape):
+        return 1.0   # everything Transform.warp_mask can produce for this lesion is inside
+    extent = b - a
+    factor = max(1, int(np.ceil((np.prod(extent.astype(float)) / _MAX_EXTENDED_VOXELS) ** (1 / 3))))
+    coarse = -(-extent // factor)
+    reference = Image(np.zeros(tuple(int(n) for n in coarse), np.uint8), tuple(np.asarray(fixed.spacing) * factor),
+                      tuple(fixed.index_to_world(a.astype(float))), fixed.direction)
+    warped = transform.warp_mask(moving.with_array(mask.astype(np.uint8)), reference, linear=True,
+                                 threshold=0.5).array
+    total = int(np.count_nonzero(warped))
+    if total == 0:
+        return None
+    # coarse voxel i sits on fixed index a + i * factor: inside when 0 <= that < shape
+    first = np.maximum(-(a // factor), 0)                # ceil(-a / factor), at least 0
+    last = np.minimum(-((a - shape) // factor), coarse)  # ceil((shape - a) / factor), at most the grid
+    if np.any(last <= first):
+        return 0.0
+    inside = int(np.count_nonzero(warped[tuple(slice(int(f), int(e)) for f, e in zip(first, last))]))
+    return inside / total
+
+
+def warp_lesion(mask: np.ndarray, moving: Image, fixed: Image, transform) -> tuple:
+    """``(prompt, fraction)``: a lesion mask on scan ``moving`` warped onto scan ``fixed``, or None
+    when it lies outside ``fixed``'s field of view by the module's rule (less than
+    :data:`MIN_INSIDE_FRACTION` of its warped volume inside), and that fraction
+    (:func:`inside_fraction`; None when it warps to less than a voxel).
 
     Linear interpolation + threshold 0.5; a lesion that thins out to nothing keeps
-    its mapped centre and equivalent-sphere radius (deterministic, from the transform).
+    its mapped centre and equivalent-sphere radius (deterministic, from the transform),
+    and is outside when that centre is.
     """
     warped = transform.warp_mask(moving.with_array(mask.astype(np.uint8)), fixed, linear=True, threshold=0.5)
     warped = np.asarray(warped.array) > 0
+    fraction = inside_fraction(mask, moving, fixed, transform)
+    if fraction is not None and fraction < MIN_INSIDE_FRACTION:
+        return None, fraction
     if warped.any():
-        return warped
+        return warped, fraction
     centre = moving.index_to_world(ndimage.center_of_mass(mask))
     mapped = transform.map_points(np.asarray([centre]))[0]
     index = fixed.world_to_index(mapped)
     if not fixed.contains_index(index):
-        return None
+        return None, fraction
     volume = mask.sum() * np.prod(moving.spacing)
     radius = max((3 * volume / (4 * np.pi)) ** (1 / 3), max(fixed.spacing))
     ball = _ball_mask(fixed, index, radius)
-    return ball if ball.any() else None
+    return (ball if ball.any() else None), fraction
+
+
+def warp_prompt(mask: np.ndarray, moving: Image, fixed: Image, transform) -> np.ndarray | None:
+    """Warp a lesion mask from scan ``moving`` onto scan ``fixed``; None if it lies outside the field
+    of view (less than :data:`MIN_INSIDE_FRACTION` of it inside). See :func:`warp_lesion`."""
+    return warp_lesion(mask, moving, fixed, transform)[0]
 
 
 def _below_minimum(mask: np.ndarray, prompt: np.ndarray, spacing_zyx, min_volume_ml: float,
@@ -169,6 +296,7 @@ def track(images, prompts, track_model, seg_model=None, registration: str = "sim
     masks, labels = [baseline], [baseline_labels]
     status = {pid: ["tracked" if m.any() else "vanished"] for pid, m in baseline.items()}
     carried = {pid: m for pid, m in baseline.items() if m.any()}  # last known location per lesion
+    fractions = {pid: [1.0 if m.any() else None] for pid, m in baseline.items()}
     transforms = []
     options = dict(registration_options or {})
     if registration == "unigradicon":
@@ -185,16 +313,29 @@ def track(images, prompts, track_model, seg_model=None, registration: str = "sim
         t0 = time.perf_counter()
         prompts_t, next_carried, now = [], {}, {}
         labels_t = fixed.with_array(np.zeros(fixed.shape, np.uint16))
+        overlap = fields_of_view_overlap(fixed, moving, transform)
+        if not overlap and carried:
+            warnings.warn(f"registration found no overlap between scan {t} and scan {t - 1} (backend "
+                          f"'{transform.backend}'): their fields of view do not intersect after registration, so "
+                          f"the {len(carried)} lesion(s) followed from scan {t - 1} are reported 'outside' at "
+                          f"scan {t}; check the scans' positions (origin) or the registration", stacklevel=2)
         for pid in sorted(status):
             if pid not in carried:
                 status[pid].append(status[pid][-1] if status[pid][-1] == "outside" else "vanished")
+                fractions[pid].append(None)
                 now[pid] = np.zeros(fixed.shape, bool)
                 continue
-            warped = warp_prompt(carried[pid], moving, fixed, transform)
+            warped, fraction = warp_lesion(carried[pid], moving, fixed, transform) if overlap else (None, 0.0)
+            fractions[pid].append(fraction)
             if warped is None:
                 status[pid].append("outside")
                 now[pid] = np.zeros(fixed.shape, bool)
                 continue
+            if fraction is not None and fraction < 1.0:
+                outside_pct = 100.0 * (1.0 - fraction)
+                share = f"{outside_pct:.0f} %" if outside_pct >= 1.0 else "less than 1 %"
+                warnings.warn(f"lesion {pid}: {share} of its mask warped from scan {t - 1} lies outside the field "
+                              f"of view of scan {t}; only the part inside is segmented and measured", stacklevel=2)
             prompts_t.append(MaskPrompt(pid, fixed.with_array(warped)))
             next_carried[pid] = warped
         timings["warping"] += time.perf_counter() - t0
@@ -219,4 +360,4 @@ def track(images, prompts, track_model, seg_model=None, registration: str = "sim
         labels.append(labels_t)
         carried = next_carried
     report(1.0, "done")
-    return TrackResult(masks, labels, status, transforms, timings)
+    return TrackResult(masks, labels, status, transforms, timings, fractions)

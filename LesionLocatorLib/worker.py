@@ -1,21 +1,28 @@
 """A persistent worker process that serves :mod:`LesionLocatorLib.runner`'s JSON protocol.
 
-Start: ``python -m LesionLocatorLib.worker``. It reads one JSON message per line on stdin
-and writes one per line on stdout (see :mod:`LesionLocatorLib.runner` for the messages).
-Loaded models stay in memory between requests. Requests run one at a time on a work thread;
-the main thread keeps reading stdin, so a ``cancel`` message takes effect at the next
-network batch. Anything else that prints (libraries, warnings) goes to stderr: stdout
-carries only protocol messages.
+Start: ``python -m LesionLocatorLib.worker --session DIR``. It reads one JSON message per line on
+stdin and writes one per line on stdout (the messages: :mod:`LesionLocatorLib.protocol`).
+Loaded models stay in memory between requests. Every line is checked first
+(:func:`~LesionLocatorLib.protocol.parse_message`,
+:func:`~LesionLocatorLib.protocol.validate_message`): a bad one is answered with a
+``ProtocolError`` reply naming the field, nothing is queued, and the worker keeps serving.
+Requests run one at a time on a work thread; the main thread keeps reading stdin, so a
+``cancel`` message takes effect at the next network batch. Anything else that prints
+(libraries, warnings) goes to stderr: stdout carries only protocol messages.
 
-Files: the request names the input image(s) (any SimpleITK-readable file; the front end
-writes uncompressed NRRD) and ``output``, the ``.npz`` file the masks go to, written
-atomically: each mask cropped to its bounding box (see "Mask files" in
-:mod:`LesionLocatorLib.runner`). Mask prompts of ``segment`` requests name the ``.npz`` file
-and key of their mask (on the request image's grid); ``track`` requests name the baseline
-masks file. Both are read with the same mask-file reader.
+Files: only inside the session folder ``DIR`` that the front end created (paths resolved,
+symlinks followed; see "The session folder" in :mod:`LesionLocatorLib.protocol`). Without
+``--session`` the worker takes no file path (images through shared memory or the cache only).
+The request names the input image(s) (the front end writes uncompressed NRRD) and ``output``,
+the ``.npz`` file the masks go to, written atomically and checked before the rename (each mask
+cropped to its bounding box, see "Mask files"); a failed write leaves no file behind. Mask
+prompts of ``segment`` requests name the ``.npz`` file and key of their mask (on the request
+image's grid); ``track`` requests name the baseline masks file. Both are read with the same
+mask-file reader (no pickles).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import queue
@@ -24,8 +31,8 @@ import threading
 import traceback
 from collections import OrderedDict
 
-from .protocol import PROTOCOL, ImageNotCached, pack_masks, unpack_masks
-
+from .protocol import PROTOCOL, ImageNotCached, ProtocolError, message_id, pack_masks, parse_message, \
+    unpack_masks, validate_message
 
 
 class _Channel:
@@ -48,6 +55,7 @@ IMAGE_CACHE = 2  # images kept by key ("cache"/"cached" in the protocol), least 
 
 
 def _image(spec: dict, cache=None):
+    """A checked image spec (:func:`~LesionLocatorLib.protocol.validate_message`) -> Image."""
     from .image import Image, read_image
 
     if "cached" in spec:
@@ -63,78 +71,90 @@ def _image(spec: dict, cache=None):
             while len(cache) > IMAGE_CACHE:
                 cache.popitem(last=False)
         return image
-    if "shm" in spec:
-        import numpy as np
-        from multiprocessing import shared_memory
+    import numpy as np
+    from multiprocessing import shared_memory
 
-        shm = shared_memory.SharedMemory(name=spec["shm"])
-        try:
-            array = np.ndarray(tuple(spec["shape"]), dtype=spec["dtype"], buffer=shm.buf).copy()
-        finally:
-            shm.close()
-        return Image(array, spec["spacing"], spec["origin"], np.asarray(spec["direction"], float).reshape(3, 3))
-    raise ValueError("image: give 'file' or 'shm'")
+    shm = shared_memory.SharedMemory(name=spec["shm"])
+    try:
+        dtype = np.dtype(spec["dtype"])
+        if int(np.prod(spec["shape"])) * dtype.itemsize > shm.size:
+            raise ProtocolError(f"image.shape: {spec['shape']} {spec['dtype']} needs more than the "
+                                f"{shm.size} bytes of shared memory {spec['shm']!r}")
+        array = np.ndarray(tuple(spec["shape"]), dtype=dtype, buffer=shm.buf).copy()
+    finally:
+        shm.close()
+    return Image(array, spec["spacing"], spec["origin"], np.asarray(spec["direction"], float).reshape(3, 3))
 
 
 def _prompts(entries: list, image=None) -> list:
-    """Wire prompts -> Point / Box / MaskPrompt. A mask prompt's mask (``{"file", "key"}``,
-    key defaulting to the prompt ID) must lie on ``image``'s voxel grid."""
+    """Checked wire prompts -> Point / Box / MaskPrompt. A mask prompt's mask (``{"file", "key"}``)
+    must lie on ``image``'s voxel grid."""
     from .prompts import Box, MaskPrompt, Point, PromptError
 
     out, files = [], {}
     for e in entries:
         if "point" in e:
-            out.append(Point(int(e["id"]), tuple(float(v) for v in e["point"])))
+            out.append(Point(e["id"], tuple(e["point"])))
         elif "box" in e:
-            out.append(Box.from_points(int(e["id"]), e["box"]))
-        elif "mask" in e:
-            spec = e["mask"]
-            if not isinstance(spec, dict) or "file" not in spec:
-                raise PromptError(f"prompt {e.get('id')}: a mask prompt needs {{\"file\": ..., \"key\": ...}}")
-            if spec["file"] not in files:
-                files[spec["file"]] = _read_masks(spec)
-            masks, key = files[spec["file"]], int(spec.get("key", e["id"]))
-            if key not in masks:
-                raise PromptError(f"prompt {e.get('id')}: no mask {key} in {spec['file']}")
-            if image is None or masks[key].shape != tuple(image.shape):
-                raise PromptError(f"prompt {e.get('id')}: the mask's shape {masks[key].shape} is not the image's "
-                                  f"{None if image is None else tuple(image.shape)}: send it on the image's grid")
-            out.append(MaskPrompt(int(e["id"]), image.with_array(masks[key].astype("uint8"))))
+            out.append(Box.from_points(e["id"], e["box"]))
         else:
-            raise PromptError(f"prompt {e.get('id')}: neither 'point', 'box' nor 'mask'")
+            spec = e["mask"]
+            if spec["file"] not in files:
+                files[spec["file"]] = _read_masks(spec["file"])
+            masks, key = files[spec["file"]], spec["key"]
+            if key not in masks:
+                raise PromptError(f"prompt {e['id']}: no mask {key} in {spec['file']}")
+            if image is None or masks[key].shape != tuple(image.shape):
+                raise PromptError(f"prompt {e['id']}: the mask's shape {masks[key].shape} is not the image's "
+                                  f"{None if image is None else tuple(image.shape)}: send it on the image's grid")
+            out.append(MaskPrompt(e["id"], image.with_array(masks[key].astype("uint8"))))
     return out
 
 
 def _model_spec(spec: dict):
     from .runner import ModelSpec
 
-    folds = spec.get("folds")
-    return ModelSpec(str(spec["path"]), tuple(folds) if folds is not None else None,
-                     spec.get("device", "auto"), spec.get("tta"))
+    folds = spec["folds"]
+    return ModelSpec(spec["path"], tuple(folds) if folds is not None else None, spec["device"], spec["tta"])
 
 
 def _write_masks(path: str, masks: dict) -> None:
+    """The masks as an npz at ``path``, atomically: written to a temporary file beside it, flushed,
+    read back, then renamed; a failure at any step leaves neither ``path`` nor the temporary file."""
     import numpy as np
 
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **pack_masks(masks))
-    os.replace(tmp, path)
+    from .files import atomic_output
+
+    packed = pack_masks(masks)
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez adds no second ".npz"
+            np.savez(f, **packed)
+            f.flush()
+            os.fsync(f.fileno())
+        with np.load(tmp) as data:  # the file holds what was written, before it gets the name
+            if sorted(data.files) != sorted(packed):
+                raise OSError(f"{path}: the mask file read back differs from what was written")
 
 
-def _read_masks(spec: dict) -> dict:
+def _read_masks(path: str) -> dict:
     import numpy as np
 
-    if "file" not in spec:
-        raise ValueError("masks: give 'file'")
-    with np.load(spec["file"]) as data:
-        return {int(k): v for k, v in unpack_masks(data).items()}
+    with np.load(path, allow_pickle=False) as data:
+        out = {}
+        for key, mask in unpack_masks(data).items():
+            try:
+                out[int(key)] = mask
+            except ValueError:
+                raise ValueError(f"{path}: mask key {key!r} is not a lesion ID") from None
+        return out
 
 
 class Worker:
-    def __init__(self, channel: _Channel):
+    def __init__(self, channel: _Channel, session: str | None = None):
         from .runner import InProcessRunner
 
         self.channel = channel
+        self.session = os.path.realpath(session) if session is not None else None
         self.runner = InProcessRunner()
         self.images: OrderedDict = OrderedDict()  # image key -> Image (only the work thread uses it)
         self.requests: queue.Queue = queue.Queue()
@@ -156,7 +176,32 @@ class Worker:
         except ImportError:
             torch_version = None
         return {"type": "ready", "protocol": PROTOCOL, "library": __version__, "torch": torch_version,
-                "devices": devices, "pid": os.getpid()}
+                "devices": devices, "pid": os.getpid(), "session": self.session is not None}
+
+    def handle(self, line) -> bool:
+        """Check and act on one line from the front end; False after ``shutdown``. A bad line gets a
+        ProtocolError reply and changes nothing."""
+        rid = None
+        try:
+            message = parse_message(line)
+            rid = message_id(message)
+            message = validate_message(message, self.session)
+        except ProtocolError as e:
+            self._error(rid, "ProtocolError", str(e))
+            return True
+        kind = message["type"]
+        if kind == "hello":
+            self.channel.send(self.hello())
+        elif kind in ("segment", "load", "track"):
+            self.submit(message)
+        elif kind == "cancel":
+            self.cancel(message["id"])
+        elif kind == "shutdown":
+            return False
+        return True
+
+    def _error(self, rid, kind: str, text: str) -> None:
+        self.channel.send({"type": "error", "id": rid, "error": kind, "message": text})
 
     def submit(self, message: dict) -> None:
         from .predict import CancelToken
@@ -179,14 +224,17 @@ class Worker:
                 return
             self._run(*item)
 
+    def _progress(self, rid):
+        return lambda f, m: self.channel.send({"type": "progress", "id": rid, "fraction": f, "message": m})
+
     def _run(self, message: dict, token) -> None:
         from .predict import Cancelled
         from .runner import SegmentationRequest
 
-        rid = message.get("id")
+        rid = message["id"]
         try:
             if message["type"] == "load":
-                for kind in message.get("prompt_types", ["point"]):
+                for kind in message["prompt_types"]:
                     self.runner.model(_model_spec(message["model"]), kind)
                 self.channel.send({"type": "loaded", "id": rid, "loads": self.runner.loads})
                 return
@@ -197,9 +245,7 @@ class Worker:
             image = _image(message["image"], self.images)
             request = SegmentationRequest(image, _prompts(message["prompts"], image),
                                           _model_spec(message["model"]), rid)
-            response = self.runner.run(
-                request, cancel=token,
-                progress=lambda f, m: self.channel.send({"type": "progress", "id": rid, "fraction": f, "message": m}))
+            response = self.runner.run(request, cancel=token, progress=self._progress(rid))
             _write_masks(message["output"], response.masks)
             self.channel.send({"type": "result", "id": rid, "masks": {"file": message["output"]},
                                "empty": response.empty,
@@ -210,25 +256,21 @@ class Worker:
             self.channel.send({"type": "cancelled", "id": rid})
         except Exception as e:  # every failure goes back as a message with the library's text
             traceback.print_exc(file=sys.stderr)
-            self.channel.send({"type": "error", "id": rid, "error": type(e).__name__, "message": str(e)})
+            self._error(rid, type(e).__name__, str(e))
         finally:
             with self.lock:
                 if self.tokens.get(rid) is token:  # a later message with the same id keeps its own
                     del self.tokens[rid]
 
-
     def _track(self, message: dict, token) -> None:
         from .runner import TrackRequest
 
-        rid = message.get("id")
-        request = TrackRequest([_image(spec) for spec in message["images"]], _read_masks(message["baseline"]),
-                               _model_spec(message["model"]), message.get("registration", "simpleitk"),
-                               message.get("registration_options"), rid,
-                               float(message.get("min_volume_ml", 0.0)), float(message.get("min_prompt_fraction", 0.0)),
-                               message.get("names"))
-        response = self.runner.track(
-            request, cancel=token,
-            progress=lambda f, m: self.channel.send({"type": "progress", "id": rid, "fraction": f, "message": m}))
+        rid = message["id"]
+        request = TrackRequest([_image(spec, self.images) for spec in message["images"]],
+                               _read_masks(message["baseline"]["file"]), _model_spec(message["model"]),
+                               message["registration"], message["registration_options"], rid,
+                               message["min_volume_ml"], message["min_prompt_fraction"], message["names"])
+        response = self.runner.track(request, cancel=token, progress=self._progress(rid))
         _write_masks(message["output"], {f"{t}/{pid}": mask for t, masks in enumerate(response.masks)
                                          for pid, mask in masks.items()})
         self.channel.send({"type": "result", "id": rid, "masks": {"file": message["output"]},
@@ -238,32 +280,29 @@ class Worker:
                            "rows": response.rows, "loads": self.runner.loads})
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m LesionLocatorLib.worker",
+                                     description="LesionLocator worker: JSON lines on stdin/stdout.")
+    parser.add_argument("--session", metavar="DIR", default=None,
+                        help="the private folder the front end created; every file a message names must lie in it "
+                             "(default: none, so no file paths are accepted)")
+    args = parser.parse_args(argv)
+    if args.session is not None and not os.path.isdir(args.session):
+        print(f"lesionlocator worker: --session {args.session}: not a folder", file=sys.stderr)
+        return 2
     channel = _Channel()
-    worker = Worker(channel)
+    worker = Worker(channel, args.session)
     thread = threading.Thread(target=worker.work, name="lesionlocator-work", daemon=True)
     thread.start()
-    for line in sys.stdin:
-        line = line.strip()
-        if not line:
+    for line in sys.stdin.buffer:  # bytes: a line that is not UTF-8 is answered, not fatal
+        if not line.strip():
             continue
         try:
-            message = json.loads(line)
-            kind = message.get("type")
-        except (json.JSONDecodeError, AttributeError) as e:
-            channel.send({"type": "error", "id": None, "error": "ProtocolError", "message": f"not JSON: {e}"})
-            continue
-        if kind == "hello":
-            channel.send(worker.hello())
-        elif kind in ("segment", "load", "track"):
-            worker.submit(message)
-        elif kind == "cancel":
-            worker.cancel(message.get("id"))
-        elif kind == "shutdown":
-            break
-        else:
-            channel.send({"type": "error", "id": message.get("id"), "error": "ProtocolError",
-                          "message": f"unknown message type {kind!r}"})
+            if not worker.handle(line):
+                break
+        except Exception as e:  # a bug in a check must not take the worker down
+            traceback.print_exc(file=sys.stderr)
+            worker._error(None, type(e).__name__, f"the worker could not handle the message: {e}")
     worker.requests.put(None)
     thread.join(timeout=5)
     return 0

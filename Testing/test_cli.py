@@ -28,9 +28,11 @@ def test_segment_single_file_writes_upstream_names_with_exact_geometry(case, tin
                "-t", "point", "-o", str(tmp / "out"), "-m", str(tiny_model_root), "--device", "cpu",
                "--disable_progress_bar", "--save-probabilities"])
     assert rc == 0
-    names = sorted(p.name for p in (tmp / "out").iterdir())
+    names = sorted(p.name for p in (tmp / "out").iterdir() if not p.name.startswith("."))
     assert names == ["case01_lesion_1.nii.gz", "case01_lesion_1.npz", "case01_lesion_2.nii.gz",
-                     "case01_lesion_2.npz", "case01_lesions.nii.gz"]
+                     "case01_lesion_2.npz", "case01_lesions.nii.gz"]  # upstream's names
+    manifest = json.loads((tmp / "out" / ".case01.lesionlocator.json").read_text())  # hidden: the case is complete
+    assert manifest["files"] == {n: (tmp / "out" / n).stat().st_size for n in names}
     for name in ("case01_lesion_1.nii.gz", "case01_lesions.nii.gz"):
         out = read_image(tmp / "out" / name)
         assert out.shape == img.shape and np.allclose(out.spacing, img.spacing)

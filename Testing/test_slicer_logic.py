@@ -1227,7 +1227,7 @@ def test_track_writes_every_timepoint_on_its_own_volume_with_the_baseline_identi
     assert len(rows) == 9 and out.tableNode.GetScene() is h.scene
     assert list(rows[0]) == ["Lesion ID", "Lesion", "Timepoint", "Volume", "Study date", "Status", "Volume (ml)",
                              "Long axis (mm)", "Short axis (mm)", "Volume change vs baseline (%)",
-                             "Volume change vs nadir (%)", "RECIST 1.1 (for information only)"]
+                             "Volume change vs nadir (%)", "Lesion change", "RECIST 1.1 (for information only)"]
     for row in rows:
         t, sid = row["Timepoint"], f"lesion_{row['Lesion ID']}"
         volume, node = out.volumeNodes[t], out.segmentationNodes[t]
@@ -1238,6 +1238,8 @@ def test_track_writes_every_timepoint_on_its_own_volume_with_the_baseline_identi
         assert row["Study date"].startswith(["20240105", "20240302081500", "20240302143000.5"][t])
     assert rows[0]["Volume change vs baseline (%)"] == 0.0
     assert np.isnan(rows[0]["Volume change vs nadir (%)"]) and rows[0]["RECIST 1.1 (for information only)"] == ""
+    assert [r["Lesion change"] for r in rows if r["Timepoint"] == 0] == ["baseline"] * 3
+    assert [r["Lesion change"] for r in rows if r["Status"] == "outside"] == ["n/a"]
     # sequences over timepoints, browser, proxies in world geometry
     segs, vols, browser = out.segmentationSequenceNode, out.volumeSequenceNode, out.browserNode
     assert segs.GetNumberOfDataNodes() == 3 and vols.GetNumberOfDataNodes() == 3

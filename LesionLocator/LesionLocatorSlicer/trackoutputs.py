@@ -33,6 +33,7 @@ TABLE_COLUMNS = [
     ("Short axis (mm)", "float", "mm", "short_axis_mm"),
     ("Volume change vs baseline (%)", "float", "%", "volume_change_vs_baseline_pct"),
     ("Volume change vs nadir (%)", "float", "%", "volume_change_vs_nadir_pct"),
+    ("Lesion change", "str", "", "lesion_change_category"),
     ("RECIST 1.1 (for information only)", "str", "", "recist_information_only"),
 ]
 
@@ -199,6 +200,9 @@ def lesionTable(name, rows):
     table.SetColumnDescription("RECIST 1.1 (for information only)",
                                _("RECIST 1.1 arithmetic on the sum of the tracked lesions' long axes: not a clinical "
                                  "read (no new or non-target lesions, no node rule, no confirmation)"))
+    table.SetColumnDescription("Lesion change", _("this lesion's own long-axis change (RECIST thresholds: increase "
+                                                  ">= 20 % and 5 mm over its smallest size, decrease <= -30 % vs "
+                                                  "baseline); the RECIST column is the sum of all lesions"))
     table.SetColumnDescription("Status", _("tracked / vanished (no lesion found at the warped location) / outside "
                                            "(the lesion left the scan's field of view)"))
     return table

@@ -57,8 +57,8 @@ def save_atomically(obj, path: Path) -> Path:
     try:
         with atomic_output(path) as tmp:
             torch.save(obj, tmp)
-    except OSError as e:
-        raise OSError(e.errno, f"could not write {path}: {e.strerror or e}; the previous file is unchanged") from None
+    except OSError as e:  # files.WriteError names the file already
+        raise OSError(e.errno, f"{e.strerror or e}; the previous file is unchanged") from None
     return path
 
 
