@@ -600,5 +600,16 @@ def main(argv=None) -> int:
         return 130
 
 
+def run() -> int:
+    """The console entry point: :func:`main`, then Ctrl-C and SIGTERM are ignored while the interpreter shuts
+    down, so a signal that comes after the work is done cannot turn the exit status into a crash."""
+    import signal
+
+    code = main()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

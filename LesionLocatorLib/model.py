@@ -57,12 +57,13 @@ def load_checkpoint(path) -> dict:
         msg = str(e)
         import re
         found = re.search(r"GLOBAL ([\w.]+)", msg)
-        reason = (f"It asks for the Python global '{found.group(1)}', which is not allowed." if found else
-                  next((ln.strip() for ln in msg.splitlines() if "Unsupported" in ln), ""))
-        if "Weights only load failed" in msg:
-            raise CheckpointError(f"refused to load {path}: it is not plain data (tensors, numbers, strings) "
-                                  f"and loading it could run code. {reason}") from None
-        raise CheckpointError(f"corrupt checkpoint {path}: {reason}") from None
+        if found:  # a real pickle that names code: refused, whatever else it holds
+            raise CheckpointError(f"refused to load {path}: it is not plain data (tensors, numbers, strings) and "
+                                  f"loading it could run code. It asks for the Python global '{found.group(1)}', "
+                                  f"which is not allowed.") from None
+        reason = next((ln.strip() for ln in msg.splitlines() if "Unsupported" in ln), "")
+        raise CheckpointError(f"corrupt checkpoint {path}: not a readable PyTorch checkpoint (damaged, or another "
+                              f"kind of file){': ' + reason if reason else ''}") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"corrupt or truncated checkpoint {path}: {str(e).strip().splitlines()[0]}") from None
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
