@@ -48,10 +48,18 @@ def _safe_relpath(name: str, label: str) -> str | None:
     return "/".join(parts) or None
 
 
+def _starts_like_zip(archive: Path) -> bool:
+    """True when the file starts as a zip archive does (a local file header, or an empty archive's end
+    record). ``zipfile.is_zipfile`` alone looks for an end record anywhere near the end, so it takes a
+    plain .tar whose last member is a zip file (a PyTorch ``.pth``) for a zip archive."""
+    with open(archive, "rb") as f:
+        return f.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
+
+
 def _archive_members(archive: Path, label: str) -> tuple:
     """(kind, entries): entries are (relpath, is_dir, size, member); every entry checked first."""
     entries = []
-    if zipfile.is_zipfile(archive):
+    if _starts_like_zip(archive) and zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():
                 mode = (info.external_attr >> 16) & 0o170000

@@ -605,9 +605,13 @@ def run() -> int:
     down, so a signal that comes after the work is done cannot turn the exit status into a crash."""
     import signal
 
-    code = main()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one's message was being printed
+        code = 130
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     return code
 
 

@@ -321,6 +321,7 @@ def _label_files(folder: Path) -> dict:
 
 
 PREDICTION_SUFFIX = "_lesions"  # lesionlocator segment/track write <case>_lesions.<ending>
+GROUND_TRUTH_SUFFIX = "_label"  # lesionlocator synth writes <case>_label.<ending> beside <case>.<ending>
 
 
 def evaluate_paths(pred, gt, *, tolerance_mm: float = 2.0, match_mm: float = 25.0, patient_of=None) -> list:
@@ -352,7 +353,9 @@ def evaluate_folders(pred_dir, gt_dir, *, tolerance_mm: float = 2.0, match_mm: f
     Files are matched by case name: the file name without its extension
     (``.nii.gz``, ``.nii``, ``.nrrd`` or ``.mha``), so ``case1.nii.gz`` may be
     compared with ``case1.nrrd``; a prediction ``case1_lesions.nii.gz`` (what
-    ``lesionlocator segment`` writes) is matched with ``case1`` too.  Predictions without ground truth are ignored.
+    ``lesionlocator segment`` writes) is matched with ``case1`` too. A ground-truth folder holding
+    ``<case>_label`` files (``lesionlocator synth``'s scans and labels side by side) is read as those
+    labels, named ``<case>``.  Predictions without ground truth are ignored.
     ``patient_of(case_name) -> patient`` groups scans by patient for
     :func:`aggregate` (default: every case is its own patient).
 
@@ -368,6 +371,8 @@ def evaluate_folders(pred_dir, gt_dir, *, tolerance_mm: float = 2.0, match_mm: f
         if not folder.is_dir():
             raise FileNotFoundError(f"{what} folder not found: {folder}")
     gt_files, pred_files = _label_files(gt_dir), _label_files(pred_dir)
+    labelled = {c[: -len(GROUND_TRUTH_SUFFIX)]: f for c, f in gt_files.items() if c.endswith(GROUND_TRUTH_SUFFIX)}
+    gt_files = labelled or gt_files  # scans and their <case>_label files in one folder: the labels are the truth
     for case in list(pred_files):  # lesionlocator's <case>_lesions.<ending> is the prediction for <case>
         base = case[: -len(PREDICTION_SUFFIX)] if case.endswith(PREDICTION_SUFFIX) else None
         if base in gt_files and base not in pred_files:

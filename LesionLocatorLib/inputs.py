@@ -133,6 +133,8 @@ def pair_inputs(image_arg: str, prompt_arg: str) -> list:
             raise UsageError(f"two prompt files for case {key!r} in {prm}: {prompts[key].name} and {p.name}")
         prompts[key] = p
     orphans = sorted(set(prompts) - set(images))
+    if same_folder:  # other files beside the scans (e.g. synth's <case>.json): every scan still needs its prompt
+        orphans = []
     if orphans:
         raise UsageError(f"prompt file(s) with no image of the same name in {img}: "
                          + ", ".join(prompts[o].name for o in orphans))

@@ -112,3 +112,32 @@ def test_evaluate_command_prints_table_and_writes_csv_json(case, capsys):
     assert by_id[1]["dice"] == 1.0 and by_id[2]["dice"] == 0.0
     assert (tmp / "ev.csv").read_text().count("\n") == 3
     assert "lesion_id" in out and "total_dice=0.500" in out
+
+
+def test_the_user_flow_chains_synth_prompts_segment_evaluate_and_train_without_renaming(tmp_path, tiny_model_root,
+                                                                                       capsys):
+    """lesionlocator synth writes <case>_t<k>.nii.gz and <case>_t<k>_label.nii.gz side by side; prompts made
+    from those labels, segment, evaluate and train's pairing take them as they are."""
+    from LesionLocatorLib.training.train import find_pairs
+
+    img, _ = ct_phantom(shape_zyx=(40, 96, 96), spacing_xyz=(1.5, 1.5, 2.5))
+    write_image(img, tmp_path / "ct.nii.gz")
+    synth = tmp_path / "synth"
+    assert main(["synth", "--ct", str(tmp_path / "ct.nii.gz"), "--lesions", "2", "--followups", "1", "--seed", "3",
+                 "-o", str(synth), "--name", "case", "--disable_progress_bar"]) == 0
+    assert main(["prompts", "-i", str(synth / "case_t0_label.nii.gz"), "-o", str(tmp_path / "prompts")]) == 0
+    assert (tmp_path / "prompts" / "points" / "case_t0.json").is_file()  # named after the scan, not the label
+    points = tmp_path / "prompts" / "points"
+    (points / "case_t1.json").write_text((points / "case_t0.json").read_text())  # same lesion IDs
+    assert main(["segment", "-i", str(synth), "-p", str(points), "-t", "point", "-o", str(tmp_path / "out"),
+                 "-m", str(tiny_model_root), "--device", "cpu", "--disable_progress_bar"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("*_lesions.nii.gz")) == ["case_t0_lesions.nii.gz",
+                                                                                  "case_t1_lesions.nii.gz"]
+    assert main(["segment", "-i", str(synth), "-p", str(synth), "-t", "box", "-o", str(tmp_path / "out_labels"),
+                 "-m", str(tiny_model_root), "--device", "cpu", "--disable_progress_bar"]) == 0  # labels as prompts
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(tmp_path / "out"), "--gt", str(synth)]) == 0
+    rows = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert sorted({r["case"] for r in rows}) == ["case_t0", "case_t1"] and len(rows) >= 4
+    assert [(a.name, b.name) for a, b in find_pairs(synth, synth)] == [
+        ("case_t0.nii.gz", "case_t0_label.nii.gz"), ("case_t1.nii.gz", "case_t1_label.nii.gz")]

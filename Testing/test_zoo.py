@@ -568,3 +568,17 @@ def test_only_http_and_https_links_are_followed(server, cache, tmp_path, where):
             httpd.shutdown()
             httpd.server_close()
     assert_nothing_installed(cache)
+
+
+@pytest.mark.parametrize("mode,suffix", [("w", ".tar"), ("w:gz", ".tar.gz")])
+def test_a_plain_tar_of_the_model_installs(cache, tiny_model_root, tmp_path, mode, suffix):
+    """A plain .tar ends with a checkpoint, which is itself a zip file (PyTorch's format): the archive is
+    still a tar, not taken for a zip (zipfile.is_zipfile finds the .pth's end record)."""
+    archive = tmp_path / f"LesionLocatorCheckpoint{suffix}"
+    with tarfile.open(archive, mode) as tf:
+        tf.add(tiny_model_root, arcname="LesionLocatorCheckpoint")
+    if mode == "w":
+        assert zipfile.is_zipfile(archive), "the trap this test is about: the tar looks like a zip to zipfile"
+    root = zoo.install_from_archive(archive, "plain-tar")
+    assert_installed_model_equals(root, {p.relative_to(tiny_model_root).as_posix(): p.read_bytes()
+                                         for p in sorted(tiny_model_root.rglob("*")) if p.is_file()})

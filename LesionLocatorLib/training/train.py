@@ -75,7 +75,8 @@ class Case:
 
 
 def find_pairs(images_dir, labels_dir) -> list:
-    """(image, label) paths matched by name; clear errors for unmatched files."""
+    """(image, label) paths matched by name; clear errors for unmatched files. A label ``<case>_label.*``
+    matches image ``<case>.*`` (what ``lesionlocator synth`` writes, images and labels in one folder)."""
     images_dir, labels_dir = Path(images_dir), Path(labels_dir)
     for d in (images_dir, labels_dir):
         if not d.is_dir():
@@ -87,8 +88,11 @@ def find_pairs(images_dir, labels_dir) -> list:
             if n.endswith(e):
                 return n[: -len(e)]
         return n
-    imgs = {stem(p): p for p in sorted(images_dir.iterdir()) if stem(p) != p.name}
-    labs = {stem(p): p for p in sorted(labels_dir.iterdir()) if stem(p) != p.name}
+    def label_case(p: Path) -> str:  # lesionlocator synth names labels <case>_label.<ending>
+        return stem(p)[: -len("_label")] if stem(p).endswith("_label") else stem(p)
+    imgs = {stem(p): p for p in sorted(images_dir.iterdir()) if stem(p) != p.name and not stem(p).endswith("_label")}
+    labs = {label_case(p): p for p in sorted(labels_dir.iterdir()) if stem(p) != p.name
+            and (stem(p).endswith("_label") or images_dir.resolve() != labels_dir.resolve())}
     if not imgs:
         raise TrainingDataError(f"no images in {images_dir}")
     if set(imgs) != set(labs):
