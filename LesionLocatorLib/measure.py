@@ -264,17 +264,25 @@ def recist_category(sum_diameters_by_timepoint):
     for v in values[1:]:
         if v == 0:
             cat = "CR"
-        elif (nadir == 0) or (v >= 1.2 * nadir - 1e-9 and v - nadir >= 5.0 - 1e-9):
+        elif nadir == 0:
             cat = "PD"
-        elif v <= 0.7 * baseline + 1e-9:
-            cat = "PR"
         else:
-            cat = "SD"
+            cat = {"increase": "PD", "decrease": "PR", "stable": "SD"}[_change(v, nadir, baseline)]
         out.append(cat)
         nadir = min(nadir, v)
     if isinstance(sum_diameters_by_timepoint, dict):
         return dict(zip(labels, out))
     return out
+
+
+def _change(value: float, nadir: float, baseline: float) -> str:
+    """RECIST 1.1's thresholds on a diameter (mm): 'increase' (>= 20 % over the nadir and >= 5 mm),
+    'decrease' (<= 70 % of baseline, i.e. at least 30 % smaller) or 'stable'."""
+    if value >= 1.2 * nadir - 1e-9 and value - nadir >= 5.0 - 1e-9:
+        return "increase"
+    if value <= 0.7 * baseline + 1e-9:
+        return "decrease"
+    return "stable"
 
 
 LESION_CHANGE_CATEGORIES = ("baseline", "n/a", "disappeared", "reappeared", "increase", "decrease", "stable")
@@ -312,12 +320,8 @@ def lesion_change_category(long_axes_by_timepoint):
             cat = "disappeared"
         elif nadir == 0:
             cat = "reappeared"
-        elif v >= 1.2 * nadir - 1e-9 and v - nadir >= 5.0 - 1e-9:
-            cat = "increase"
-        elif v <= 0.7 * baseline + 1e-9:
-            cat = "decrease"
         else:
-            cat = "stable"
+            cat = _change(v, nadir, baseline)
         out.append(cat)
         if v is not None and baseline:
             nadir = min(nadir, v)

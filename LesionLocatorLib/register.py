@@ -111,7 +111,10 @@ class Transform:
         out = sitk.Resample(src, ref, self.itk, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
         return reference.with_array(sitk.GetArrayFromImage(out))
 
-    def _target_region(self, arr, mask: Image, reference: Image, margin_mm: float):
+    def mapped_region(self, arr, mask: Image, reference: Image, margin_mm: float) -> tuple:
+        """Half-open (z, y, x) index box ``(a, b)`` on ``reference``'s grid, not cut at its edges, around
+        the bounding box of ``arr`` (voxels of ``mask``'s grid) mapped by this transform, plus
+        ``margin_mm`` millimetres on every side."""
         idx = np.argwhere(arr)
         lo, hi = idx.min(0), idx.max(0)
         corners = np.array([[z, y, x] for z in (lo[0], hi[0]) for y in (lo[1], hi[1]) for x in (lo[2], hi[2])], float)
@@ -119,6 +122,10 @@ class Transform:
         margin = margin_mm / np.asarray(reference.spacing_zyx)
         a = np.floor(mapped.min(0) - margin).astype(int)
         b = np.ceil(mapped.max(0) + margin).astype(int) + 1
+        return a, b
+
+    def _target_region(self, arr, mask: Image, reference: Image, margin_mm: float):
+        a, b = self.mapped_region(arr, mask, reference, margin_mm)
         a, b = np.maximum(a, 0), np.minimum(b, reference.shape)
         return None if np.any(b <= a) else (a, b)
 

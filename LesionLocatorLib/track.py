@@ -165,14 +165,7 @@ def fields_of_view_overlap(fixed: Image, moving: Image, transform) -> bool:
 def _mapped_region(mask: np.ndarray, moving: Image, fixed: Image, transform):
     """Half-open (z, y, x) index box on ``fixed``'s grid, not cut at its edges, around the mapped
     bounding box of ``mask`` plus the margin that :meth:`Transform.warp_mask` resamples."""
-    idx = np.argwhere(mask)
-    lo, hi = idx.min(0), idx.max(0)
-    corners = np.array([[z, y, x] for z in (lo[0], hi[0]) for y in (lo[1], hi[1]) for x in (lo[2], hi[2])], float)
-    mapped = fixed.world_to_index(transform.map_points(moving.index_to_world(corners)))
-    margin = _WARP_MARGIN_MM / np.asarray(fixed.spacing_zyx)
-    a = np.floor(mapped.min(0) - margin).astype(int)
-    b = np.ceil(mapped.max(0) + margin).astype(int) + 1
-    return a, b
+    return transform.mapped_region(mask, moving, fixed, _WARP_MARGIN_MM)
 
 
 def inside_fraction(mask: np.ndarray, moving: Image, fixed: Image, transform) -> float | None:

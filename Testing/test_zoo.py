@@ -415,6 +415,12 @@ def test_from_file_install_listing_and_verify(cache, archive, tmp_path, model_fi
     size = zoo.human_size(zoo._du(root.parent))
     assert f"  {NAME:<16} {size:>9}  file:{path.resolve()}, installed " in out
     assert f"  my-model         {size:>9}  " in out
+    # --json lists what the text lists: both cached models and the bundled demo model
+    assert main(["models", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert listing["cache"] == str(cache)
+    assert [(e["name"], e["status"]) for e in listing["models"]] == [(NAME, "ok"), ("my-model", "ok"),
+                                                                     ("demo", "bundled")]
     # a file modified in place (same size) is found by --verify; a missing one by any lookup
     ckpt = root / "LesionLocatorSeg" / "point_optimized" / "fold_0" / "checkpoint_final.pth"
     data = bytearray(ckpt.read_bytes())
