@@ -3,7 +3,8 @@
 Pure Python (torch, nnunetv2, SimpleITK, numpy); never imports slicer, qt or vtk.
 World coordinates are LPS millimetres; arrays are (z, y, x). One job per module:
 
-* inference core: ``image`` (Image, I/O, world <-> index), ``prompts`` (the user's Point, Box,
+* inference core: ``image`` (Image, I/O, world <-> index; ``imagechecks``: geometry and voxel
+  rules, ``imagefiles``: truncated or corrupt files), ``prompts`` (the user's Point, Box,
   MaskPrompt and prompt files), ``encoding`` (prompt channels as the network saw them in
   training), ``modelgrid`` (nnU-Net's preprocessing, computed only around a prompt), ``plans``
   (plans.json as data: the architecture allow-list, network building), ``modelfolder`` (the
@@ -17,7 +18,8 @@ World coordinates are LPS millimetres; arrays are (z, y, x). One job per module:
   and mask files), ``runner`` (in-process and worker-process runners), ``worker`` (the worker);
 * I/O and models: ``files`` (atomic writes), ``zoo`` (the model cache, download and install),
   ``download`` (HTTP), ``archives`` (safe unpacking);
-* front ends: ``cli`` (the ``lesionlocator`` command), ``demo``;
+* front ends: ``cli`` (the ``lesionlocator`` command; ``inputs``: everything it is given, checked
+  before work starts; ``outputs``: output folders, lock, per-case manifests), ``demo``;
 * ``training/``: training and synthetic data (not shipped with the Slicer extension).
 """
 __version__ = "0.1.0"
