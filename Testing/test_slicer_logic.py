@@ -1663,3 +1663,16 @@ def test_cancel_during_the_download_installs_nothing_and_the_next_download_resum
     root = logic.downloadModel()
     assert zenodo.requests_to("/content")[-1]["headers"]["range"] == f"bytes={have}-"
     assert logic.getParameterNode().GetParameter(logic_module.PARAM_MODEL_PATH) == str(root)
+
+
+def test_the_panel_imports_without_qt_and_every_shortcut_and_button_has_its_handler():
+    """The Qt panel cannot run here; its module must still import (slicer-core, the qt stand-in) and every
+    keyboard shortcut and button it wires must name a method that exists."""
+    from LesionLocatorSlicer import widget
+
+    assert [keys for keys, _ in widget.SHORTCUTS] == ["P", "B", "R", "T", "Esc", "Ctrl+Z"]
+    for _, handler in widget.SHORTCUTS:
+        assert callable(getattr(widget.LesionLocatorPanel, handler)), handler
+    source = (MODULE_DIR / "LesionLocatorSlicer" / "widget.py").read_text()
+    for handler in re.findall(r"self\.(on\w+|show\w+|poll|update\w+)\b", source):
+        assert callable(getattr(widget.LesionLocatorPanel, handler, None)), handler
