@@ -602,7 +602,13 @@ def main(argv=None) -> int:
 
 def run() -> int:
     """The console entry point: :func:`main`, then Ctrl-C and SIGTERM are ignored while the interpreter shuts
-    down, so a signal that comes after the work is done cannot turn the exit status into a crash."""
+    down, so a signal that comes after the work is done cannot turn the exit status into a crash.
+
+    After an interruption (exit status 130/143; every ``finally`` and temporary-file cleanup has run) the
+    process ends with ``os._exit``: CPython remembers a KeyboardInterrupt that interrupted Python code run
+    from C (as torch's import does) even when it was caught, and would otherwise kill itself with SIGINT
+    at exit (status -2) after our one-line message."""
+    import os
     import signal
 
     try:
@@ -612,6 +618,10 @@ def run() -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
+    if code in (130, 143):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 
