@@ -15,6 +15,7 @@ without the GUI (these calls block until done)::
                       modelPath="/models/LesionLocatorCheckpoint")
     logic.exportTableToCsv(out.tableNode, "/tmp/lesions.csv")
     logic.exportSegmentations("/tmp/lesions", format="nii.gz")
+    logic.exportDicom("/tmp/dicom")  # DICOM SEG + SR per timepoint, on the series loaded from DICOM
 """
 from __future__ import annotations
 
@@ -67,7 +68,9 @@ class LesionLocator(ScriptedLoadableModule):
             "<i>Track</i> propagates the lesions through the checked follow-up scans (in the order listed): one "
             "segmentation per scan with the same segment names and colours, a lesion table (volume, diameters, change "
             "vs baseline and nadir), a growth plot and a sequence browser over the timepoints. Your own segmentations "
-            "are never overwritten. Shortcuts: P point, B box, R refine, T track, Esc cancel, Ctrl+Z undo.")
+            "are never overwritten. <i>Export DICOM SEG + SR</i> writes each timepoint's lesions as a DICOM "
+            "segmentation and a measurement report (TID 1500) on the series the scan was loaded from (DICOM module). "
+            "Shortcuts: P point, B box, R refine, T track, Esc cancel, Ctrl+Z undo.")
         self.parent.helpText += ('<p>' + _('Documentation: <a href="{url}">the project page</a>.').format(
             url="https://github.com/lesionlocator/SlicerLesionLocator") + '</p>')
         self.parent.acknowledgementText = _(

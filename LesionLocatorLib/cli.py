@@ -43,29 +43,48 @@ def _warn(command: str, message: str) -> None:
 
 # --------------------------------------------------------------------------- segment
 def cmd_segment(args) -> int:
-    from .inputs import case_name, check_images, check_model, check_output_folder, image_ending, pair_inputs, \
-        read_prompts
+    from .inputs import check_dicom_out, check_images, check_model, check_output_folder, pair_inputs, \
+        read_prompts, scan_ending, scan_name
 
     pairs = pair_inputs(args.i, args.p)
     out = check_output_folder(args.o)
-    check_images([image for image, _ in pairs])
+    check_images([image for image, _ in pairs], args.series)
+    dicom_out = check_dicom_out(args.dicom_out, [image for image, _ in pairs], args.series)
     prompts = {image: read_prompts(prompt, args.t, args.world, args.allow_many_prompts) for image, prompt in pairs}
     root = check_model(args.m, [args.t])
     from .outputs import OutputFolder
 
     with OutputFolder(out) as folder:
-        todo = [(image, case_name(image.name), image_ending(image.name)) for image, _ in pairs]
+        todo = [(image, scan_name(image), scan_ending(image)) for image, _ in pairs]
         if args.continue_prediction:
-            for _, case, _ in todo:
-                if folder.case_complete(case):
-                    print(f"{case}: already predicted, skipping (--continue_prediction)", file=sys.stderr)
-            todo = [item for item in todo if not folder.case_complete(item[1])]
+            done = {case for _, case, _ in todo if folder.case_complete(case) and _dicom_complete(dicom_out, case)}
+            for case in sorted(done):
+                print(f"{case}: already predicted, skipping (--continue_prediction)", file=sys.stderr)
+            todo = [item for item in todo if item[1] not in done]
         if not todo:
             return 0
         model = _load_segmentation_model(root, args)
         for image_path, case, ending in todo:
-            _segment_case(image_path, case, ending, prompts[image_path], model, folder, args)
+            _segment_case(image_path, case, ending, prompts[image_path], model, folder, args, dicom_out)
     return 0
+
+
+def _dicom_complete(dicom_out, case: str) -> bool:
+    """True without --dicom-out, else when the case's SR (written after its SEG) is there."""
+    from .dicomresults import sr_path
+
+    return dicom_out is None or sr_path(dicom_out, case).is_file()
+
+
+def _read_scan(path, series):
+    """(Image, DicomSeries or None): a scan file, or a DICOM series folder with its headers."""
+    from .dicomseries import read_series
+    from .image import read_image
+    from .inputs import is_dicom_input
+
+    if is_dicom_input(path):
+        return read_series(path, series)
+    return read_image(path), None
 
 
 def _load_segmentation_model(root, args):
@@ -78,14 +97,15 @@ def _load_segmentation_model(root, args):
     return model
 
 
-def _segment_case(image_path, case, ending, prompts, model, folder, args) -> None:
-    """Segment one case and write its files; the case's manifest is written last."""
+def _segment_case(image_path, case, ending, prompts, model, folder, args, dicom_out=None) -> None:
+    """Segment one case and write its files; the case's manifest is written last, then (with
+    ``--dicom-out``) its DICOM SEG and SR."""
     import numpy as np
 
-    from .image import read_image, write_image
+    from .image import write_image
     from .predict import segment
 
-    image = read_image(image_path)
+    image, dicom = _read_scan(image_path, args.series)
     bar, update = progress_bar(not args.disable_progress_bar, case)
     try:
         result = segment(image, prompts, model, progress=update, step_size=args.step_size)
@@ -102,6 +122,12 @@ def _segment_case(image_path, case, ending, prompts, model, folder, args) -> Non
     folder.finish_case(case, written + [final])
     sizes = ", ".join(f"{pid}: {int(m.sum())} voxels" for pid, m in result.masks.items())
     print(f"{case}: {len(result.masks)} lesion(s) -> {final} ({sizes})")
+    if dicom_out is not None:
+        from .measure import lesion_measurements
+
+        status = {pid: ["tracked" if m.any() else "vanished"] for pid, m in result.masks.items()}
+        rows = lesion_measurements([image], [result.masks], status, names=[case])
+        _write_dicom(dicom_out, [dicom], [case], [result.masks], rows, "segment")
 
 
 def _save_npz(path: Path, probabilities) -> Path:
@@ -172,6 +198,12 @@ def _track_prompts(paths, prompt_type: str, world: bool, allow_many: bool):
         return read_prompts(paths[0], prompt_type, world, allow_many)
     if any(p.name.endswith(".json") for p in paths):
         raise UsageError("-t prev_mask needs label images as prompts, not JSON")
+    from .dicomseg import is_seg_file
+
+    if any(is_seg_file(p) for p in paths):
+        if len(paths) != 1:
+            raise UsageError("-t prev_mask takes one DICOM SEG file (one segment per lesion) or label images")
+        return paths[0]  # placed on the baseline scan once it is read (_baseline_prompts)
     if len(paths) == 1:
         import numpy as np
 
@@ -185,7 +217,7 @@ def _track_prompts(paths, prompt_type: str, world: bool, allow_many: bool):
     return [MaskPrompt(i, read_image(p), name=p.name) for i, p in enumerate(natural, start=1)]
 
 
-def _readable_followups(paths) -> tuple:
+def _readable_followups(paths, series=()) -> tuple:
     """(follow-up paths whose headers check out, messages for the others): a follow-up that cannot
     be read is reported by name and the others are still tracked."""
     from .image import ImageError, read_image_header
@@ -193,7 +225,7 @@ def _readable_followups(paths) -> tuple:
     good, failed = [], []
     for fu in paths:
         try:
-            read_image_header(fu)
+            read_image_header(fu, series)
             good.append(Path(fu))
         except (ImageError, FileNotFoundError) as e:
             failed.append(f"follow-up {fu} could not be loaded, skipped: {e}")
@@ -201,42 +233,64 @@ def _readable_followups(paths) -> tuple:
 
 
 def cmd_track(args) -> int:
-    from .inputs import case_name, check_images, check_model, check_output_folder
+    from .inputs import check_dicom_out, check_images, check_model, check_output_folder, scan_name, unique_names
 
-    check_images([args.bl])
-    followups, failed = _readable_followups(args.fu)
+    check_images([args.bl], args.series)
+    followups, failed = _readable_followups(args.fu, args.series)
     if not followups:
         raise UsageError("no follow-up scan could be loaded; nothing to track: " + "; ".join(failed))
     out = check_output_folder(args.o)
+    paths = [Path(args.bl)] + followups
+    dicom_out = check_dicom_out(args.dicom_out, paths, args.series)
     prompts = _track_prompts(args.p, args.t, args.world, args.allow_many_prompts)
     root = check_model(args.m, ["prev_mask"] if args.t == "prev_mask" else [args.t, "prev_mask"])
     for message in failed:
         print(f"lesionlocator track: error: {message}", file=sys.stderr)
     from .outputs import OutputFolder
 
-    paths = [Path(args.bl)] + followups
+    names = unique_names(scan_name(p) for p in paths)
     with OutputFolder(out) as folder:
-        study = _run_study(paths, prompts, root, args)
-        _write_study(study, paths, [case_name(p.name) for p in paths], folder, args)
+        study, dicom = _run_study(paths, names, prompts, root, args)
+        _write_study(study, paths, names, folder, args)
+        if dicom_out is not None:
+            _write_dicom(dicom_out, dicom, names, study.masks, study.rows, "track")
     return 1 if failed else 0
 
 
-def _run_study(paths, prompts, root, args):
-    from .image import read_image
+def _baseline_prompts(prompts, image, dicom):
+    """The baseline prompts on the baseline scan: a DICOM SEG file becomes one mask prompt per
+    segment with voxels (an empty segment, e.g. a lesion that had vanished where the SEG was
+    made, is left out with a warning); a label image must share the scan's geometry."""
+    from .prompts import MaskPrompt, PromptError
+
+    if isinstance(prompts, Path):
+        from .dicomseg import read_seg
+
+        masks = read_seg(prompts, image, dicom)
+        empty = sorted(pid for pid, mask in masks.items() if not mask.any())
+        if empty:
+            _warn("track", f"{prompts.name}: no voxel on the baseline scan for lesion(s) "
+                           f"{', '.join(map(str, empty))}; they are not tracked")
+        return [MaskPrompt(pid, image.with_array(mask), name=f"{prompts.name} lesion {pid}")
+                for pid, mask in sorted(masks.items()) if mask.any()]
+    if not isinstance(prompts, list) and not prompts.same_geometry(image):
+        raise PromptError("the baseline label image does not have the baseline scan's geometry")
+    return prompts
+
+
+def _run_study(paths, names, prompts, root, args):
+    """(StudyResult with ``images``, the scans' DicomSeries or None each)."""
     from .modelfolder import ModelSpec
     from .study import scan_datetime, track_study
 
-    from .inputs import case_name
-
-    images = [read_image(p) for p in paths]
-    if not isinstance(prompts, list) and not prompts.same_geometry(images[0]):
-        from .prompts import PromptError
-        raise PromptError("the baseline label image does not have the baseline scan's geometry")
+    scans = [_read_scan(p, args.series) for p in paths]
+    images, dicom = [image for image, _ in scans], [series for _, series in scans]
+    prompts = _baseline_prompts(prompts, images[0], dicom[0])
+    dates = [series.datetime() if series is not None else scan_datetime(p) for p, series in zip(paths, dicom)]
     model = ModelSpec(str(root), tuple(args.f) if args.f is not None else None, args.device)
     bar, update = progress_bar(not args.disable_progress_bar, "tracking")
     try:
-        study = track_study(images, prompts, model, names=[case_name(p.name) for p in paths],
-                            dates=[scan_datetime(p) for p in paths], registration=args.registration,
+        study = track_study(images, prompts, model, names=names, dates=dates, registration=args.registration,
                             min_volume_ml=args.min_volume_ml, min_prompt_fraction=args.min_prompt_fraction,
                             progress=update)
     finally:
@@ -244,21 +298,31 @@ def _run_study(paths, prompts, root, args):
     study.images = images
     for message in study.warnings:
         _warn("track", message)
-    return study
+    return study, dicom
+
+
+def _write_dicom(out, series, names, masks, rows, command: str) -> None:
+    """Each scan's DICOM SEG and SR TID 1500 into ``out`` (:func:`.dicomresults.write_dicom_results`)."""
+    from .dicomresults import write_dicom_results
+
+    written, warnings = write_dicom_results(out, series, names, masks, rows)
+    for message in warnings:
+        _warn(command, message)
+    print(f"wrote {len(written)} DICOM file(s) (SEG and SR per scan) to {out}")
 
 
 def _write_study(study, paths, names, folder, args) -> None:
     import numpy as np
 
     from .image import write_image
-    from .inputs import image_ending
+    from .inputs import scan_ending
     from .report import format_table, growth_plot, write_table
 
     t0 = time.perf_counter()
     for t, (path, name) in enumerate(zip(paths, names)):
         if t == 0 and args.t == "prev_mask":
             continue  # the baseline masks are the user's input
-        ending = image_ending(path.name)
+        ending = scan_ending(path)
         folder.begin_case(name)
         written = [write_image(study.images[t].with_array(mask.astype(np.uint8)),
                                folder.path / f"{name}_lesion_{pid}{ending}") for pid, mask in study.masks[t].items()]
@@ -411,10 +475,20 @@ def _model_options(p, prompt_flag=True) -> None:
                    help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
 
 
+def _dicom_options(p) -> None:
+    p.add_argument("--series", nargs="+", default=[], metavar="UID",
+                   help="Series Instance UID(s) to read from DICOM folders that hold several series (each folder "
+                   "takes the one it holds; the error lists a folder's series)")
+    p.add_argument("--dicom-out", "--dicom_out", dest="dicom_out", default=None, metavar="DIR",
+                   help="also write per scan a DICOM SEG (<case>_seg.dcm, one segment per lesion) and an SR TID 1500 "
+                   "measurement report (<case>_sr.dcm) referencing the DICOM input series; needs DICOM input")
+
+
 def _add_segment(sub, parents, formatter) -> None:
     s = sub.add_parser("segment", parents=parents, formatter_class=formatter,
                        help="segment lesions from point or box prompts (upstream LesionLocator_segment)")
-    s.add_argument("-i", required=True, help="input image file or folder (.nii.gz, .nii, .nrrd, .mha)")
+    s.add_argument("-i", required=True, help="input image file, folder of images (.nii.gz, .nii, .nrrd, .mha), or a "
+                   "folder of DICOM files (one scan)")
     s.add_argument("-o", required=True, help="output folder (created once every input checks out)")
     s.add_argument("-p", required=True, help="prompt file or folder: upstream JSON (voxel z,y,x), our world JSON, "
                    "or an instance/binary label image; files named like their images")
@@ -432,6 +506,7 @@ def _add_segment(sub, parents, formatter) -> None:
     s.add_argument("--allow-many-prompts", dest="allow_many_prompts", action="store_true",
                    help="allow more than 1000 prompts per image (each one is a network run)")
     s.add_argument("--disable_progress_bar", action="store_true", help="no progress bar")
+    _dicom_options(s)
     s.add_argument("-npp", type=int, default=None, help="accepted for upstream compatibility; unused")
     s.add_argument("-nps", type=int, default=None, help="accepted for upstream compatibility; unused")
     s.set_defaults(func=cmd_segment)
@@ -440,10 +515,10 @@ def _add_segment(sub, parents, formatter) -> None:
 def _add_track(sub, parents, formatter) -> None:
     t = sub.add_parser("track", parents=parents, formatter_class=formatter,
                        help="segment and track lesions through follow-ups (upstream LesionLocator_track)")
-    t.add_argument("-bl", required=True, help="baseline scan")
-    t.add_argument("-fu", required=True, nargs="+", help="follow-up scans, in time order")
+    t.add_argument("-bl", required=True, help="baseline scan: an image file or a folder of DICOM files")
+    t.add_argument("-fu", required=True, nargs="+", help="follow-up scans, in time order (files or DICOM folders)")
     t.add_argument("-p", required=True, nargs="+", help="baseline prompt JSON (point/box), or for prev_mask one "
-                   "instance label image or several binary masks (one per lesion)")
+                   "instance label image, several binary masks (one per lesion) or one DICOM SEG file")
     t.add_argument("-t", default="prev_mask", choices=["point", "box", "prev_mask"], help="prompt type")
     t.add_argument("-o", required=True, help="output folder (created once every input checks out)")
     _model_options(t)
@@ -457,6 +532,7 @@ def _add_track(sub, parents, formatter) -> None:
     t.add_argument("--allow-many-prompts", dest="allow_many_prompts", action="store_true",
                    help="allow more than 1000 baseline prompts")
     t.add_argument("--disable_progress_bar", action="store_true", help="no progress bar")
+    _dicom_options(t)
     t.set_defaults(func=cmd_track)
 
 

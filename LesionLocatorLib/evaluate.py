@@ -326,7 +326,8 @@ GROUND_TRUTH_SUFFIX = "_label"  # lesionlocator synth writes <case>_label.<endin
 
 def evaluate_paths(pred, gt, *, tolerance_mm: float = 2.0, match_mm: float = 25.0, patient_of=None) -> list:
     """Evaluate a prediction against a ground truth, each a label file or a folder of them
-    (:func:`evaluate_folders`); two files are one case, named after the ground truth."""
+    (:func:`evaluate_folders`); two files are one case, named after the ground truth. Of two files,
+    one may be a DICOM SEG (segment = lesion), placed on the other one's voxel grid."""
     pred, gt = Path(pred), Path(gt)
     for what, path in (("prediction", pred), ("ground truth", gt)):
         if not path.exists():
@@ -336,7 +337,7 @@ def evaluate_paths(pred, gt, *, tolerance_mm: float = 2.0, match_mm: float = 25.
                          f"{gt} a {'file' if gt.is_file() else 'folder'}")
     if pred.is_dir():
         return evaluate_folders(pred, gt, tolerance_mm=tolerance_mm, match_mm=match_mm, patient_of=patient_of)
-    gt_img, pred_img = read_image(gt), read_image(pred)
+    gt_img, pred_img = _read_label_pair(gt, pred)
     diff = _geometry_difference(pred_img, gt_img)
     if diff is not None:
         raise ValueError(f"geometry mismatch between prediction {pred} and ground truth {gt}: {diff[0]} differs "
@@ -344,6 +345,22 @@ def evaluate_paths(pred, gt, *, tolerance_mm: float = 2.0, match_mm: float = 25.
     case = _case_name(gt) or gt.name
     return evaluate_case(pred_img, gt_img, tolerance_mm=tolerance_mm, match_mm=match_mm, case=case,
                          patient=patient_of(case) if patient_of is not None else None)
+
+
+def _read_label_pair(gt: Path, pred: Path) -> tuple:
+    """(ground truth, prediction) label images; one of them may be a DICOM SEG, read onto the other's
+    grid with label = lesion ID (:func:`LesionLocatorLib.dicomseg.seg_label_image`)."""
+    from .dicomseg import is_seg_file, seg_label_image
+
+    gt_seg, pred_seg = is_seg_file(gt), is_seg_file(pred)
+    if gt_seg and pred_seg:
+        raise ValueError(f"{pred} and {gt} are both DICOM SEG: give one of them as a label image on the scan's grid "
+                         f"(e.g. lesionlocator's <case>_lesions.nii.gz) to put the other on")
+    if gt_seg:
+        pred_img = read_image(pred)
+        return seg_label_image(gt, pred_img), pred_img
+    gt_img = read_image(gt)
+    return gt_img, seg_label_image(pred, gt_img) if pred_seg else read_image(pred)
 
 
 def evaluate_folders(pred_dir, gt_dir, *, tolerance_mm: float = 2.0, match_mm: float = 25.0,

@@ -157,7 +157,7 @@ class Image:
         return img
 
 
-def read_image_header(path) -> ImageHeader:
+def read_image_header(path, series=()) -> ImageHeader:
     """Read and check an image file's header without its voxels (milliseconds, no big import).
 
     Checks: the file exists (else ``FileNotFoundError``) and SimpleITK can read it; a 3D scalar
@@ -166,19 +166,35 @@ def read_image_header(path) -> ImageHeader:
     origin read as 0); the voxel array fits in memory; and the file holds all the voxel bytes its
     header announces (uncompressed: the file size; gzip: the size in the stream's trailer, and the
     whole stream when that does not match). Everything else raises :class:`ImageError`.
+
+    A folder of DICOM files is one image series (:func:`LesionLocatorLib.dicomseries.read_series_header`;
+    ``series``: Series Instance UIDs to choose from when the folder holds several).
     """
+    if Path(path).is_dir():
+        from .dicomseries import is_dicom_folder, read_series_header
+
+        if is_dicom_folder(path):
+            return read_series_header(path, series).header
     return _read_header(path)[0]
 
 
-def read_image(path) -> Image:
+def read_image(path, series=()) -> Image:
     """Read a 3D image (NIfTI, NRRD, MHA, ...) with SimpleITK, after :func:`read_image_header`'s checks.
 
     A 4D file with a single volume is accepted; 2D and real 4D images are refused. Compressed data
     is checked against its checksum (gzip CRC-32, zlib Adler-32; about 40 ms per 150 MB of voxels)
     so that a corrupt file is refused instead of read as garbage, and float images with NaN or
     infinite voxels are refused (:func:`check_finite`).
+
+    A folder of DICOM files is read as one image series (:func:`LesionLocatorLib.dicomseries.read_series`;
+    ``series``: Series Instance UIDs to choose from when the folder holds several).
     """
     path = Path(path)
+    if path.is_dir():
+        from .dicomseries import is_dicom_folder, read_series
+
+        if is_dicom_folder(path):
+            return read_series(path, series)[0]
     _, voxels = _read_header(path)
     try:
         img = sitk.ReadImage(str(path))
@@ -239,7 +255,12 @@ def _read_header(path, limits: bool = True):
     if not path.exists():
         raise FileNotFoundError(f"image file not found: {path}")
     if not path.is_file():
-        raise ImageError(f"{path}: not an image file (a folder?)")
+        raise ImageError(f"{path}: not an image file (a folder with no DICOM files)")
+    from .dicomseries import is_dicom_file
+
+    if is_dicom_file(path):
+        raise ImageError(f"{path}: a single DICOM file (one slice or object); give the folder holding the "
+                         f"series' files")
     try:
         voxels = _file_layout(path)  # also refuses raw header fields that SimpleITK would silently replace
     except OSError as e:

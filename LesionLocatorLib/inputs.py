@@ -10,6 +10,8 @@ and load a model, so a mistake is reported within a second.
 Case names: an image ``<case>.nii.gz`` (or .nii, .nrrd, .mha, .mhd) pairs with a prompt file
 ``<case>.json`` or label image ``<case>.<ending>``; a ``_label`` suffix on a prompt's name is
 also accepted (``lesionlocator synth`` writes ``<case>_label.nii.gz`` beside ``<case>.nii.gz``).
+A folder of DICOM files is one scan (:mod:`LesionLocatorLib.dicomseries`) named after the folder;
+its NIfTI outputs end in ``.nii.gz``.
 """
 from __future__ import annotations
 
@@ -97,6 +99,56 @@ def case_name(name: str) -> str:
     return name
 
 
+def is_dicom_input(path) -> bool:
+    """True for a folder of DICOM files (one scan: a DICOM series)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    from .dicomseries import is_dicom_folder
+
+    return is_dicom_folder(path)
+
+
+def scan_name(path) -> str:
+    """The case name of a scan: an image file's name without its ending, a DICOM folder's name."""
+    path = Path(path)
+    return path.name if path.is_dir() else case_name(path.name)
+
+
+def scan_ending(path) -> str:
+    """The ending of a scan's image outputs: the input's own (.nii.gz, .nrrd, ...), .nii.gz for DICOM."""
+    return image_ending(Path(path).name) or ".nii.gz"
+
+
+def unique_names(names) -> list:
+    """Case names made unique for one output folder: a name that occurs more than once (two scans
+    in folders named alike, e.g. .../2024/CT and .../2025/CT) gets ``_t<index>`` (its position)."""
+    names = list(names)
+    return [f"{n}_t{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def check_dicom_out(folder, scans, series=()):
+    """The ``--dicom-out`` folder (not created yet), or None without one. DICOM SEG and SR must
+    reference the scans' own DICOM instances, patient and study, so every scan must be a DICOM
+    series with its UIDs: no patient, study or UID is ever made up (``series``: the ``--series``
+    UIDs)."""
+    if folder is None:
+        return None
+    others = [str(p) for p in scans if not is_dicom_input(p)]
+    if others:
+        raise UsageError(f"--dicom-out needs DICOM series as input (SEG and SR reference the scans' DICOM "
+                         f"instances, patient and study); not DICOM: {', '.join(others)}")
+    from .dicomresults import check_references
+    from .dicomseries import read_series_header
+
+    for scan in scans:
+        try:
+            check_references(read_series_header(scan, series))
+        except ValueError as e:
+            raise UsageError(f"{e} (run without --dicom-out for the other outputs)") from None
+    return check_output_folder(folder)
+
+
 def list_images(folder: Path) -> list:
     return sorted(p for p in folder.iterdir() if p.is_file() and image_ending(p.name) and not p.name.startswith("."))
 
@@ -110,15 +162,16 @@ def pair_inputs(image_arg: str, prompt_arg: str) -> list:
         raise FileNotFoundError(f"input not found: {img}")
     if not prm.exists():
         raise FileNotFoundError(f"prompt not found: {prm}")
-    if img.is_file():
+    if img.is_file() or (not list_images(img) and is_dicom_input(img)):
         if prm.is_dir():
-            raise UsageError("if -i is a file then -p must be a file too, not a folder")
+            raise UsageError(f"if -i is {'a file' if img.is_file() else 'a DICOM series folder'} then -p must be a "
+                             f"file too, not a folder")
         return [(img, prm)]
-    if not prm.is_dir():
-        raise UsageError("if -i is a folder then -p must be a folder of prompts named like the images")
     images = {case_name(p.name): p for p in list_images(img) if not case_name(p.name).endswith(LABEL_SUFFIX)}
     if not images:
-        raise UsageError(f"no images ({', '.join(IMAGE_ENDINGS)}) in {img}")
+        raise UsageError(f"no images ({', '.join(IMAGE_ENDINGS)}) or DICOM files in {img}")
+    if not prm.is_dir():
+        raise UsageError("if -i is a folder then -p must be a folder of prompts named like the images")
     same_folder = img.resolve() == prm.resolve()
     prompts = {}
     for p in sorted(prm.iterdir()):
@@ -166,12 +219,13 @@ def check_output_folder(path) -> Path:
 
 
 # --------------------------------------------------------------------------- images and prompts
-def check_images(paths) -> dict:
-    """{path: header} of image files, read and checked from their headers only (see
-    :func:`LesionLocatorLib.image.read_image_header`)."""
+def check_images(paths, series=()) -> dict:
+    """{path: header} of image files and DICOM series folders, read and checked from their headers
+    only (see :func:`LesionLocatorLib.image.read_image_header`; ``series``: the ``--series`` UIDs
+    that choose a series in a folder holding several)."""
     from .image import read_image_header
 
-    return {Path(p): read_image_header(p) for p in paths}
+    return {Path(p): read_image_header(p, series) for p in paths}
 
 
 def read_prompts(path: Path, prompt_type: str, world: bool, allow_many: bool = False):

@@ -34,3 +34,20 @@ def _quiet_ct_warning():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="the network found no lesion")
         yield
+
+
+@pytest.fixture(scope="session")
+def totalsegmentator_dicom():
+    """TotalSegmentator 2.18.0's real DICOM CT test series (Testing/registry_ct.py: 20 JPEG 2000
+    slices, 512x512), cached in $LESIONLOCATOR_TEST_CACHE or ~/.cache/lesionlocator/test-data
+    (downloaded once from PyPI, 38 MB)."""
+    import os
+    import subprocess
+
+    from registry_ct import fetch_registry_cts
+
+    cache = Path(os.environ.get("LESIONLOCATOR_TEST_CACHE") or Path.home() / ".cache" / "lesionlocator" / "test-data")
+    try:
+        return fetch_registry_cts(cache, ["abdomen_dicom"])["abdomen_dicom"]
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        pytest.skip(f"TotalSegmentator's sdist is not in {cache} and could not be downloaded ({e})")

@@ -232,6 +232,27 @@ CASES = [
         ns, "lab.nii.gz", ns.lab.array, spacing=(1.0, 1.0, 1.0))), 2, r"geometry", True),
     ("track without a Track model", lambda ns: (shutil.rmtree(ns.model / "LesionLocatorTrack"), trk(ns))[1], 2,
      r"no 'prev_mask' model"),
+    # ---------------------------------------------------------------- DICOM
+    ("dicom-out with a NIfTI scan", lambda ns: seg(ns, None, None, "--dicom-out", str(ns.tmp / "dcm")), 2,
+     r"--dicom-out needs DICOM series as input.*not DICOM: .*ct\.nii\.gz"),
+    ("DICOM folder with two series", lambda ns: seg(ns, image=two_series(ns)), 2,
+     r"holds 2 image series; choose one with --series UID: .*'first'.*'second'"),
+    ("DICOM --series of neither", lambda ns: seg(ns, two_series(ns), None, "--series", "1.2.3"), 2,
+     r"holds 2 image series; choose one with --series"),
+    ("DICOM missing slice", lambda ns: seg(ns, image=dicom(ns, skip=(5,))), 2,
+     r"missing slice.*IM0004\.dcm and IM0006\.dcm"),
+    ("DICOM gantry tilt", lambda ns: seg(ns, image=dicom(ns, tilt_mm=0.5)), 2,
+     r"IM0023\.dcm is shifted 11\.50 mm sideways.*gantry tilt of 11\.3 degrees"),
+    ("DICOM undecodable", lambda ns: seg(ns, image=dicom(ns, transfer_syntax="1.2.840.10008.1.2.4.100")), 2,
+     r"MPEG2.*1\.2\.840\.10008\.1\.2\.4\.100"),
+    ("one DICOM file", lambda ns: seg(ns, image=dicom(ns) / "IM0000.dcm"), 2, r"a single DICOM file"),
+    ("folder with no images or DICOM", lambda ns: seg(ns, image=_folder(ns, "txt", ns.points)), 2,
+     r"no images .* or DICOM files in"),
+    ("dicom-out without UIDs", lambda ns: seg(ns, dicom(ns, edit=_no_study_uid), None, "--dicom-out",
+                                                str(ns.tmp / "dcm")), 2, r"has no StudyInstanceUID"),
+    ("SEG of another scan as prev_mask", lambda ns: _on_dicom(trk(ns, t="prev_mask", fu=[str(dicom(ns))],
+                                                                prompts=seg_of_another_scan(ns)), dicom(ns)), 2,
+     r"other\.seg\.dcm: the SEG is in frame of reference .* it was drawn on another scan's coordinates"),
     # ---------------------------------------------------------------- other commands
     ("evaluate missing pred", lambda ns: ["evaluate", "--pred", str(ns.d / "none"), "--gt", str(ns.d)], 2,
      r"prediction not found"),
@@ -255,6 +276,46 @@ CASES = [
     ("demo with a missing model", lambda ns: ["demo", "-o", str(ns.out), "-m", str(ns.tmp / "none")], 2,
      r"not found"),
 ]
+
+
+def dicom(ns, name="dcm", **kw):
+    """The CT as a DICOM series in folder ``name`` (``write_ct_series`` options: skip, tilt_mm, ...)."""
+    from dicom_fixtures import write_ct_series
+
+    folder = ns.tmp / name
+    if not folder.exists():
+        write_ct_series(ns.img, folder, **kw)
+    return folder
+
+
+def two_series(ns):
+    from dicom_fixtures import write_ct_series
+
+    folder = ns.tmp / "two"
+    write_ct_series(ns.img, folder, description="first", name="a{k:03d}.dcm")
+    write_ct_series(ns.img, folder, description="second", name="b{k:03d}.dcm", series_number=3)
+    return folder
+
+
+def _on_dicom(argv, folder):
+    """A track command line with the baseline replaced by ``folder``."""
+    argv = list(argv)
+    argv[argv.index("-bl") + 1] = str(folder)
+    return argv
+
+
+def _no_study_uid(ds, k):
+    ds.StudyInstanceUID = ""
+
+
+def seg_of_another_scan(ns):
+    """A DICOM SEG made on another series (its own frame of reference) of the same CT."""
+    from dicom_fixtures import write_seg
+
+    path = ns.tmp / "other.seg.dcm"
+    if not path.exists():
+        write_seg(sorted(dicom(ns, "other").glob("*.dcm")), path)
+    return path
 
 
 def _bytes(ns, name, data: bytes):
@@ -324,8 +385,8 @@ def test_bad_input_is_refused_in_one_line(name, build, code, message, keeps_out,
 
 
 def test_the_table_covers_every_kind_of_input():
-    """75 command-line cases here (the library-level tables add about 390 more)."""
-    assert len(CASES) >= 75
+    """85 command-line cases here (the library-level tables add about 470 more)."""
+    assert len(CASES) >= 85
 
 
 # ------------------------------------------------------------------------------ runs that must keep or clean

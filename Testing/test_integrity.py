@@ -165,7 +165,7 @@ def test_missing_file_and_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="image file not found"):
         read_image(tmp_path / "nothing.nii.gz")
     (tmp_path / "dir.nii.gz").mkdir()
-    _refused(tmp_path / "dir.nii.gz", r"not an image file \(a folder\?\)")
+    _refused(tmp_path / "dir.nii.gz", r"not an image file \(a folder with no DICOM files\)")
 
 
 # ------------------------------------------------------------------------------ NaN/Inf voxels

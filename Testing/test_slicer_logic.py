@@ -913,6 +913,7 @@ EXPECTED_WIDGET_CLASSES = {
     "resultsTableView": "qMRMLTableView",
     "installDependenciesButton": "QPushButton",
     "downloadModelButton": "QPushButton",
+    "exportDicomButton": "QPushButton",
 }
 
 

@@ -8,6 +8,8 @@ package holds only the module class, a thin widget shell and the self-test entry
 * ``results.py``: result nodes: find or create, lesion IDs, tags, colours, undo records.
 * ``trackoutputs.py``: tracking outputs: per-timepoint segmentations, sequences and browser (no CT
   copies), lesion table, volume plot, export to files.
+* ``dicomexport.py``: export to DICOM: each timepoint's lesions as a DICOM SEG and SR on the series
+  its volume was loaded from (``DICOM.instanceUIDs``), written by the library.
 * ``models.py``: model choice and download through the library's zoo.
 * ``dependencies.py``: the Python packages the module needs, and installing them without
   replacing the PyTorch extension's torch.

@@ -18,7 +18,7 @@ import numpy as np
 from slicer.i18n import tr as _
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
-from . import dependencies, models, results, scene, trackoutputs
+from . import dependencies, dicomexport, models, results, scene, trackoutputs
 from .jobs import Job
 
 PARAM_MODEL_PATH, PARAM_DEVICE, PARAM_FOLDS, PARAM_TTA = "ModelPath", "Device", "Folds", "TTA"
@@ -446,6 +446,26 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
             segmentationNodes = tracked or [n for n in slicer.util.getNodesByClass("vtkMRMLSegmentationNode")
                                             if results.isResultNode(n)]
         return trackoutputs.exportSegmentations(segmentationNodes, folder, format)
+
+    def exportDicom(self, folder, trackOutputs=None, fileForInstance=None):
+        """Write each timepoint's lesions as a DICOM SEG (``<volume name>_seg.dcm``) and a TID 1500 SR
+        (``<volume name>_sr.dcm``) on the DICOM series its volume was loaded from, through the
+        library (the files ``--dicom-out`` writes); returns the library's ``DicomWritten`` (paths,
+        warnings).
+
+        Source: ``trackOutputs`` (default: the last tracking run while its nodes are in the
+        scene): the baseline and every follow-up, the Tracking UIDs derived from the baseline's
+        series; without one, every module result segmentation, each on its volume as one
+        timepoint. Each volume needs its ``DICOM.instanceUIDs`` (set by Slicer's DICOM loader)
+        and their files (``fileForInstance(uid) -> path``; default
+        ``slicer.dicomDatabase.fileForInstance``), and must still have the series' voxel grid in
+        its own frame: parent transforms on volumes are ignored (the SEG lies on the acquired
+        slices). ValueError (nothing written) for a volume not loaded from DICOM, instances
+        missing from the database, a volume resampled/cropped/moved after loading, nothing to
+        export. See :mod:`.dicomexport`."""
+        studies = ([dicomexport.trackStudy(trackOutputs)] if trackOutputs is not None
+                   else dicomexport.defaultStudies(self.lastTrack))
+        return dicomexport.exportDicom(folder, studies, fileForInstance)
 
     def selectModel(self, model) -> str:
         """Make ``model`` the module's model (parameter ``ModelPath``): a name from

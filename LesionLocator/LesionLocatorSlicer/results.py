@@ -16,6 +16,8 @@ import vtk
 import slicer
 from slicer.i18n import tr as _
 
+from LesionLocatorLib.lesionstyle import LESION_COLORS, lesion_color
+
 from .scene import segmentLabelmap, segmentMask
 
 ROLE_ATTRIBUTE = "LesionLocator.Role"
@@ -28,13 +30,8 @@ TAG_STATUS = "LesionLocator.Status"
 TAG_TRACKED_FROM = "LesionLocator.TrackedFrom"
 TAGS = (TAG_LESION_ID, TAG_PROMPT, TAG_PROMPT_TYPE, TAG_STATUS, TAG_TRACKED_FROM)
 
-# lesion N gets COLORS[(N - 1) % len(COLORS)] (RGB 0..1), the same at every timepoint
-COLORS = [
-    (0.902, 0.098, 0.294), (0.235, 0.706, 0.294), (0.263, 0.388, 0.847), (0.961, 0.510, 0.192),
-    (0.569, 0.118, 0.706), (0.275, 0.941, 0.941), (0.941, 0.196, 0.902), (0.824, 0.961, 0.235),
-    (0.980, 0.745, 0.831), (0.000, 0.502, 0.502), (0.863, 0.745, 1.000), (0.667, 0.431, 0.157),
-    (1.000, 0.980, 0.784), (0.502, 0.000, 0.000), (0.667, 1.000, 0.765), (0.502, 0.502, 0.000),
-]
+# lesion N gets COLORS[(N - 1) % len(COLORS)] (RGB 0..1), the same at every timepoint and in DICOM SEG
+COLORS = LESION_COLORS
 
 
 # ------------------------------------------------------------------ finding result nodes
@@ -90,7 +87,7 @@ def lesionIdOfSegmentId(segmentId: str):
 
 
 def colorForLesion(lesionId: int) -> tuple:
-    return COLORS[(int(lesionId) - 1) % len(COLORS)]
+    return lesion_color(lesionId)
 
 
 def _existingLesions(resultNode) -> tuple:
@@ -327,15 +324,11 @@ class BaselineLesion:
     mask: np.ndarray
 
 
-def baselineLesions(segmentationNode, volumeNode, image=None) -> list:
-    """The lesions of a baseline segmentation, in segment order: segment ID, lesion ID (the
-    module's lesion tag, else N from a segment ID ``lesion_N``, else the next free number),
-    name, colour and mask on ``volumeNode``'s voxels. Nothing in the scene changes."""
+def segmentLesionIds(segmentationNode) -> dict:
+    """{segment ID: lesion ID} of every segment, in segment order: the module's lesion tag, else N
+    of a segment ID ``lesion_N``, else (and for a repeated ID) the next number after the largest."""
     segmentation = segmentationNode.GetSegmentation()
     segmentIds = list(segmentation.GetSegmentIDs())
-    if not segmentIds:
-        raise ValueError(_("'{name}' has no segments: segment the lesions on the baseline first (click them), "
-                           "then track").format(name=segmentationNode.GetName()))
     ids = {}
     for segmentId in segmentIds:
         lesionId = segmentLesionId(segmentation.GetSegment(segmentId))
@@ -344,10 +337,23 @@ def baselineLesions(segmentationNode, volumeNode, image=None) -> list:
         if lesionId is not None and lesionId >= 1 and lesionId not in ids.values():
             ids[segmentId] = lesionId
     nextId = max(ids.values(), default=0) + 1
-    lesions = []
     for segmentId in segmentIds:
         if segmentId not in ids:
             ids[segmentId], nextId = nextId, nextId + 1
+    return {segmentId: ids[segmentId] for segmentId in segmentIds}
+
+
+def baselineLesions(segmentationNode, volumeNode, image=None) -> list:
+    """The lesions of a baseline segmentation, in segment order: segment ID, lesion ID
+    (:func:`segmentLesionIds`), name, colour and mask on ``volumeNode``'s voxels. Nothing in the
+    scene changes."""
+    segmentation = segmentationNode.GetSegmentation()
+    if not segmentation.GetNumberOfSegments():
+        raise ValueError(_("'{name}' has no segments: segment the lesions on the baseline first (click them), "
+                           "then track").format(name=segmentationNode.GetName()))
+    ids = segmentLesionIds(segmentationNode)
+    lesions = []
+    for segmentId in ids:
         segment = segmentation.GetSegment(segmentId)
         lesions.append(BaselineLesion(segmentId, ids[segmentId], segment.GetName(),
                                       tuple(float(c) for c in segment.GetColor()),

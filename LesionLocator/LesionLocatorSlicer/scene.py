@@ -3,8 +3,9 @@
 Frames: Slicer's world is RAS millimetres; volumes store IJK-to-RAS in their parent (transform)
 frame; markups store control points in their parent frame. The library speaks LPS world
 millimetres and (z, y, x) = (k, j, i) arrays. Points go through :func:`toLps` (parent transforms,
-non-linear ones too, then RAS -> LPS); volume geometry through :func:`volumeToImage` (built on
-:func:`toLps`); library masks come back through :func:`labelmapFromMask` (on the volume's voxels,
+non-linear ones too, then RAS -> LPS); volume geometry through :func:`volumeToImage` and
+:func:`volumeGrid` (built on :func:`toLps`; ``world=False``: the volume's own frame, for the
+DICOM export); library masks come back through :func:`labelmapFromMask` (on the volume's voxels,
 in the volume's frame) and segments go out through :func:`segmentMask`.
 """
 from __future__ import annotations
@@ -77,6 +78,9 @@ def _checkScalarVolume(volumeNode) -> None:
     if imageData.GetNumberOfScalarComponents() != 1:
         raise ValueError(_("volume '{name}' has {n} components per voxel; LesionLocator needs a single-component "
                            "CT").format(name=volumeNode.GetName(), n=imageData.GetNumberOfScalarComponents()))
+
+
+def _checkLinearTransform(volumeNode) -> None:
     parent = volumeNode.GetParentTransformNode()
     if parent is not None and not parent.IsTransformToWorldLinear():
         raise TransformError(_(
@@ -85,16 +89,17 @@ def _checkScalarVolume(volumeNode) -> None:
             name=volumeNode.GetName(), transform=parent.GetName()))
 
 
-def volumeGeometry(volumeNode) -> tuple:
-    """(origin, spacing, direction) of a volume in LPS world: ``origin`` = LPS of voxel (0, 0, 0),
+def volumeGeometry(volumeNode, world=True) -> tuple:
+    """(origin, spacing, direction) of a volume in LPS: ``origin`` = LPS of voxel (0, 0, 0),
     ``spacing`` (x, y, z) mm = lengths of the mapped index axes, ``direction`` columns = their unit
     vectors (i, j, k). IJK-to-RAS is composed with the volume's parent transforms to world, then
-    RAS -> LPS (through :func:`toLps`)."""
+    RAS -> LPS (through :func:`toLps`); ``world=False``: the parent transforms are left out (the
+    volume's own frame, i.e. the patient frame of the file or DICOM series it was loaded from)."""
     ijkToRas = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(ijkToRas)
     ijkToRas = slicer.util.arrayFromVTKMatrix(ijkToRas)
     ijk = np.array([[0, 0, 0, 1], [1, 0, 0, 1], [0, 1, 0, 1], [0, 0, 1, 1]], dtype=float)
-    lps = toLps(volumeNode, (ijk @ ijkToRas.T)[:, :3])
+    lps = toLps(volumeNode if world else None, (ijk @ ijkToRas.T)[:, :3])
     origin, axes = lps[0], lps[1:] - lps[0]  # rows: index axes i, j, k in LPS
     spacing = np.linalg.norm(axes, axis=1)
     direction = (axes / spacing[:, None]).T  # columns: i, j, k
@@ -113,12 +118,23 @@ def volumeToImage(volumeNode):
     scaling: anything that keeps the voxel axes orthogonal). A non-linear parent transform raises
     :class:`TransformError` asking to harden it first: the voxel grid cannot follow it.
     """
+    grid = volumeGrid(volumeNode)
+    return grid.with_array(np.array(slicer.util.arrayFromVolume(volumeNode), copy=True))
+
+
+def volumeGrid(volumeNode, world=True):
+    """A scalar volume's voxel grid as an :class:`LesionLocatorLib.image.Image` without its voxels
+    (a read-only array of False that takes no memory): shape (k, j, i), geometry
+    :func:`volumeGeometry` in LPS world (as :func:`volumeToImage`), or with ``world=False`` in the
+    volume's own frame (parent transforms left out, non-linear ones too)."""
     from LesionLocatorLib.image import Image
 
     _checkScalarVolume(volumeNode)
-    origin, spacing, direction = volumeGeometry(volumeNode)
-    array = np.array(slicer.util.arrayFromVolume(volumeNode), copy=True)
-    return Image(array, spacing, origin, direction)
+    if world:
+        _checkLinearTransform(volumeNode)
+    origin, spacing, direction = volumeGeometry(volumeNode, world)
+    dims = volumeNode.GetImageData().GetDimensions()
+    return Image(np.broadcast_to(np.zeros((), bool), (dims[2], dims[1], dims[0])), spacing, origin, direction)
 
 
 def imageIjkToRas(image) -> np.ndarray:
@@ -232,8 +248,9 @@ def segmentMask(segmentationNode, segmentId, volumeNode, image=None) -> np.ndarr
     share a labelmap layer, each with its own label value). A segmentation under the volume's
     own parent transform is read in that frame (exact for segments made on this volume);
     otherwise both go to world first -- the segmentation through its parent transforms
-    (non-linear ones too), the volume through :func:`volumeToImage` (``image``: computed when
-    not given) -- and the segment is resampled (nearest neighbour) onto the volume's voxels."""
+    (non-linear ones too), the volume's grid through :func:`volumeGrid` (``image``: its world
+    geometry, e.g. :func:`volumeToImage`; computed when not given) -- and the segment is
+    resampled (nearest neighbour) onto the volume's voxels."""
     segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
     if segment is None:
         raise ValueError(_("'{node}' has no segment {id}").format(node=segmentationNode.GetName(), id=repr(segmentId)))
@@ -250,7 +267,7 @@ def segmentMask(segmentationNode, segmentId, volumeNode, image=None) -> np.ndarr
         volumeNode.GetIJKToRASMatrix(ijkToRas)
     else:
         ijkToRas = slicer.util.vtkMatrixFromArray(imageIjkToRas(image if image is not None
-                                                               else volumeToImage(volumeNode)))
+                                                               else volumeGrid(volumeNode)))
     reference.SetImageToWorldMatrix(ijkToRas)
     resampled = slicer.vtkOrientedImageData()
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(

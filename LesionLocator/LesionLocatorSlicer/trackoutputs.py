@@ -423,6 +423,19 @@ def exportTableToCsv(tableNode, path) -> str:
     return path
 
 
+def safeFileNames(names, default) -> list:
+    """One file-name stem per name (e.g. node names), in order: every character but letters,
+    digits, '-', '_' and '.' becomes '_', leading and trailing '.' and '_' go (``default`` when
+    nothing is left), and a stem already given gets '_' appended until it is unique."""
+    stems = []
+    for name in names:
+        stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name).strip("._") or default
+        while stem in stems:
+            stem += "_"
+        stems.append(stem)
+    return stems
+
+
 def exportSegmentations(segmentationNodes, folder, format="seg.nrrd") -> list:
     """Save segmentations to ``folder``: ``format='seg.nrrd'`` (Slicer's segmentation file:
     names, colours, tags; written by Slicer's segmentation storage node) or ``'nii.gz'`` (a label
@@ -435,12 +448,8 @@ def exportSegmentations(segmentationNodes, folder, format="seg.nrrd") -> list:
     if not segmentationNodes:
         raise ValueError(_("no segmentation to export: segment (and track) lesions first"))
     os.makedirs(folder, exist_ok=True)
-    paths, used = [], set()
-    for node in segmentationNodes:
-        stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in node.GetName()).strip("._") or "lesions"
-        while stem in used:
-            stem += "_"
-        used.add(stem)
+    paths = []
+    for node, stem in zip(segmentationNodes, safeFileNames([n.GetName() for n in segmentationNodes], "lesions")):
         path = os.path.join(os.fspath(folder), f"{stem}.{format}")
         if format == "seg.nrrd":
             storage = slicer.vtkMRMLSegmentationStorageNode()

@@ -8,6 +8,7 @@ shown: P point, B box, R refine, T track, Esc cancel, Ctrl+Z undo.
 from __future__ import annotations
 
 import logging
+import os
 
 import vtk
 
@@ -31,6 +32,7 @@ class LesionLocatorPanel(VTKObservationMixin):
     """The GUI of the module (``parent``: the ScriptedLoadableModuleWidget)."""
 
     SETTINGS_MODEL_PATH = "LesionLocator/ModelPath"
+    SETTINGS_DICOM_FOLDER = "LesionLocator/DicomExportFolder"
 
     def __init__(self, moduleWidget):
         VTKObservationMixin.__init__(self)
@@ -84,7 +86,8 @@ class LesionLocatorPanel(VTKObservationMixin):
                                 (ui.trackButton, self.onTrack), (ui.cancelButton, self.onCancel),
                                 (ui.undoButton, self.onUndo),
                                 (ui.installDependenciesButton, self.onInstallDependencies),
-                                (ui.downloadModelButton, self.onDownloadModel)):
+                                (ui.downloadModelButton, self.onDownloadModel),
+                                (ui.exportDicomButton, self.onExportDicom)):
             button.connect("clicked()", handler)
         ui.baselineVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateFollowUpList)
         ui.refineSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtonStates)
@@ -207,7 +210,7 @@ class LesionLocatorPanel(VTKObservationMixin):
         self.ui.refineButton.enabled = (haveVolume and self.ui.refineSegmentSelector.currentNodeID() != ""
                                         and bool(self.ui.refineSegmentSelector.currentSegmentID()))
         self.ui.trackButton.enabled = haveVolume and not busy
-        self.ui.downloadModelButton.enabled = not busy
+        self.ui.downloadModelButton.enabled = self.ui.exportDicomButton.enabled = not busy
         self.ui.undoButton.enabled = self.logic.canUndo and not busy
         self.ui.cancelButton.enabled = busy
 
@@ -321,6 +324,18 @@ class LesionLocatorPanel(VTKObservationMixin):
             self.ui.statusLabel.text = _("Undone: {what}").format(what=self.logic.undo())
         self.updateButtonStates()
 
+    def onExportDicom(self):
+        """Ask for a folder, then write the DICOM SEG and SR files there (the last tracking run, else
+        every lesion segmentation; :meth:`LesionLocatorLogic.exportDicom`)."""
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Export DICOM SEG + SR to folder"),
+                                                     qt.QSettings().value(self.SETTINGS_DICOM_FOLDER, ""))
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay(_("DICOM export failed."), waitCursor=True):
+            written = self.logic.exportDicom(folder)
+            qt.QSettings().setValue(self.SETTINGS_DICOM_FOLDER, folder)
+            self.showDicomExport(folder, written)
+
     # ------------------------------------------------------------------ results
     def showProgress(self, fraction, message):
         self.ui.progressBar.value = int(100 * fraction)
@@ -344,6 +359,14 @@ class LesionLocatorPanel(VTKObservationMixin):
         self.ui.statusLabel.text = self.logic.lastTrackSummary()
         if outputs.warnings:
             slicer.util.warningDisplay("\n".join(outputs.warnings), windowTitle="LesionLocator")
+
+    def showDicomExport(self, folder, written):
+        """The status line: the files written and the library's warnings."""
+        text = _("Wrote {n} DICOM file(s) to {folder}: {files}").format(
+            n=len(written.paths), folder=folder, files=", ".join(os.path.basename(p) for p in written.paths))
+        if written.warnings:
+            text += "\n" + _("Warnings: {warnings}").format(warnings=" ".join(written.warnings))
+        self.ui.statusLabel.text = text
 
     def showDownloadedModel(self, modelRoot):
         self.ui.modelPathLineEdit.addCurrentPathToHistory()

@@ -25,7 +25,10 @@ def add_training_commands(sub, parents, formatter) -> None:
     """Register ``synth`` and ``train`` on the ``lesionlocator`` sub-parsers."""
     y = sub.add_parser("synth", parents=parents, formatter_class=formatter,
                        help="synthetic lesions and follow-ups from a lesion-free CT (supplement sec. 7)")
-    y.add_argument("--ct", required=True, help="lesion-free CT (Hounsfield units)")
+    y.add_argument("--ct", required=True, help="lesion-free CT (Hounsfield units): an image file or a folder of DICOM "
+                   "files")
+    y.add_argument("--series", nargs="+", default=[], metavar="UID",
+                   help="Series Instance UID to read when the --ct folder holds several DICOM series")
     y.add_argument("--lesions", type=int, default=5, help="lesions to insert into the baseline")
     y.add_argument("--followups", type=int, default=2, help="follow-up scans to make")
     y.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same case)")
@@ -134,7 +137,7 @@ def cmd_synth(args) -> int:
     bar, update = progress_bar(not args.disable_progress_bar, "synth")
     try:
         path = run_synth(args.ct, lesions=args.lesions, followups=args.followups, seed=args.seed, out=args.o,
-                         name=args.name, progress=update)
+                         name=args.name, progress=update, series=args.series)
     except ValueError as e:  # no body in the CT, too many lesions for it
         raise UsageError(str(e)) from None
     finally:

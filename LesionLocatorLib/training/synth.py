@@ -572,19 +572,17 @@ def write_case(case: SynthCase, out_dir, name: str) -> Path:
 
 
 def run_synth(ct_path, lesions: int, followups: int, seed: int, out, name: Optional[str] = None,
-              progress: Optional[Callable[[float, str], None]] = None, **overrides) -> Path:
-    """CLI entry (``lesionlocator synth``): read a CT, make a case, write it; returns the JSON path.
+              progress: Optional[Callable[[float, str], None]] = None, series=(), **overrides) -> Path:
+    """CLI entry (``lesionlocator synth``): read a CT (an image file or a DICOM series folder;
+    ``series``: the Series Instance UID(s) to choose from when the folder holds several), make a
+    case, write it; returns the JSON path.
 
-    ``name`` defaults to ``<ct file stem>_synth_s<seed>``.
+    ``name`` defaults to ``<ct file stem or folder name>_synth_s<seed>``.
     """
-    ct_path = Path(ct_path)
-    ct = read_image(ct_path)
+    from ..inputs import scan_name
+
+    ct = read_image(ct_path, series)
     if name is None:
-        stem = ct_path.name
-        for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-            if stem.endswith(ext):
-                stem = stem[: -len(ext)]
-                break
-        name = f"{stem}_synth_s{seed}"
+        name = f"{scan_name(ct_path)}_synth_s{seed}"
     case = make_case(ct, lesions, followups, seed, progress=progress, **overrides)
     return write_case(case, out, name)
