@@ -156,3 +156,18 @@ def test_segment_on_a_real_scanner_series_equals_segment_on_its_nifti_from_gdcm(
     assert a.same_geometry(b) and a.shape == (20, 512, 512)
     assert all(np.count_nonzero(a.array == pid) > 0 for pid in (1, 2)), "each click gives a mask"
     assert np.array_equal(a.array, b.array)
+
+
+def test_continue_prediction_redoes_a_case_whose_dicom_results_are_missing(study, tmp_path, capsys):
+    argv = ["segment", "-i", study[0], "-p", POINTS, "-t", "point", "-o", tmp_path / "out", "--dicom-out",
+            tmp_path / "dicom", "--continue_prediction"]
+    assert run(*argv) == 0
+    first = (tmp_path / "dicom" / "t0_seg.dcm").stat().st_mtime_ns
+    capsys.readouterr()
+    assert run(*argv) == 0
+    assert "t0: already predicted, skipping (--continue_prediction)" in capsys.readouterr().err
+    (tmp_path / "dicom" / "t0_sr.dcm").unlink()
+    assert run(*argv) == 0
+    assert "already predicted" not in capsys.readouterr().err
+    assert (tmp_path / "dicom" / "t0_sr.dcm").is_file()
+    assert (tmp_path / "dicom" / "t0_seg.dcm").stat().st_mtime_ns != first
