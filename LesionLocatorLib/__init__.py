@@ -15,7 +15,13 @@ World coordinates are LPS millimetres; arrays are (z, y, x). One job per module:
   (volume, diameters, RECIST), ``evaluate`` (Dice, NSD, CPM@25 against a ground truth),
   ``report`` (tables and figures); ``metrics`` keeps the old names;
 * front-end plumbing: ``cancel`` (torch-free cancel token), ``protocol`` (the worker's messages
-  and mask files), ``runner`` (in-process and worker-process runners), ``worker`` (the worker);
+  and mask files), ``runner`` (in-process and worker-process runners), ``worker`` (the worker),
+  ``remote`` (``RemoteRunner``: the same on a server; standard library and numpy only);
+* server (``lesionlocator serve``): ``serverapi`` (the HTTP API and its image and mask
+  encodings), ``serverjobs`` (keys, models by name, image cache, job queue over the devices),
+  ``server`` (the FastAPI/uvicorn layer), ``servecommand`` (the command's options and checks);
+* DICOM: ``dicomseries`` (series folders in), ``dicomseg``, ``dicomsr``, ``dicomresults`` (SEG
+  and TID 1500 SR out), ``lesionstyle`` (lesion names and colours shared with Slicer);
 * I/O and models: ``files`` (atomic writes), ``zoo`` (the model cache, download and install),
   ``download`` (HTTP), ``archives`` (safe unpacking);
 * front ends: ``cli`` (the ``lesionlocator`` command; ``inputs``: everything it is given, checked

@@ -2,7 +2,12 @@
 
 ``lesionlocator segment`` takes the same flags, inputs and output names as upstream's
 ``LesionLocator_segment`` (so switching is a change of command name), plus ``--world`` (our LPS
-world-coordinate prompt JSON), ``--save-probabilities`` and ``--device auto``. ``lesionlocator
+world-coordinate prompt JSON), ``--save-probabilities`` and ``--device auto``.
+
+``segment`` and ``track`` with ``--server URL --api-key-file F`` send the work to a ``lesionlocator
+serve`` server (:mod:`LesionLocatorLib.remote`) instead of loading a model here: ``-m`` is then a
+model name on the server (default: the server's first), the inputs are checked here first and the
+output files are written here exactly as a local run writes them. ``lesionlocator
 prompts`` turns label images into prompt JSON like upstream's ``LesionLocator_create_prompt_json``.
 
 Every command checks all of its inputs first (:mod:`LesionLocatorLib.inputs`: options, paths, the
@@ -17,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from .inputs import UsageError, device_value, folds_value, non_negative, step_fraction
@@ -51,10 +57,11 @@ def cmd_segment(args) -> int:
     check_images([image for image, _ in pairs], args.series)
     dicom_out = check_dicom_out(args.dicom_out, [image for image, _ in pairs], args.series)
     prompts = {image: read_prompts(prompt, args.t, args.world, args.allow_many_prompts) for image, prompt in pairs}
-    root = check_model(args.m, [args.t])
+    server = _connect_server(args, [args.t])
+    root = check_model(args.m, [args.t]) if server is None else None
     from .outputs import OutputFolder
 
-    with OutputFolder(out) as folder:
+    with _closing(server), OutputFolder(out) as folder:
         todo = [(image, scan_name(image), scan_ending(image)) for image, _ in pairs]
         if args.continue_prediction:
             done = {case for _, case, _ in todo if folder.case_complete(case) and _dicom_complete(dicom_out, case)}
@@ -63,9 +70,9 @@ def cmd_segment(args) -> int:
             todo = [item for item in todo if item[1] not in done]
         if not todo:
             return 0
-        model = _load_segmentation_model(root, args)
+        run = _segmenter(root, args) if server is None else _server_segmenter(server, args)
         for image_path, case, ending in todo:
-            _segment_case(image_path, case, ending, prompts[image_path], model, folder, args, dicom_out)
+            _segment_case(image_path, case, ending, prompts[image_path], run, folder, args, dicom_out)
     return 0
 
 
@@ -87,28 +94,99 @@ def _read_scan(path, series):
     return read_image(path), None
 
 
-def _load_segmentation_model(root, args):
-    from .model import load_model
+def _tta(args):
+    return False if args.disable_tta else (True if args.enable_tta else None)
 
-    tta = False if args.disable_tta else (True if args.enable_tta else None)
-    model = load_model(root, args.t, folds=args.f, device=args.device, tta=tta)
+
+def _segmenter(root, args):
+    """``run(image, prompts, progress) -> SegmentationResult`` with the local model loaded."""
+    from .model import load_model
+    from .predict import segment
+
+    model = load_model(root, args.t, folds=args.f, device=args.device, tta=_tta(args))
     print(f"model: {model.folder} (folds {model.folds}, device {model.device}, "
           f"test-time mirroring {'on' if model.use_tta else 'off'})", file=sys.stderr)
-    return model
+    return lambda image, prompts, progress: segment(image, prompts, model, progress=progress,
+                                                    step_size=args.step_size)
 
 
-def _segment_case(image_path, case, ending, prompts, model, folder, args, dicom_out=None) -> None:
-    """Segment one case and write its files; the case's manifest is written last, then (with
-    ``--dicom-out``) its DICOM SEG and SR."""
+def _server_segmenter(server, args):
+    """The same ``run`` on the server (:func:`LesionLocatorLib.remote.segment_on_server`)."""
+    from .remote import segment_on_server
+
+    spec = _server_spec(server, args, _tta(args))
+    return lambda image, prompts, progress: segment_on_server(server, image, prompts, spec, progress)
+
+
+# --------------------------------------------------------------------------- --server
+def _connect_server(args, prompt_types):
+    """A :class:`~LesionLocatorLib.remote.RemoteRunner` for ``--server`` (None without it), checked
+    before any output is made: the key file, the options a server cannot take, the connection and
+    key (``/v1/info``), and that the model (``-m``, a name; default the server's first) is served
+    and takes ``prompt_types``."""
+    if not args.server:
+        if args.api_key_file:
+            raise UsageError("--api-key-file is for --server")
+        return None
+    from .remote import RemoteRunner, read_api_key
+
+    for flag, local_only in (("--save-probabilities", getattr(args, "save_probabilities", False)),
+                             ("--step_size", getattr(args, "step_size", 0.5) != 0.5),
+                             ("--device", args.device != "auto")):
+        if local_only:
+            raise UsageError(f"{flag} cannot be used with --server (the server chooses; probabilities are not sent)")
+    key = read_api_key(args.api_key_file) if args.api_key_file else None
+    runner = RemoteRunner(args.server, key, model=args.m)
+    try:
+        models = {m["name"]: m.get("prompt_types", []) for m in runner.info().get("models", [])}
+        name = runner.model_name()
+        if name not in models:
+            raise UsageError(f"-m {name}: the server at {runner.url} has no such model; it serves: "
+                             f"{', '.join(models) or 'none'}")
+        missing = [t for t in prompt_types if t not in models[name]]
+        if missing:
+            raise UsageError(f"the server's model {name} takes no {', '.join(missing)} prompts")
+    except BaseException:
+        runner.close()
+        raise
+    runner.model = name
+    return runner
+
+
+def _server_spec(server, args, tta):
+    from .modelfolder import ModelSpec
+
+    print(f"server: {server.url}, model {server.model} (folds {'all' if args.f is None else args.f}, test-time "
+          f"mirroring {'auto' if tta is None else 'on' if tta else 'off'})", file=sys.stderr)
+    return ModelSpec(server.model, tuple(args.f) if args.f is not None else None, "auto", tta)
+
+
+class _closing:
+    """Closes a runner (or nothing) at the end of a ``with``."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def __enter__(self):
+        return self.runner
+
+    def __exit__(self, *exc):
+        if self.runner is not None:
+            self.runner.close()
+        return False
+
+
+def _segment_case(image_path, case, ending, prompts, run, folder, args, dicom_out=None) -> None:
+    """Segment one case (``run``: :func:`_segmenter` or :func:`_server_segmenter`) and write its
+    files; the case's manifest is written last, then (with ``--dicom-out``) its DICOM SEG and SR."""
     import numpy as np
 
     from .image import write_image
-    from .predict import segment
 
     image, dicom = _read_scan(image_path, args.series)
     bar, update = progress_bar(not args.disable_progress_bar, case)
     try:
-        result = segment(image, prompts, model, progress=update, step_size=args.step_size)
+        result = run(image, prompts, update)
     finally:
         bar.close()
     folder.begin_case(case)
@@ -243,13 +321,15 @@ def cmd_track(args) -> int:
     paths = [Path(args.bl)] + followups
     dicom_out = check_dicom_out(args.dicom_out, paths, args.series)
     prompts = _track_prompts(args.p, args.t, args.world, args.allow_many_prompts)
-    root = check_model(args.m, ["prev_mask"] if args.t == "prev_mask" else [args.t, "prev_mask"])
+    types = ["prev_mask"] if args.t == "prev_mask" else [args.t, "prev_mask"]
+    server = _connect_server(args, types)
+    root = check_model(args.m, types) if server is None else server
     for message in failed:
         print(f"lesionlocator track: error: {message}", file=sys.stderr)
     from .outputs import OutputFolder
 
     names = unique_names(scan_name(p) for p in paths)
-    with OutputFolder(out) as folder:
+    with _closing(server), OutputFolder(out) as folder:
         study, dicom = _run_study(paths, names, prompts, root, args)
         _write_study(study, paths, names, folder, args)
         if dicom_out is not None:
@@ -279,20 +359,25 @@ def _baseline_prompts(prompts, image, dicom):
 
 
 def _run_study(paths, names, prompts, root, args):
-    """(StudyResult with ``images``, the scans' DicomSeries or None each)."""
+    """(StudyResult with ``images``, the scans' DicomSeries or None each); ``root``: the local
+    model root, or the :class:`~LesionLocatorLib.remote.RemoteRunner` of ``--server``."""
     from .modelfolder import ModelSpec
+    from .remote import RemoteRunner, track_study_on_server
     from .study import scan_datetime, track_study
 
     scans = [_read_scan(p, args.series) for p in paths]
     images, dicom = [image for image, _ in scans], [series for _, series in scans]
     prompts = _baseline_prompts(prompts, images[0], dicom[0])
     dates = [series.datetime() if series is not None else scan_datetime(p) for p, series in zip(paths, dicom)]
-    model = ModelSpec(str(root), tuple(args.f) if args.f is not None else None, args.device)
+    if isinstance(root, RemoteRunner):
+        model, track = _server_spec(root, args, None), partial(track_study_on_server, root)
+    else:
+        model, track = ModelSpec(str(root), tuple(args.f) if args.f is not None else None, args.device), track_study
     bar, update = progress_bar(not args.disable_progress_bar, "tracking")
     try:
-        study = track_study(images, prompts, model, names=names, dates=dates, registration=args.registration,
-                            min_volume_ml=args.min_volume_ml, min_prompt_fraction=args.min_prompt_fraction,
-                            progress=update)
+        study = track(images, prompts, model, names=names, dates=dates, registration=args.registration,
+                      min_volume_ml=args.min_volume_ml, min_prompt_fraction=args.min_prompt_fraction,
+                      progress=update)
     finally:
         bar.close()
     study.images = images
@@ -468,7 +553,7 @@ def cmd_models(args) -> int:
 # --------------------------------------------------------------------------- the parser
 def _model_options(p, prompt_flag=True) -> None:
     p.add_argument("-m", default=None, help="model: a LesionLocatorCheckpoint folder or a downloaded model's name "
-                   "(default: the bundled demo model)")
+                   "(default: the bundled demo model); with --server a model name on the server")
     p.add_argument("-f", nargs="+", type=folds_value, default=None,
                    help="folds to use, e.g. 0 1 or all (default: every fold present)")
     p.add_argument("-device", "--device", type=device_value, default="auto",
@@ -482,6 +567,16 @@ def _dicom_options(p) -> None:
     p.add_argument("--dicom-out", "--dicom_out", dest="dicom_out", default=None, metavar="DIR",
                    help="also write per scan a DICOM SEG (<case>_seg.dcm, one segment per lesion) and an SR TID 1500 "
                    "measurement report (<case>_sr.dcm) referencing the DICOM input series; needs DICOM input")
+
+
+def _server_options(p) -> None:
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="run on a LesionLocator server (`lesionlocator serve`, http://host:port or https://...) "
+                   "instead of loading a model here; -m is then a model name on the server (default: its first). "
+                   "For a private certificate authority set SSL_CERT_FILE")
+    p.add_argument("--api-key-file", dest="api_key_file", default=None, metavar="FILE",
+                   help="file holding the server's API key (its first line that is not a # comment); a key is "
+                   "never given on the command line")
 
 
 def _add_segment(sub, parents, formatter) -> None:
@@ -507,6 +602,7 @@ def _add_segment(sub, parents, formatter) -> None:
                    help="allow more than 1000 prompts per image (each one is a network run)")
     s.add_argument("--disable_progress_bar", action="store_true", help="no progress bar")
     _dicom_options(s)
+    _server_options(s)
     s.add_argument("-npp", type=int, default=None, help="accepted for upstream compatibility; unused")
     s.add_argument("-nps", type=int, default=None, help="accepted for upstream compatibility; unused")
     s.set_defaults(func=cmd_segment)
@@ -533,6 +629,7 @@ def _add_track(sub, parents, formatter) -> None:
                    help="allow more than 1000 baseline prompts")
     t.add_argument("--disable_progress_bar", action="store_true", help="no progress bar")
     _dicom_options(t)
+    _server_options(t)
     t.set_defaults(func=cmd_track)
 
 
@@ -621,6 +718,9 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_training_commands(sub, [common], formatter)
     _add_model_commands(sub, [common], formatter)
+    from .servecommand import add_serve_command
+
+    add_serve_command(sub, [common], formatter)
     return ap
 
 

@@ -418,9 +418,16 @@ def _image(value, field: str, session) -> dict:
             "direction": _vector(value["direction"], f"{field}.direction", 9)}
 
 
-def _prompts(value, field: str, session) -> list:
+def prompt_entries(value, field: str, minimum: int = 0, limit=None) -> list:
+    """[(id, kind, value)] of a list of prompt objects, each with an ``id`` (1..MAX_PROMPT_ID, no
+    repeats) and exactly one of ``point`` (3 numbers: x, y, z, LPS mm), ``box`` (2 such corners)
+    or ``mask`` (its value returned unchecked, for the caller); ``minimum`` to ``limit`` entries."""
+    entries = _list(value, field, minimum)
+    if limit is not None and len(entries) > limit:
+        _fail(field, f"at most {limit} prompts per request, got {len(entries)}")
+    xyz = "3 numbers (x, y, z; LPS mm)"
     out, seen = [], set()
-    for n, entry in enumerate(_list(value, field)):
+    for n, entry in enumerate(entries):
         where = f"{field}[{n}]"
         kinds = [k for k in ("point", "box", "mask") if isinstance(entry, dict) and k in entry]
         if not isinstance(entry, dict) or len(kinds) != 1:
@@ -432,20 +439,29 @@ def _prompts(value, field: str, session) -> list:
         seen.add(pid)
         kind, spec = kinds[0], entry[kinds[0]]
         if kind == "point":
-            out.append({"id": pid, "point": _vector(spec, f"{where}.point", 3, what="3 numbers (x, y, z)")})
+            spec = _vector(spec, f"{where}.point", 3, what=xyz)
         elif kind == "box":
             if not isinstance(spec, list) or len(spec) != 2 or not all(isinstance(c, list) for c in spec):
-                _fail(f"{where}.box", f"expected 2 corners of 3 numbers, got {_show(spec)}")
-            out.append({"id": pid, "box": [_vector(c, f"{where}.box[{i}]", 3, what="3 numbers (x, y, z)")
-                                           for i, c in enumerate(spec)]})
-        else:
-            _object(spec, f"{where}.mask", ("file",), ("key",))
-            key = spec.get("key", pid)
-            if isinstance(key, str) and key.isdigit() and key.isascii() and len(key) < 8:
-                key = int(key)
-            key = _integer(key, f"{where}.mask.key", 1, MAX_PROMPT_ID)
-            out.append({"id": pid, "mask": {"file": input_file(spec["file"], f"{where}.mask.file", session),
-                                            "key": key}})
+                _fail(f"{where}.box", f"expected 2 corners of 3 numbers (LPS mm), got {_show(spec)}")
+            spec = [_vector(c, f"{where}.box[{i}]", 3, what=xyz) for i, c in enumerate(spec)]
+        out.append((pid, kind, spec))
+    return out
+
+
+def _prompts(value, field: str, session) -> list:
+    out = []
+    for n, (pid, kind, spec) in enumerate(prompt_entries(value, field)):
+        if kind != "mask":
+            out.append({"id": pid, kind: spec})
+            continue
+        where = f"{field}[{n}]"
+        _object(spec, f"{where}.mask", ("file",), ("key",))
+        key = spec.get("key", pid)
+        if isinstance(key, str) and key.isdigit() and key.isascii() and len(key) < 8:
+            key = int(key)
+        key = _integer(key, f"{where}.mask.key", 1, MAX_PROMPT_ID)
+        out.append({"id": pid, "mask": {"file": input_file(spec["file"], f"{where}.mask.file", session),
+                                        "key": key}})
     return out
 
 

@@ -21,8 +21,9 @@ Implementations:
   :func:`LesionLocatorLib.track.track` in the calling process and keeps loaded models in a
   small cache, so repeated clicks do not reload weights.
 * :class:`WorkerProcessRunner`: the same in a persistent local worker process
-  (:mod:`LesionLocatorLib.worker`) speaking the JSON messages of :mod:`LesionLocatorLib.protocol`;
-  a remote GPU server can speak them too, and the front end does not change.
+  (:mod:`LesionLocatorLib.worker`) speaking the JSON messages of :mod:`LesionLocatorLib.protocol`.
+* :class:`LesionLocatorLib.remote.RemoteRunner`: the same on a ``lesionlocator serve`` server over
+  HTTP (:mod:`LesionLocatorLib.serverapi`); the front end does not change.
 
 The JSON messages an out-of-process runner speaks are defined in :mod:`LesionLocatorLib.protocol`.
 """
@@ -273,6 +274,30 @@ class InProcessRunner:
                              plain_rows(study.rows))
 
 
+def segmentation_response(request_id: str, masks: dict, result: dict) -> SegmentationResponse:
+    """The :class:`SegmentationResponse` of an out-of-process run: ``masks`` {"<prompt id>": bool
+    (z, y, x)} and the other fields of a worker's ``result`` message or a server job's result
+    (``empty``, ``overlaps`` as [a, b, voxels], ``warnings``, ``seconds``, ``timings``)."""
+    return SegmentationResponse(request_id, {int(k): v for k, v in masks.items()}, list(result.get("empty", [])),
+                                {(a, b): n for a, b, n in result.get("overlaps", [])},
+                                list(result.get("warnings", [])), result.get("seconds", 0.0),
+                                dict(result.get("timings", {})))
+
+
+def track_response(request_id: str, n_images: int, masks: dict, result: dict) -> TrackResponse:
+    """The :class:`TrackResponse` of an out-of-process run: ``masks`` {"<t>/<lesion id>": bool
+    (z, y, x)} for ``n_images`` scans and the other fields of the worker's or server's result
+    (``status``, ``timings``, ``warnings``, ``seconds``, ``registrations``, ``rows``)."""
+    by_time = [{} for _ in range(n_images)]
+    for key, mask in masks.items():
+        t, pid = key.split("/")
+        by_time[int(t)][int(pid)] = mask
+    return TrackResponse(request_id, by_time, {int(k): list(v) for k, v in result.get("status", {}).items()},
+                         dict(result.get("timings", {})), list(result.get("warnings", [])),
+                         result.get("seconds", 0.0), list(result.get("registrations", [])),
+                         list(result.get("rows", [])))
+
+
 def _messages(record) -> list:
     """Unique warning messages, in order."""
     out = []
@@ -468,11 +493,7 @@ class WorkerProcessRunner:
                 while len(self._sent) > self.IMAGE_CACHE:
                     self._sent.popitem(last=False)
             with np.load(message["masks"]["file"]) as data:
-                masks = {int(k): v for k, v in unpack_masks(data).items()}
-            return SegmentationResponse(request.id, masks, list(message.get("empty", [])),
-                                        {(a, b): n for a, b, n in message.get("overlaps", [])},
-                                        list(message.get("warnings", [])), message.get("seconds", 0.0),
-                                        dict(message.get("timings", {})))
+                return segmentation_response(request.id, unpack_masks(data), message)
         finally:
             import shutil
 
@@ -498,15 +519,7 @@ class WorkerProcessRunner:
                  "min_volume_ml": request.min_volume_ml, "min_prompt_fraction": request.min_prompt_fraction,
                  "names": request.names, "output": output}, progress, cancel)
             with np.load(message["masks"]["file"]) as data:
-                flat = unpack_masks(data)
-            masks = [{} for _ in request.images]
-            for key, mask in flat.items():
-                t, pid = key.split("/")
-                masks[int(t)][int(pid)] = mask
-            return TrackResponse(request.id, masks, {int(k): list(v) for k, v in message.get("status", {}).items()},
-                                 dict(message.get("timings", {})), list(message.get("warnings", [])),
-                                 message.get("seconds", 0.0), list(message.get("registrations", [])),
-                                 list(message.get("rows", [])))
+                return track_response(request.id, len(request.images), unpack_masks(data), message)
         finally:
             import shutil
 

@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: tiny random-weight models in the official layout, phantoms."""
+"""Shared pytest fixtures: tiny random-weight models in the official layout, phantoms, a real
+``lesionlocator serve`` subprocess (``server``, ``own_server``)."""
 import sys
 import warnings
 from pathlib import Path
@@ -9,6 +10,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+import serve_process  # noqa: E402
 from build_test_models import build_tiny_checkpoint  # noqa: E402
 
 
@@ -51,3 +53,19 @@ def totalsegmentator_dicom():
         return fetch_registry_cts(cache, ["abdomen_dicom"])["abdomen_dicom"]
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         pytest.skip(f"TotalSegmentator's sdist is not in {cache} and could not be downloaded ({e})")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the module's tests that do not kill it."""
+    serve = serve_process.ServeProcess(tmp_path_factory.mktemp("serve")).start()
+    yield serve
+    serve.stop()
+
+
+@pytest.fixture
+def own_server(tmp_path):
+    """A server of this test's own, to kill and restart."""
+    serve = serve_process.ServeProcess(tmp_path).start()
+    yield serve
+    serve.stop()

@@ -11,6 +11,9 @@ package holds only the module class, a thin widget shell and the self-test entry
 * ``dicomexport.py``: export to DICOM: each timepoint's lesions as a DICOM SEG and SR on the series
   its volume was loaded from (``DICOM.instanceUIDs``), written by the library.
 * ``models.py``: model choice and download through the library's zoo.
+* ``remotesettings.py``: Remote mode's settings (server URL, model name, API key) in the user's
+  settings and keyring, never in the scene; the Logic runs on the server with
+  ``useRemoteServer`` (:class:`LesionLocatorLib.remote.RemoteRunner`).
 * ``dependencies.py``: the Python packages the module needs, and installing them without
   replacing the PyTorch extension's torch.
 * ``jobs.py``: long work off the GUI thread (prepare on the main thread, work on a background

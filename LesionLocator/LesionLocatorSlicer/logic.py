@@ -7,6 +7,11 @@ scripts expect. The GUI uses the same operations as :class:`~LesionLocatorSlicer
 :meth:`~LesionLocatorLogic.downloadJob`): the scene is read and written on the main thread, the
 network runs in the persistent worker process, waited for on a background thread, so Slicer never
 blocks. Either way a failure or Cancel leaves the scene as it was.
+
+Remote mode (:meth:`LesionLocatorLogic.useRemoteServer`): the same operations run on a ``lesionlocator
+serve`` server (:class:`LesionLocatorLib.remote.RemoteRunner`); no torch is needed here. The server's
+URL and API key live in the runner and the user's settings (:mod:`.remotesettings`), never in the
+scene.
 """
 from __future__ import annotations
 
@@ -103,6 +108,43 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         python = shutil.which("PythonSlicer") or sys.executable
         self._runner = WorkerProcessRunner(python=python, env=_startupEnvironment()) if enabled else InProcessRunner()
 
+    def useRemoteServer(self, url: str, apiKey=None, model=None, caFile=None) -> None:
+        """Run segmentation and tracking on a ``lesionlocator serve`` server at ``url`` (http:// or
+        https://; ``caFile``: a CA bundle for a private certificate authority) with the client key
+        ``apiKey`` and the server model ``model`` (a name; default the server's first). The
+        Model folder and Device settings are then not used (folds and test-time mirroring are).
+        The key is kept in the runner only: nothing goes into the scene. ValueError for a URL
+        that is not one; nothing is contacted until the first request (see
+        :meth:`testServerConnection`)."""
+        from LesionLocatorLib.remote import RemoteRunner
+
+        runner = RemoteRunner(url, apiKey or None, model=model or None, ca_file=caFile or None)
+        self.cleanup()
+        self._runner = runner
+
+    @property
+    def isRemote(self) -> bool:
+        """True when the runner is a server (:meth:`useRemoteServer`)."""
+        from LesionLocatorLib.remote import RemoteRunner
+
+        return isinstance(self._runner, RemoteRunner)
+
+    @staticmethod
+    def testServerConnection(url: str, apiKey=None, caFile=None) -> tuple:
+        """(one line for the status label: the server's version, devices, models and queue, or what
+        went wrong; the server's model names, its default first, or [] when it cannot be used)."""
+        from LesionLocatorLib.remote import RemoteRunner
+
+        try:
+            runner = RemoteRunner(url, apiKey or None, ca_file=caFile or None)
+        except ValueError as error:
+            return _("Connection failed: {error}").format(error=error), []
+        try:
+            line = runner.test_connection()
+            return line, [m["name"] for m in (runner.server_info or {}).get("models", [])]
+        finally:
+            runner.close()
+
     def cleanup(self) -> None:
         """Release the runner (stops a worker process, frees cached models)."""
         for runner in (self._runner, self._fallbackTrackRunner):
@@ -155,6 +197,8 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         return dependencies.status_message()
 
     def _requireDependencies(self) -> None:
+        if self.isRemote:
+            return  # the server runs the network: torch and nnunetv2 are not needed here
         message = self.checkDependencies()
         if message:
             raise MissingDependencyError(message)
@@ -216,7 +260,8 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         resultNode = results.targetResultNode(volumeNode, segmentationNode)
         ids = results.assignLesionIds(specs, resultNode, lesionIds)
         request = SegmentationRequest(image, [s.toLibrary(i) for s, i in zip(specs, ids)],
-                                      models.modelSpec(**options), image_key=scene.imageKey(volumeNode, image))
+                                      models.modelSpec(**options, remote=self.isRemote),
+                                      image_key=scene.imageKey(volumeNode, image))
         return SegmentationPlan(volumeNode, resultNode, specs, ids, request, keepPromptTag)
 
     def _prepareRefine(self, volumeNode, segmentationNode, segmentId, options, lesionId) -> SegmentationPlan:
@@ -334,7 +379,8 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
                 name=baselineSegmentation.GetName()))
         targets = [trackoutputs.trackTarget(v, lesions) for v in volumes[1:]]  # raises before any change
         request = TrackRequest(images, {lesion.lesionId: lesion.mask for lesion in lesions},
-                               models.modelSpec(**options), registration, min_volume_ml=minVolumeMl,
+                               models.modelSpec(**options, remote=self.isRemote), registration,
+                               min_volume_ml=minVolumeMl,
                                min_prompt_fraction=minPromptFraction, names=[v.GetName() for v in volumes])
         return TrackPlan(volumes, images, lesions, baselineSegmentation, targets, request, order)
 

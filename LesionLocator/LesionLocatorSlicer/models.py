@@ -51,13 +51,14 @@ def parseFolds(folds):
     return tuple(out)
 
 
-def modelSpec(modelPath=None, device="auto", folds=None, tta=None):
+def modelSpec(modelPath=None, device="auto", folds=None, tta=None, remote=False):
     """The :class:`LesionLocatorLib.modelfolder.ModelSpec` for the module's settings (default model:
-    the bundled demo model)."""
+    the bundled demo model). ``remote``: for a server, which picks the model by name and the
+    device itself (only folds and tta are used): no local model folder is needed."""
     from LesionLocatorLib.modelfolder import ModelLayoutError, ModelSpec
 
-    path = modelPath or defaultModelPath()
-    if not path:
+    path = modelPath or defaultModelPath() or ("" if remote else None)
+    if path is None:
         raise ModelLayoutError(_("no model folder given and no model installed: choose the "
                                  "LesionLocatorCheckpoint folder (Model > Model folder)"))
     return ModelSpec(str(path), parseFolds(folds), (device or "auto").strip().lower(), tta)

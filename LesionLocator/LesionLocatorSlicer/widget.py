@@ -1,9 +1,10 @@
 """The module's panel: wires the .ui to the Logic and the parameter node; no behaviour of its own.
 
 Everything long runs as a job (:mod:`.jobs`) polled by a ``QTimer`` every 50 ms: the network in the
-persistent worker process, waited for on a background thread, so the GUI never blocks. Prompts
-placed while a job runs wait in order (:mod:`.interaction`). Keyboard shortcuts while the module is
-shown: P point, B box, R refine, T track, Esc cancel, Ctrl+Z undo.
+persistent worker process (or on a LesionLocator server in Remote mode: Model > Run on; its settings
+are the user's, :mod:`.remotesettings`, never the scene's), waited for on a background thread, so
+the GUI never blocks. Prompts placed while a job runs wait in order (:mod:`.interaction`). Keyboard
+shortcuts while the module is shown: P point, B box, R refine, T track, Esc cancel, Ctrl+Z undo.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import slicer
 from slicer.i18n import tr as _
 from slicer.util import VTKObservationMixin
 
-from . import dependencies, logic as logicModule, models, trackoutputs
+from . import dependencies, logic as logicModule, models, remotesettings, trackoutputs
 from .interaction import InteractiveSegmentation
 from .jobs import Job
 from .logic import LesionLocatorLogic
@@ -42,6 +43,8 @@ class LesionLocatorPanel(VTKObservationMixin):
         self._updatingGUI = False
         self._followUpRefreshPending = False
         self._shortcuts = []
+        self._runModePending = False
+        self._runMode = None
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
         self.timer.connect("timeout()", self.poll)
@@ -52,7 +55,7 @@ class LesionLocatorPanel(VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = LesionLocatorLogic()
-        self.logic.useWorkerProcess()  # off Slicer's process: a crash or OOM there costs a message only
+        self.remote = remotesettings.load(qt.QSettings(), remotesettings.systemKeyring())
         self.session = InteractiveSegmentation(
             self.logic, volume=self._baseline, options=lambda: self.logic.modelOptions(self._parameterNode),
             enabled=lambda: self._parameterNode.GetParameter(L.PARAM_AUTO_SEGMENT) == "true",
@@ -69,7 +72,8 @@ class LesionLocatorPanel(VTKObservationMixin):
         if savedPath and not self._parameterNode.GetParameter(L.PARAM_MODEL_PATH):
             self._parameterNode.SetParameter(L.PARAM_MODEL_PATH, savedPath)
         self.ui.progressBar.setVisible(False)
-        self.updateDependencyStatus()
+        self.showRemoteSettings()
+        self.applyRunMode()  # the worker process (a crash or OOM there costs a message only) or the server
 
     def _connect(self):
         ui = self.ui
@@ -89,6 +93,11 @@ class LesionLocatorPanel(VTKObservationMixin):
                                 (ui.downloadModelButton, self.onDownloadModel),
                                 (ui.exportDicomButton, self.onExportDicom)):
             button.connect("clicked()", handler)
+        ui.runModeComboBox.connect("currentIndexChanged(int)", self.onRemoteSettingsChanged)
+        ui.serverModelComboBox.connect("currentIndexChanged(int)", self.onRemoteSettingsChanged)
+        for lineEdit in (ui.serverUrlLineEdit, ui.apiKeyLineEdit, ui.serverModelComboBox.lineEdit()):
+            lineEdit.connect("editingFinished()", self.onRemoteSettingsChanged)
+        ui.testConnectionButton.connect("clicked()", self.onTestConnection)
         ui.baselineVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateFollowUpList)
         ui.refineSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtonStates)
         ui.refineSegmentSelector.connect("currentSegmentChanged(QString)", self.updateButtonStates)
@@ -273,6 +282,8 @@ class LesionLocatorPanel(VTKObservationMixin):
         elif not busy and self.timer.isActive():
             self.timer.stop()
             self.ui.progressBar.setVisible(False)
+        if not busy and self._runModePending:
+            self.applyRunMode()
         self.updateButtonStates()
 
     def onSegment(self):
@@ -386,9 +397,91 @@ class LesionLocatorPanel(VTKObservationMixin):
         self.ui.statusLabel.text = _("Download cancelled: nothing was installed; downloading again resumes where "
                                      "it stopped.")
 
+    # ------------------------------------------------------------------ remote mode
+    def showRemoteSettings(self):
+        ui, remote = self.ui, self.remote
+        self._updatingGUI = True
+        try:
+            ui.runModeComboBox.setCurrentIndex(1 if remote.enabled else 0)
+            ui.serverUrlLineEdit.text = remote.url
+            ui.apiKeyLineEdit.text = remote.apiKey
+            ui.serverModelComboBox.setEditText(remote.model)
+        finally:
+            self._updatingGUI = False
+        self.updateRemoteWidgets()
+
+    def updateRemoteWidgets(self):
+        """The server's fields in Remote mode, the local model's otherwise (folds and mirroring: both)."""
+        ui = self.ui
+        remote = ui.runModeComboBox.currentIndex == 1
+        for widget in (ui.serverUrlLabel, ui.serverUrlLineEdit, ui.apiKeyLabel, ui.apiKeyLineEdit,
+                       ui.serverModelLabel, ui.serverModelComboBox, ui.testConnectionButton):
+            widget.setVisible(remote)
+        for widget in (ui.modelPathLabel, ui.modelPathLineEdit, ui.deviceLabel, ui.deviceComboBox,
+                       ui.downloadModelButton):
+            widget.setVisible(not remote)
+
+    def onRemoteSettingsChanged(self, *args):
+        """Save the Remote settings (user settings and keyring, never the scene) and use them."""
+        if self._updatingGUI:
+            return
+        ui = self.ui
+        self.remote = remotesettings.RemoteSettings(ui.runModeComboBox.currentIndex == 1,
+                                                    ui.serverUrlLineEdit.text.strip(),
+                                                    ui.serverModelComboBox.currentText.strip(),
+                                                    ui.apiKeyLineEdit.text.strip())
+        remotesettings.save(self.remote, qt.QSettings(), remotesettings.systemKeyring())
+        self.updateRemoteWidgets()
+        self.applyRunMode()
+
+    def applyRunMode(self):
+        """Give the Logic the runner the settings ask for (the server or the local worker process);
+        while a job runs, once it has finished."""
+        if self.session.jobs.busy:
+            self._runModePending = True
+            return
+        self._runModePending = False
+        remote = self.remote
+        mode = (remote.url, remote.apiKey, remote.model) if remote.enabled and remote.url else "local"
+        if mode == self._runMode:
+            return
+        self._runMode = mode
+        if mode != "local":
+            try:
+                self.logic.useRemoteServer(remote.url, remote.apiKey, remote.model)
+            except ValueError as error:  # not a URL
+                self.ui.statusLabel.text = _("Server: {error}").format(error=error)
+                self._runMode = None
+                self.logic.useWorkerProcess()
+        else:
+            self.logic.useWorkerProcess()
+        self.updateDependencyStatus()
+
+    def onTestConnection(self):
+        """Ask the server for its version, devices and models (off the GUI thread)."""
+        self.onRemoteSettingsChanged()
+        url, apiKey = self.remote.url, self.remote.apiKey
+        self.ui.statusLabel.text = _("Connecting to {url}...").format(url=url)
+        self.submit(Job(_("Testing the connection"),
+                        lambda plan, progress, cancel: self.logic.testServerConnection(url, apiKey),
+                        done=self.showConnectionTest, failed=self.showError))
+
+    def showConnectionTest(self, result):
+        """The test's line in the status label; the server's models in the model list."""
+        line, names = result
+        self.ui.statusLabel.text = line
+        combo, current = self.ui.serverModelComboBox, self.ui.serverModelComboBox.currentText
+        self._updatingGUI = True
+        try:
+            combo.clear()
+            combo.addItems(names)
+            combo.setEditText(current)
+        finally:
+            self._updatingGUI = False
+
     # ------------------------------------------------------------------ dependencies
     def updateDependencyStatus(self):
-        message = dependencies.status_message()
+        message = None if self.logic.isRemote else dependencies.status_message()  # a server needs none here
         self.ui.installDependenciesButton.setVisible(message is not None)
         if message:
             self.ui.statusLabel.text = message
