@@ -11,7 +11,8 @@ World coordinates are LPS millimetres; arrays are (z, y, x). One job per module:
   official folder layout, checked without torch), ``model`` (loading networks and weights),
   ``predict`` (prompt -> mask);
 * longitudinal: ``register`` (registration backends), ``track`` (the autoregressive loop),
-  ``study`` (``track_study``: the pipeline every front end runs, and scan dates), ``measure``
+  ``study`` (``track_study``: the pipeline every front end runs, and scan dates), ``correct``
+  (``retrack``: a user's corrections re-propagated; ``correctionfile``: their JSON), ``measure``
   (volume, diameters, RECIST), ``evaluate`` (Dice, NSD, CPM@25 against a ground truth),
   ``report`` (tables and figures); ``metrics`` keeps the old names;
 * front-end plumbing: ``cancel`` (torch-free cancel token), ``protocol`` (the worker's messages

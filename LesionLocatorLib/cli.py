@@ -322,15 +322,16 @@ def cmd_track(args) -> int:
     dicom_out = check_dicom_out(args.dicom_out, paths, args.series)
     prompts = _track_prompts(args.p, args.t, args.world, args.allow_many_prompts)
     types = ["prev_mask"] if args.t == "prev_mask" else [args.t, "prev_mask"]
+    names = unique_names(scan_name(p) for p in paths)
+    corrections = _read_corrections(args, types, names)
     server = _connect_server(args, types)
     root = check_model(args.m, types) if server is None else server
     for message in failed:
         print(f"lesionlocator track: error: {message}", file=sys.stderr)
     from .outputs import OutputFolder
 
-    names = unique_names(scan_name(p) for p in paths)
     with _closing(server), OutputFolder(out) as folder:
-        study, dicom = _run_study(paths, names, prompts, root, args)
+        study, dicom = _run_study(paths, names, prompts, root, args, corrections)
         _write_study(study, paths, names, folder, args)
         if dicom_out is not None:
             _write_dicom(dicom_out, dicom, names, study.masks, study.rows, "track")
@@ -358,9 +359,27 @@ def _baseline_prompts(prompts, image, dicom):
     return prompts
 
 
-def _run_study(paths, names, prompts, root, args):
+def _read_corrections(args, types: list, names):
+    """The entries of ``--corrections`` (:func:`LesionLocatorLib.correctionfile.read_corrections`),
+    checked before any work, their scans among ``names``; ``types`` gains the point/box models
+    they need. None without it."""
+    if not args.corrections:
+        return None
+    if args.server:
+        raise UsageError("--corrections cannot be used with --server yet: run the corrected tracking locally")
+    from .correctionfile import read_corrections, scan_index
+
+    entries = read_corrections(args.corrections)
+    for entry in entries:
+        scan_index(entry["scan"], names)
+    types += sorted({e["kind"] for e in entries} & {"point", "box"} - set(types))
+    return entries
+
+
+def _run_study(paths, names, prompts, root, args, corrections=None):
     """(StudyResult with ``images``, the scans' DicomSeries or None each); ``root``: the local
-    model root, or the :class:`~LesionLocatorLib.remote.RemoteRunner` of ``--server``."""
+    model root, or the :class:`~LesionLocatorLib.remote.RemoteRunner` of ``--server``;
+    ``corrections``: the entries of ``--corrections``, applied after tracking."""
     from .modelfolder import ModelSpec
     from .remote import RemoteRunner, track_study_on_server
     from .study import scan_datetime, track_study
@@ -372,7 +391,12 @@ def _run_study(paths, names, prompts, root, args):
     if isinstance(root, RemoteRunner):
         model, track = _server_spec(root, args, None), partial(track_study_on_server, root)
     else:
-        model, track = ModelSpec(str(root), tuple(args.f) if args.f is not None else None, args.device), track_study
+        model = ModelSpec(str(root), tuple(args.f) if args.f is not None else None, args.device)
+        if corrections:
+            from .correctionfile import resolve_corrections
+
+            corrections = resolve_corrections(corrections, names, images)
+        track = partial(track_study, corrections=corrections)
     bar, update = progress_bar(not args.disable_progress_bar, "tracking")
     try:
         study = track(images, prompts, model, names=names, dates=dates, registration=args.registration,
@@ -625,6 +649,10 @@ def _add_track(sub, parents, formatter) -> None:
                    default=0.0, help="a follow-up mask smaller than this fraction of its warped previous mask "
                    "counts as vanished (0: off)")
     t.add_argument("--world", action="store_true", help="prompt JSON is in LPS world millimetres")
+    t.add_argument("--corrections", default=None, metavar="JSON",
+                   help="corrections after tracking (LesionLocatorLib.correctionfile: per lesion and follow-up a "
+                   "point, box or mask, 'vanished', or a new lesion; world LPS mm): each corrected lesion is "
+                   "re-propagated from its correction through the later scans")
     t.add_argument("--allow-many-prompts", dest="allow_many_prompts", action="store_true",
                    help="allow more than 1000 baseline prompts")
     t.add_argument("--disable_progress_bar", action="store_true", help="no progress bar")

@@ -371,7 +371,10 @@ def lesion_measurements(images, masks_by_timepoint, status=None, names=None) -> 
     * ``lesion_change_category``: **this lesion's** own change class
       (:func:`lesion_change_category` of its long axis): ``'baseline'``, ``'n/a'`` (``outside``,
       or nothing to measure at baseline), ``'disappeared'``, ``'reappeared'``, ``'increase'``,
-      ``'decrease'`` or ``'stable'``. A lesion that grows 63 % while the sum is stable shows
+      ``'decrease'`` or ``'stable'``; a lesion first seen at a follow-up (status ``'new'`` there,
+      ``'absent'`` before, see :mod:`LesionLocatorLib.correct`) is ``'absent'``, then ``'new'``,
+      then changes against that scan; it is not a target lesion (left out of the sum) and makes
+      its scan's overall response ``'PD'``. A lesion that grows 63 % while the sum is stable shows
       ``'increase'`` here and ``'SD'`` in ``recist_information_only``.
 
     A lesion with an empty mask has 0 ml and 0 mm. Where it is ``outside`` (not measured, only
@@ -383,7 +386,7 @@ def lesion_measurements(images, masks_by_timepoint, status=None, names=None) -> 
     ids = sorted({pid for masks in masks_by_timepoint for pid in masks})
     status = status or {}
     rows, long_sum = [], [0.0] * n
-    not_evaluable = [False] * n
+    not_evaluable, appeared = [False] * n, [False] * n
     per_lesion = {}
     for pid in ids:
         vols, longs, shorts = [], [], []
@@ -395,17 +398,22 @@ def lesion_measurements(images, masks_by_timepoint, status=None, names=None) -> 
             vols.append(lesion_volume_ml(mask, images[t].spacing_zyx))
             long_mm, short_mm, _ = axial_diameters(images[t].with_array(np.asarray(mask, dtype=bool)))
             longs.append(long_mm), shorts.append(short_mm)
-            long_sum[t] += long_mm
+            if _status_at(status, pid, 0) != "absent":  # a lesion new at a follow-up is not a target lesion
+                long_sum[t] += long_mm
         outside = [t > 0 and _status_at(status, pid, t) == "outside" for t in range(n)]
         for t in range(1, n):
             not_evaluable[t] |= outside[t] and longs[0] > 0
+            appeared[t] |= _status_at(status, pid, t) == "new"
         per_lesion[pid] = (vols, longs, shorts, outside)
-    recist = _overall_response(long_sum, not_evaluable)
+    recist = [("PD" if appeared[t] else r) for t, r in enumerate(_overall_response(long_sum, not_evaluable))]
     for pid in ids:
         vols, longs, shorts, outside = per_lesion[pid]
-        vchange = change_table([None if outside[t] else vols[t] for t in range(n)])
+        first = next((t for t in range(n) if _status_at(status, pid, t) != "absent"), 0)  # > 0: a new lesion
+        vchange = _from(first, change_table, [None if outside[t] else vols[t] for t in range(n)])
         measured_longs = [None if outside[t] else longs[t] for t in range(n)]
-        lchange, own = change_table(measured_longs), lesion_change_category(measured_longs)
+        lchange = _from(first, change_table, measured_longs)
+        own = ["absent"] * first + (["new"] + lesion_change_category(measured_longs[first:])[1:] if first else
+                                    lesion_change_category(measured_longs))
         for t in range(n):
             rows.append({
                 "lesion_id": pid, "timepoint": names[t], "index": t,
@@ -420,6 +428,12 @@ def lesion_measurements(images, masks_by_timepoint, status=None, names=None) -> 
                 "lesion_change_category": own[t],
             })
     return rows
+
+
+def _from(first: int, table, values) -> list:
+    """``table(values[first:])`` after ``first`` timepoints without change values (a lesion first
+    seen at scan ``first`` changes against that scan)."""
+    return [{"change_vs_baseline_pct": None, "change_vs_nadir_pct": None}] * first + table(values[first:])
 
 
 def _status_at(status: dict, pid, t: int):

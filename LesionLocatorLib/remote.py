@@ -460,6 +460,19 @@ class RemoteRunner:
         for conn in idle:
             conn.close()
 
+    def __enter__(self) -> "RemoteRunner":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    def __del__(self):  # a runner dropped without close(): its sockets closed now, not left to the collector
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to close
+            pass
+
 
 # --------------------------------------------------------------------------- command line
 def world_prompt(prompt, image):

@@ -214,6 +214,7 @@ class InProcessRunner:
     def run(self, request: SegmentationRequest, progress: Optional[ProgressCallback] = None,
             cancel=None) -> SegmentationResponse:
         from .predict import instance_labels, segment
+        from .study import user_messages
 
         start = time.perf_counter()
         report = progress or (lambda f, m: None)
@@ -245,7 +246,7 @@ class InProcessRunner:
                 _, overlaps = instance_labels(masks, probabilities, request.image)
             else:
                 overlaps = result.overlaps
-        caught = _messages(record)
+        caught = user_messages(record)
         empty = sorted(pid for pid, m in masks.items() if not m.any())
         return SegmentationResponse(request.id, masks, empty, overlaps, caught, time.perf_counter() - start, timings)
 
@@ -296,16 +297,6 @@ def track_response(request_id: str, n_images: int, masks: dict, result: dict) ->
                          dict(result.get("timings", {})), list(result.get("warnings", [])),
                          result.get("seconds", 0.0), list(result.get("registrations", [])),
                          list(result.get("rows", [])))
-
-
-def _messages(record) -> list:
-    """Unique warning messages, in order."""
-    out = []
-    for w in record:
-        msg = str(w.message)
-        if msg not in out:
-            out.append(msg)
-    return out
 
 
 def hidden_console() -> dict:

@@ -75,6 +75,17 @@ def date_order_warnings(names, dates) -> list:
     return out
 
 
+def user_messages(record) -> list:
+    """The unique messages, in order, of the ``UserWarning`` s among recorded warnings (the
+    library's messages for the user; a ResourceWarning or DeprecationWarning that happens to be
+    raised meanwhile, e.g. by garbage collection, is not one)."""
+    out = []
+    for w in record:
+        if issubclass(w.category, UserWarning) and str(w.message) not in out:
+            out.append(str(w.message))
+    return out
+
+
 # --------------------------------------------------------------------------- the pipeline
 @dataclass
 class StudyResult:
@@ -119,7 +130,8 @@ def _baseline_kind(prompts) -> str | None:
 
 def track_study(images, prompts, model: ModelSpec, names=None, dates=None, registration: str = "simpleitk",
                 registration_options: dict | None = None, min_volume_ml: float = 0.0,
-                min_prompt_fraction: float = 0.0, progress=None, cancel=None, load=load_for) -> StudyResult:
+                min_prompt_fraction: float = 0.0, progress=None, cancel=None, load=load_for,
+                corrections=None) -> StudyResult:
     """Track the lesions of ``images[0]`` through ``images[1:]`` (in the order given) and measure them.
 
     ``images``: :class:`~LesionLocatorLib.image.Image` scans, baseline first. ``prompts``: the
@@ -129,7 +141,10 @@ def track_study(images, prompts, model: ModelSpec, names=None, dates=None, regis
     folds, device and mirroring to use; ``load(model, prompt_type)`` loads one of its networks
     (a runner passes its model cache). ``names[t]``: the scans' names in the rows (default t0,
     t1, ...); ``dates[t]``: optional :func:`dicom_datetime` texts, compared to warn about scans
-    out of time order. The other options are :func:`LesionLocatorLib.track.track`'s.
+    out of time order. ``corrections``: :class:`~LesionLocatorLib.correct.Correction` s applied
+    after tracking (:func:`LesionLocatorLib.correct.retrack`: the corrected lesions re-propagated
+    from their corrections, with the same registrations). The other options are
+    :func:`LesionLocatorLib.track.track`'s.
     """
     from .measure import lesion_measurements
     from .track import track
@@ -151,18 +166,26 @@ def track_study(images, prompts, model: ModelSpec, names=None, dates=None, regis
     report(0.0, "loading the models")
     seg_model = load(model, kind) if kind is not None else None
     track_model = load(model, "prev_mask")
+    corrections = list(corrections or [])
+    share = 0.8 if corrections else 1.0  # of the progress bar for tracking, the rest for the corrections
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = track(images, prompts, track_model, seg_model=seg_model, registration=registration,
-                       registration_options=registration_options, progress=progress, cancel=cancel,
-                       min_volume_ml=min_volume_ml, min_prompt_fraction=min_prompt_fraction)
+                       registration_options=registration_options, progress=lambda f, m: report(share * f, m),
+                       cancel=cancel, min_volume_ml=min_volume_ml, min_prompt_fraction=min_prompt_fraction)
+        if corrections:
+            from .correct import retrack
+
+            kinds = sorted({c.kind for c in corrections} & {"point", "box"})
+            models = {k: seg_model if k == kind else load(model, k) for k in kinds}
+            result = retrack(images, result, corrections, track_model, models, cancel=cancel,
+                             progress=lambda f, m: report(share + (1 - share) * f, f"corrections: {m}"),
+                             min_volume_ml=min_volume_ml, min_prompt_fraction=min_prompt_fraction)
     for pid in empty_ids:  # lesions without voxels at baseline: reported, never searched for
         result.status[pid] = ["vanished"] * len(images)
         for t, masks in enumerate(result.masks):
             masks[pid] = np.zeros(images[t].shape, bool)
     rows = lesion_measurements(images, result.masks, result.status, names)
-    for w in caught:
-        if str(w.message) not in messages:
-            messages.append(str(w.message))
+    messages += [m for m in user_messages(caught) if m not in messages]
     return StudyResult(result.masks, result.labels, result.status, rows, result.transforms, dict(result.timings),
                        messages)

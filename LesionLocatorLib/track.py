@@ -53,7 +53,7 @@ from .measure import lesion_volume_ml
 from .predict import CancelToken, instance_labels, segment
 from .prompts import MaskPrompt, PromptError
 
-STATUSES = ("tracked", "vanished", "outside")
+STATUSES = ("tracked", "vanished", "outside", "new", "absent")  # new/absent: lesions added by a correction
 
 MIN_INSIDE_FRACTION = 0.5
 """A lesion is segmented at scan t only if at least this fraction of its warped previous mask's
@@ -303,54 +303,70 @@ def track(images, prompts, track_model, seg_model=None, registration: str = "sim
         transform = register(fixed, moving, backend=registration, **options)
         timings["registration"] += time.perf_counter() - t0
         transforms.append(transform)
-        t0 = time.perf_counter()
-        prompts_t, next_carried, now = [], {}, {}
-        labels_t = fixed.with_array(np.zeros(fixed.shape, np.uint16))
-        overlap = fields_of_view_overlap(fixed, moving, transform)
-        if not overlap and carried:
-            warnings.warn(f"registration found no overlap between scan {t} and scan {t - 1} (backend "
-                          f"'{transform.backend}'): their fields of view do not intersect after registration, so "
-                          f"the {len(carried)} lesion(s) followed from scan {t - 1} are reported 'outside' at "
-                          f"scan {t}; check the scans' positions (origin) or the registration", stacklevel=2)
-        for pid in sorted(status):
-            if pid not in carried:
-                status[pid].append(status[pid][-1] if status[pid][-1] == "outside" else "vanished")
-                fractions[pid].append(None)
-                now[pid] = np.zeros(fixed.shape, bool)
-                continue
-            warped, fraction = warp_lesion(carried[pid], moving, fixed, transform) if overlap else (None, 0.0)
-            fractions[pid].append(fraction)
-            if warped is None:
-                status[pid].append("outside")
-                now[pid] = np.zeros(fixed.shape, bool)
-                continue
-            if fraction is not None and fraction < 1.0:
-                outside_pct = 100.0 * (1.0 - fraction)
-                share = f"{outside_pct:.0f} %" if outside_pct >= 1.0 else "less than 1 %"
-                warnings.warn(f"lesion {pid}: {share} of its mask warped from scan {t - 1} lies outside the field "
-                              f"of view of scan {t}; only the part inside is segmented and measured", stacklevel=2)
-            prompts_t.append(MaskPrompt(pid, fixed.with_array(warped)))
-            next_carried[pid] = warped
-        timings["warping"] += time.perf_counter() - t0
-        if prompts_t:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="the network found no lesion")
-                result = segment(fixed, prompts_t, track_model, cancel=cancel,
-                                 progress=lambda f, m: report((t + f) / n_steps, f"scan {t}: {m}"))
-            for stage, seconds in result.timings.items():
-                timings[stage] += seconds
-            labels_t = result.labels
-            for p in prompts_t:
-                mask = result.masks[p.id]
-                if _below_minimum(mask, next_carried[p.id], fixed.spacing_zyx, min_volume_ml, min_prompt_fraction):
-                    labels_t.array[labels_t.array == p.id] = 0
-                    mask = np.zeros_like(mask)
-                now[p.id] = mask
-                status[p.id].append("tracked" if mask.any() else "vanished")
-                if mask.any():
-                    next_carried[p.id] = mask
+        now, labels_t, carried = follow_up(t, images, transform, carried, status, fractions, track_model, timings,
+                                           report, cancel, min_volume_ml, min_prompt_fraction)
         masks.append(now)
         labels.append(labels_t)
-        carried = next_carried
     report(1.0, "done")
     return TrackResult(masks, labels, status, transforms, timings, fractions)
+
+
+def follow_up(t: int, images, transform, carried: dict, status: dict, fractions: dict, track_model, timings: dict,
+              report, cancel, min_volume_ml: float = 0.0, min_prompt_fraction: float = 0.0, lesions=None) -> tuple:
+    """One step of the autoregressive loop: the lesions of ``status`` (or only ``lesions``, a
+    subset) at scan ``t``, from ``carried`` ({id: bool mask on scan t-1}: each lesion's last known
+    location) warped by ``transform`` (scan t fixed, scan t-1 moving) and segmented with
+    ``track_model`` in one batch. Appends each lesion's status and inside fraction at t to
+    ``status`` and ``fractions``, adds seconds to ``timings``. Returns ({id: bool mask on scan t},
+    the instance label Image of those lesions, the next ``carried``)."""
+    fixed, moving = images[t], images[t - 1]
+    t0 = time.perf_counter()
+    prompts_t, next_carried, now = [], {}, {}
+    labels_t = fixed.with_array(np.zeros(fixed.shape, np.uint16))
+    lesions = sorted(status) if lesions is None else sorted(lesions)
+    overlap = fields_of_view_overlap(fixed, moving, transform)
+    followed = [pid for pid in lesions if pid in carried]
+    if not overlap and followed:
+        warnings.warn(f"registration found no overlap between scan {t} and scan {t - 1} (backend "
+                      f"'{transform.backend}'): their fields of view do not intersect after registration, so "
+                      f"the {len(followed)} lesion(s) followed from scan {t - 1} are reported 'outside' at "
+                      f"scan {t}; check the scans' positions (origin) or the registration", stacklevel=3)
+    for pid in lesions:
+        if pid not in carried:
+            status[pid].append(status[pid][-1] if status[pid][-1] == "outside" else "vanished")
+            fractions[pid].append(None)
+            now[pid] = np.zeros(fixed.shape, bool)
+            continue
+        warped, fraction = warp_lesion(carried[pid], moving, fixed, transform) if overlap else (None, 0.0)
+        fractions[pid].append(fraction)
+        if warped is None:
+            status[pid].append("outside")
+            now[pid] = np.zeros(fixed.shape, bool)
+            continue
+        if fraction is not None and fraction < 1.0:
+            outside_pct = 100.0 * (1.0 - fraction)
+            share = f"{outside_pct:.0f} %" if outside_pct >= 1.0 else "less than 1 %"
+            warnings.warn(f"lesion {pid}: {share} of its mask warped from scan {t - 1} lies outside the field "
+                          f"of view of scan {t}; only the part inside is segmented and measured", stacklevel=3)
+        prompts_t.append(MaskPrompt(pid, fixed.with_array(warped)))
+        next_carried[pid] = warped
+    timings["warping"] += time.perf_counter() - t0
+    if prompts_t:
+        n_steps = len(images)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="the network found no lesion")
+            result = segment(fixed, prompts_t, track_model, cancel=cancel,
+                             progress=lambda f, m: report((t + f) / n_steps, f"scan {t}: {m}"))
+        for stage, seconds in result.timings.items():
+            timings[stage] += seconds
+        labels_t = result.labels
+        for p in prompts_t:
+            mask = result.masks[p.id]
+            if _below_minimum(mask, next_carried[p.id], fixed.spacing_zyx, min_volume_ml, min_prompt_fraction):
+                labels_t.array[labels_t.array == p.id] = 0
+                mask = np.zeros_like(mask)
+            now[p.id] = mask
+            status[p.id].append("tracked" if mask.any() else "vanished")
+            if mask.any():
+                next_carried[p.id] = mask
+    return now, labels_t, next_carried

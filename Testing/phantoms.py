@@ -47,3 +47,40 @@ def ct_phantom(shape_zyx=(40, 96, 96), spacing_xyz=(1.5, 1.5, 2.5), origin_xyz=(
     img = Image(arr.astype(dtype), spacing_xyz, origin_xyz,
                 np.eye(3) if direction is None else direction)
     return img, img.with_array(label)
+
+
+def synthetic_body_ct(seed: int, shape=(300, 512, 512), spacing=(0.8, 0.8, 1.5), tissue_sd: float = 10.0,
+                      air_sd: float = 1.0) -> np.ndarray:
+    """An int16 (z, y, x) CT-like volume of ``shape`` (default 300 x 512 x 512) at ``spacing``
+    (x, y, z mm): -1024 outside the round field of view, air (-1000) inside
+    it, a body ellipse (soft tissue 40 HU, a fat rim -100, two lungs -850 whose size changes with
+    z, an organ 60, a spine 250 with a 900 cortex), Gaussian noise (``tissue_sd`` HU in the body,
+    three times that in the lungs, ``air_sd`` in air). zlib level 1 compresses it about 3:1."""
+    rng = np.random.default_rng(seed)
+    nz, ny, nx = shape
+    ym = (np.arange(ny) - ny / 2 + 0.5)[:, None] * spacing[1]
+    xm = (np.arange(nx) - nx / 2 + 0.5)[None, :] * spacing[0]
+    fov = xm ** 2 + ym ** 2 <= (min(nx * spacing[0], ny * spacing[1]) / 2) ** 2
+    spine = xm ** 2 + (ym - 85) ** 2 <= 18 ** 2
+    cortex = spine & (xm ** 2 + (ym - 85) ** 2 >= 13 ** 2)
+    organ = ((xm + 40) / 60) ** 2 + ((ym - 20) / 45) ** 2 <= 1
+    background = np.where(fov, -1000.0, -1024.0).astype(np.float32)
+    out = np.empty(shape, np.int16)
+    for z in range(nz):
+        t = z / max(nz - 1, 1)
+        a, b = 165 * (1 + 0.06 * np.sin(2 * np.pi * t)), 115 * (1 + 0.04 * np.cos(3 * np.pi * t))
+        body = (xm / a) ** 2 + ((ym - 10) / b) ** 2 <= 1
+        fat = (xm / (a - 12)) ** 2 + ((ym - 10) / (b - 12)) ** 2 > 1
+        lung = ((np.abs(xm) - 70) / 50) ** 2 + ((ym + 5) / (75 * (0.4 + 0.6 * np.sin(np.pi * t)))) ** 2 <= 1
+        tissue = np.full((ny, nx), 40.0, np.float32)
+        tissue[fat] = -100
+        tissue[organ] = 60
+        tissue[lung] = -850
+        tissue[spine] = 250
+        tissue[cortex] = 900
+        noise = rng.normal(0, tissue_sd, (ny, nx)).astype(np.float32)
+        noise[lung] *= 3
+        s = background + np.where(fov, rng.normal(0, air_sd, (ny, nx)).astype(np.float32), 0)
+        s[body] = (tissue + noise)[body]
+        out[z] = np.rint(s)
+    return out

@@ -53,7 +53,8 @@ class ServeProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"lesionlocator serve exited ({self.process.returncode}): {self.tail()}")
             try:
-                RemoteRunner(self.url, ca_file=self.ca_file, timeout_s=5).health()
+                with RemoteRunner(self.url, ca_file=self.ca_file, timeout_s=5) as runner:
+                    runner.health()
                 return self
             except ServerError:
                 time.sleep(0.2)

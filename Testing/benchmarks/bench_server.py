@@ -61,6 +61,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(REPO))
 
 from bench_dicom_write import _timed  # noqa: E402  (wall seconds of each of n calls)
+from phantoms import synthetic_body_ct  # noqa: E402
 from serve_process import ServeProcess  # noqa: E402  (Testing/serve_process.py)
 
 SHAPE = (300, 512, 512)  # z, y, x
@@ -69,42 +70,6 @@ DEMO = REPO / "Resources" / "Demo"
 MIB = float(1 << 20)
 QUEUED = re.compile(r"queued on the server, position (\d+)")
 NO_GPU = "No GPU in this session: the GPU table (official-size network, random weights) was not measured"
-
-
-# ------------------------------------------------------------------------------ the synthetic CT
-def synthetic_ct(seed: int, shape=SHAPE, spacing=SPACING, tissue_sd: float = 10.0, air_sd: float = 1.0) -> np.ndarray:
-    """An int16 (z, y, x) CT-like volume: -1024 outside the round field of view, air (-1000) inside
-    it, a body ellipse (soft tissue 40 HU, a fat rim -100, two lungs -850 whose size changes with
-    z, an organ 60, a spine 250 with a 900 cortex), Gaussian noise (``tissue_sd`` HU in the body,
-    three times that in the lungs, ``air_sd`` in air). zlib level 1 compresses it about 3:1."""
-    rng = np.random.default_rng(seed)
-    nz, ny, nx = shape
-    ym = (np.arange(ny) - ny / 2 + 0.5)[:, None] * spacing[1]
-    xm = (np.arange(nx) - nx / 2 + 0.5)[None, :] * spacing[0]
-    fov = xm ** 2 + ym ** 2 <= (min(nx * spacing[0], ny * spacing[1]) / 2) ** 2
-    spine = xm ** 2 + (ym - 85) ** 2 <= 18 ** 2
-    cortex = spine & (xm ** 2 + (ym - 85) ** 2 >= 13 ** 2)
-    organ = ((xm + 40) / 60) ** 2 + ((ym - 20) / 45) ** 2 <= 1
-    background = np.where(fov, -1000.0, -1024.0).astype(np.float32)
-    out = np.empty(shape, np.int16)
-    for z in range(nz):
-        t = z / max(nz - 1, 1)
-        a, b = 165 * (1 + 0.06 * np.sin(2 * np.pi * t)), 115 * (1 + 0.04 * np.cos(3 * np.pi * t))
-        body = (xm / a) ** 2 + ((ym - 10) / b) ** 2 <= 1
-        fat = (xm / (a - 12)) ** 2 + ((ym - 10) / (b - 12)) ** 2 > 1
-        lung = ((np.abs(xm) - 70) / 50) ** 2 + ((ym + 5) / (75 * (0.4 + 0.6 * np.sin(np.pi * t)))) ** 2 <= 1
-        tissue = np.full((ny, nx), 40.0, np.float32)
-        tissue[fat] = -100
-        tissue[organ] = 60
-        tissue[lung] = -850
-        tissue[spine] = 250
-        tissue[cortex] = 900
-        noise = rng.normal(0, tissue_sd, (ny, nx)).astype(np.float32)
-        noise[lung] *= 3
-        s = background + np.where(fov, rng.normal(0, air_sd, (ny, nx)).astype(np.float32), 0)
-        s[body] = (tissue + noise)[body]
-        out[z] = np.rint(s)
-    return out
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -209,7 +174,7 @@ def upload_and_memory(server: ServeProcess, key: str, runs: int, meter: CpuMeter
     volumes, upload_seconds, generate_seconds = [], [], []
     for n in range(1, 4):
         t0 = time.perf_counter()
-        image = Image(synthetic_ct(seed=n), SPACING, origin, np.eye(3))
+        image = Image(synthetic_body_ct(seed=n), SPACING, origin, np.eye(3))
         generate_seconds.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         runner.upload(image)
