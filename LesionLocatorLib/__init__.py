@@ -20,7 +20,8 @@ World coordinates are LPS millimetres; arrays are (z, y, x). One job per module:
   ``remote`` (``RemoteRunner``: the same on a server; standard library and numpy only);
 * server (``lesionlocator serve``): ``serverapi`` (the HTTP API and its image and mask
   encodings), ``serverjobs`` (keys, models by name, image cache, job queue over the devices),
-  ``server`` (the FastAPI/uvicorn layer), ``servecommand`` (the command's options and checks);
+  ``server`` (the FastAPI/uvicorn layer), ``servecommand`` (the command's options and checks),
+  ``serverclient`` (``segment``/``track --server``);
 * DICOM: ``dicomseries`` (series folders in), ``dicomseg``, ``dicomsr``, ``dicomresults`` (SEG
   and TID 1500 SR out), ``lesionstyle`` (lesion names and colours shared with Slicer);
 * I/O and models: ``files`` (atomic writes), ``zoo`` (the model cache, download and install),

@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 
 from .inputs import UsageError, device_value, folds_value, non_negative, step_fraction
+from .serverclient import add_server_options, closing, connect_server, server_segmenter, server_spec
 
 REGISTRATIONS = ["simpleitk", "greedy", "unigradicon", "none"]
 
@@ -57,11 +58,11 @@ def cmd_segment(args) -> int:
     check_images([image for image, _ in pairs], args.series)
     dicom_out = check_dicom_out(args.dicom_out, [image for image, _ in pairs], args.series)
     prompts = {image: read_prompts(prompt, args.t, args.world, args.allow_many_prompts) for image, prompt in pairs}
-    server = _connect_server(args, [args.t])
+    server = connect_server(args, [args.t])
     root = check_model(args.m, [args.t]) if server is None else None
     from .outputs import OutputFolder
 
-    with _closing(server), OutputFolder(out) as folder:
+    with closing(server), OutputFolder(out) as folder:
         todo = [(image, scan_name(image), scan_ending(image)) for image, _ in pairs]
         if args.continue_prediction:
             done = {case for _, case, _ in todo if folder.case_complete(case) and _dicom_complete(dicom_out, case)}
@@ -70,7 +71,7 @@ def cmd_segment(args) -> int:
             todo = [item for item in todo if item[1] not in done]
         if not todo:
             return 0
-        run = _segmenter(root, args) if server is None else _server_segmenter(server, args)
+        run = _segmenter(root, args) if server is None else server_segmenter(server, args, _tta(args))
         for image_path, case, ending in todo:
             _segment_case(image_path, case, ending, prompts[image_path], run, folder, args, dicom_out)
     return 0
@@ -110,74 +111,9 @@ def _segmenter(root, args):
                                                     step_size=args.step_size)
 
 
-def _server_segmenter(server, args):
-    """The same ``run`` on the server (:func:`LesionLocatorLib.remote.segment_on_server`)."""
-    from .remote import segment_on_server
-
-    spec = _server_spec(server, args, _tta(args))
-    return lambda image, prompts, progress: segment_on_server(server, image, prompts, spec, progress)
-
-
-# --------------------------------------------------------------------------- --server
-def _connect_server(args, prompt_types):
-    """A :class:`~LesionLocatorLib.remote.RemoteRunner` for ``--server`` (None without it), checked
-    before any output is made: the key file, the options a server cannot take, the connection and
-    key (``/v1/info``), and that the model (``-m``, a name; default the server's first) is served
-    and takes ``prompt_types``."""
-    if not args.server:
-        if args.api_key_file:
-            raise UsageError("--api-key-file is for --server")
-        return None
-    from .remote import RemoteRunner, read_api_key
-
-    for flag, local_only in (("--save-probabilities", getattr(args, "save_probabilities", False)),
-                             ("--step_size", getattr(args, "step_size", 0.5) != 0.5),
-                             ("--device", args.device != "auto")):
-        if local_only:
-            raise UsageError(f"{flag} cannot be used with --server (the server chooses; probabilities are not sent)")
-    key = read_api_key(args.api_key_file) if args.api_key_file else None
-    runner = RemoteRunner(args.server, key, model=args.m)
-    try:
-        models = {m["name"]: m.get("prompt_types", []) for m in runner.info().get("models", [])}
-        name = runner.model_name()
-        if name not in models:
-            raise UsageError(f"-m {name}: the server at {runner.url} has no such model; it serves: "
-                             f"{', '.join(models) or 'none'}")
-        missing = [t for t in prompt_types if t not in models[name]]
-        if missing:
-            raise UsageError(f"the server's model {name} takes no {', '.join(missing)} prompts")
-    except BaseException:
-        runner.close()
-        raise
-    runner.model = name
-    return runner
-
-
-def _server_spec(server, args, tta):
-    from .modelfolder import ModelSpec
-
-    print(f"server: {server.url}, model {server.model} (folds {'all' if args.f is None else args.f}, test-time "
-          f"mirroring {'auto' if tta is None else 'on' if tta else 'off'})", file=sys.stderr)
-    return ModelSpec(server.model, tuple(args.f) if args.f is not None else None, "auto", tta)
-
-
-class _closing:
-    """Closes a runner (or nothing) at the end of a ``with``."""
-
-    def __init__(self, runner):
-        self.runner = runner
-
-    def __enter__(self):
-        return self.runner
-
-    def __exit__(self, *exc):
-        if self.runner is not None:
-            self.runner.close()
-        return False
-
-
 def _segment_case(image_path, case, ending, prompts, run, folder, args, dicom_out=None) -> None:
-    """Segment one case (``run``: :func:`_segmenter` or :func:`_server_segmenter`) and write its
+    """Segment one case (``run``: :func:`_segmenter` or
+    :func:`~LesionLocatorLib.serverclient.server_segmenter`) and write its
     files; the case's manifest is written last, then (with ``--dicom-out``) its DICOM SEG and SR."""
     import numpy as np
 
@@ -324,13 +260,13 @@ def cmd_track(args) -> int:
     types = ["prev_mask"] if args.t == "prev_mask" else [args.t, "prev_mask"]
     names = unique_names(scan_name(p) for p in paths)
     corrections = _read_corrections(args, types, names)
-    server = _connect_server(args, types)
+    server = connect_server(args, types)
     root = check_model(args.m, types) if server is None else server
     for message in failed:
         print(f"lesionlocator track: error: {message}", file=sys.stderr)
     from .outputs import OutputFolder
 
-    with _closing(server), OutputFolder(out) as folder:
+    with closing(server), OutputFolder(out) as folder:
         study, dicom = _run_study(paths, names, prompts, root, args, corrections)
         _write_study(study, paths, names, folder, args)
         if dicom_out is not None:
@@ -389,7 +325,7 @@ def _run_study(paths, names, prompts, root, args, corrections=None):
     prompts = _baseline_prompts(prompts, images[0], dicom[0])
     dates = [series.datetime() if series is not None else scan_datetime(p) for p, series in zip(paths, dicom)]
     if isinstance(root, RemoteRunner):
-        model, track = _server_spec(root, args, None), partial(track_study_on_server, root)
+        model, track = server_spec(root, args, None), partial(track_study_on_server, root)
     else:
         model = ModelSpec(str(root), tuple(args.f) if args.f is not None else None, args.device)
         if corrections:
@@ -593,16 +529,6 @@ def _dicom_options(p) -> None:
                    "measurement report (<case>_sr.dcm) referencing the DICOM input series; needs DICOM input")
 
 
-def _server_options(p) -> None:
-    p.add_argument("--server", default=None, metavar="URL",
-                   help="run on a LesionLocator server (`lesionlocator serve`, http://host:port or https://...) "
-                   "instead of loading a model here; -m is then a model name on the server (default: its first). "
-                   "For a private certificate authority set SSL_CERT_FILE")
-    p.add_argument("--api-key-file", dest="api_key_file", default=None, metavar="FILE",
-                   help="file holding the server's API key (its first line that is not a # comment); a key is "
-                   "never given on the command line")
-
-
 def _add_segment(sub, parents, formatter) -> None:
     s = sub.add_parser("segment", parents=parents, formatter_class=formatter,
                        help="segment lesions from point or box prompts (upstream LesionLocator_segment)")
@@ -626,7 +552,7 @@ def _add_segment(sub, parents, formatter) -> None:
                    help="allow more than 1000 prompts per image (each one is a network run)")
     s.add_argument("--disable_progress_bar", action="store_true", help="no progress bar")
     _dicom_options(s)
-    _server_options(s)
+    add_server_options(s)
     s.add_argument("-npp", type=int, default=None, help="accepted for upstream compatibility; unused")
     s.add_argument("-nps", type=int, default=None, help="accepted for upstream compatibility; unused")
     s.set_defaults(func=cmd_segment)
@@ -657,7 +583,7 @@ def _add_track(sub, parents, formatter) -> None:
                    help="allow more than 1000 baseline prompts")
     t.add_argument("--disable_progress_bar", action="store_true", help="no progress bar")
     _dicom_options(t)
-    _server_options(t)
+    add_server_options(t)
     t.set_defaults(func=cmd_track)
 
 
