@@ -256,9 +256,10 @@ def cmd_track(args) -> int:
     out = check_output_folder(args.o)
     paths = [Path(args.bl)] + followups
     dicom_out = check_dicom_out(args.dicom_out, paths, args.series)
-    prompts = _track_prompts(args.p, args.t, args.world, args.allow_many_prompts)
-    types = ["prev_mask"] if args.t == "prev_mask" else [args.t, "prev_mask"]
     names = unique_names(scan_name(p) for p in paths)
+    _check_resume(args, names)
+    prompts = _track_prompts(args.p, args.t, args.world, args.allow_many_prompts) if args.p else None
+    types = ["prev_mask"] if args.t == "prev_mask" or args.resume_from else [args.t, "prev_mask"]
     corrections = _read_corrections(args, types, names)
     server = connect_server(args, types)
     root = check_model(args.m, types) if server is None else server
@@ -295,6 +296,41 @@ def _baseline_prompts(prompts, image, dicom):
     return prompts
 
 
+def _check_resume(args, names) -> None:
+    """``--resume-from`` and ``--confirmed-points`` checked before any work (torch-free): the saved
+    run's state file (:mod:`LesionLocatorLib.trackstate`) and its scans' names, the points file;
+    ``args.resume_from`` becomes the state's folder and ``args.confirmed_points`` its points."""
+    if args.confirmed_points:
+        from .correctionfile import read_confirmed_points, scan_index
+
+        if args.resume_from:
+            raise UsageError("--confirmed-points verifies a new tracking run; with --resume-from nothing is tracked "
+                             "again (correct the resumed run with --corrections)")
+        args.confirmed_points = read_confirmed_points(args.confirmed_points)
+        for scan, _ in args.confirmed_points:
+            scan_index(scan, names)
+    if not args.resume_from:
+        if not args.p:
+            raise UsageError("the baseline lesions are needed: give -p (or --resume-from an earlier output folder)")
+        return
+    if args.server:
+        raise UsageError("--resume-from cannot be used with --server: resume on this computer")
+    from .trackstate import STATE_FILE, TrackStateError, read_state_file
+
+    folder = Path(args.resume_from)
+    folder = folder / "tracking" if not (folder / STATE_FILE).is_file() and (folder / "tracking").is_dir() else folder
+    try:
+        state = read_state_file(folder)
+    except TrackStateError as e:
+        raise UsageError(str(e)) from None
+    if list(state["names"]) != list(names):
+        raise UsageError(f"--resume-from {args.resume_from}: that run tracked {', '.join(state['names'])}; these "
+                         f"scans are {', '.join(names)} (give the same scans in the same order)")
+    if args.p:
+        _warn("track", f"-p is not used with --resume-from: the lesions are the ones of {args.resume_from}")
+    args.resume_from = folder
+
+
 def _read_corrections(args, types: list, names):
     """The entries of ``--corrections`` (:func:`LesionLocatorLib.correctionfile.read_corrections`),
     checked before any work, their scans among ``names``; ``types`` gains the point/box models
@@ -322,7 +358,7 @@ def _run_study(paths, names, prompts, root, args, corrections=None):
 
     scans = [_read_scan(p, args.series) for p in paths]
     images, dicom = [image for image, _ in scans], [series for _, series in scans]
-    prompts = _baseline_prompts(prompts, images[0], dicom[0])
+    prompts = _baseline_prompts(prompts, images[0], dicom[0]) if prompts is not None else None
     dates = [series.datetime() if series is not None else scan_datetime(p) for p, series in zip(paths, dicom)]
     if isinstance(root, RemoteRunner):
         model, track = server_spec(root, args, None), partial(track_study_on_server, root)
@@ -332,7 +368,8 @@ def _run_study(paths, names, prompts, root, args, corrections=None):
             from .correctionfile import resolve_corrections
 
             corrections = resolve_corrections(corrections, names, images)
-        track = partial(track_study, corrections=corrections)
+        track = partial(track_study, corrections=corrections, previous=_resumed(args, images),
+                        confirm=_confirm(args, names))
     bar, update = progress_bar(not args.disable_progress_bar, "tracking")
     try:
         study = track(images, prompts, model, names=names, dates=dates, registration=args.registration,
@@ -344,6 +381,27 @@ def _run_study(paths, names, prompts, root, args, corrections=None):
     for message in study.warnings:
         _warn("track", message)
     return study, dicom
+
+
+def _resumed(args, images):
+    """The TrackResult saved in ``--resume-from`` for these scans, or None."""
+    if not args.resume_from:
+        return None
+    from .trackstate import TrackStateError, load_track_state
+
+    try:
+        return load_track_state(args.resume_from, images)[0]
+    except TrackStateError as e:
+        raise UsageError(str(e)) from None
+
+
+def _confirm(args, names):
+    """Verified tracking's confirm callback of ``--confirmed-points``, or None."""
+    if args.confirmed_points is None:
+        return None
+    from .correctionfile import confirm_with_points
+
+    return confirm_with_points(args.confirmed_points, names)
 
 
 def _write_dicom(out, series, names, masks, rows, command: str) -> None:
@@ -375,6 +433,14 @@ def _write_study(study, paths, names, folder, args) -> None:
         folder.finish_case(name, written)
     write_table(study.rows, folder.path / "lesions")
     growth_plot(study.rows, folder.path / "growth.png")
+    if study.tracked is not None:  # a server run keeps its registrations on the server
+        from .correctionfile import write_points
+        from .trackstate import save_track_state
+
+        save_track_state(folder.path / "tracking", study.tracked, study.images, names, args.registration,
+                         {"min_volume_ml": args.min_volume_ml, "min_prompt_fraction": args.min_prompt_fraction})
+        if args.confirmed_points is not None:
+            write_points(folder.path / "tracking" / "points.json", study.tracked.points, names)
     study.timings["writing"] = time.perf_counter() - t0
     print(format_table([{k: r[k] for k in ("lesion_id", "timepoint", "status", "volume_ml", "long_axis_mm",
                                           "short_axis_mm", "volume_change_vs_baseline_pct",
@@ -563,8 +629,9 @@ def _add_track(sub, parents, formatter) -> None:
                        help="segment and track lesions through follow-ups (upstream LesionLocator_track)")
     t.add_argument("-bl", required=True, help="baseline scan: an image file or a folder of DICOM files")
     t.add_argument("-fu", required=True, nargs="+", help="follow-up scans, in time order (files or DICOM folders)")
-    t.add_argument("-p", required=True, nargs="+", help="baseline prompt JSON (point/box), or for prev_mask one "
-                   "instance label image, several binary masks (one per lesion) or one DICOM SEG file")
+    t.add_argument("-p", nargs="+", help="baseline prompt JSON (point/box), or for prev_mask one "
+                   "instance label image, several binary masks (one per lesion) or one DICOM SEG file (required "
+                   "unless --resume-from)")
     t.add_argument("-t", default="prev_mask", choices=["point", "box", "prev_mask"], help="prompt type")
     t.add_argument("-o", required=True, help="output folder (created once every input checks out)")
     _model_options(t)
@@ -579,6 +646,14 @@ def _add_track(sub, parents, formatter) -> None:
                    help="corrections after tracking (LesionLocatorLib.correctionfile: per lesion and follow-up a "
                    "point, box or mask, 'vanished', or a new lesion; world LPS mm): each corrected lesion is "
                    "re-propagated from its correction through the later scans")
+    t.add_argument("--resume-from", dest="resume_from", default=None, metavar="OUT",
+                   help="an earlier 'track' output folder on the same scans: its registrations and masks are "
+                   "reused (OUT/tracking), nothing is registered or tracked again; with --corrections only the "
+                   "corrected lesions are re-run from their corrections on")
+    t.add_argument("--confirmed-points", dest="confirmed_points", default=None, metavar="JSON",
+                   help="verified tracking: each follow-up lesion is segmented from its warped mask moved onto "
+                   "the point given here (lesionlocator-confirmed-points/1, world LPS mm), or onto its proposal "
+                   "(the warped mask's centre) when none is given; the points used go to OUT/tracking/points.json")
     t.add_argument("--allow-many-prompts", dest="allow_many_prompts", action="store_true",
                    help="allow more than 1000 baseline prompts")
     t.add_argument("--disable_progress_bar", action="store_true", help="no progress bar")

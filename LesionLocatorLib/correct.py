@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 
 from .prompts import Box, MaskPrompt, Point, PromptError
-from .track import TrackResult, follow_up
+from .track import TrackResult, follow_up, labels_from_masks, paint_labels
 
 
 @dataclass(frozen=True)
@@ -116,9 +116,9 @@ def retrack(images, previous: TrackResult, corrections, track_model, seg_model=N
     report = progress or (lambda f, m: None)
     timings = {"registration": 0.0, "warping": 0.0, "preprocessing": 0.0, "network": 0.0, "postprocessing": 0.0}
     masks = [dict(m) for m in previous.masks]
-    labels = [image.with_array(image.array.copy()) for image in previous.labels]
+    labels = list(previous.labels) or [labels_from_masks(image, m) for image, m in zip(images, previous.masks)]
     status = {pid: list(s) for pid, s in previous.status.items()}
-    fractions = {pid: list(f) for pid, f in previous.inside_fraction.items()}
+    fractions = {pid: list(previous.inside_fraction.get(pid, [None] * n)) for pid in previous.status}
     first = {pid: min(per) for pid, per in todo.items()}
     for pid, t in first.items():  # the corrected lesions' history is cut at their first correction
         if pid not in status:
@@ -145,9 +145,10 @@ def retrack(images, previous: TrackResult, corrections, track_model, seg_model=N
         carried = {**carried_next, **{pid: m for pid, m in fixed.items() if m.any()}}
         for pid, mask in now.items():
             masks[t][pid] = mask
-        labels[t] = _relabel(labels[t], now)
+        labels[t] = paint_labels(labels[t], now)
     report(1.0, "done")
-    return TrackResult(masks, labels, status, list(previous.transforms), timings, fractions)
+    points = {(t, pid): p for (t, pid), p in previous.points.items() if not (pid in first and t >= first[pid])}
+    return TrackResult(masks, labels, status, list(previous.transforms), timings, fractions, points)
 
 
 def _apply(t: int, image, corrected: dict, previous: TrackResult, status: dict, fractions: dict, track_model,
@@ -191,14 +192,3 @@ def _model_for(seg_model, kind: str):
     if model is None:
         raise ValueError(f"a {kind} correction needs the {kind} model (seg_model)")
     return model
-
-
-def _relabel(labels, masks: dict):
-    """``labels`` (an instance label Image) with the lesions of ``masks`` repainted: their old
-    voxels cleared, their new ones set where no other lesion is (the others are never touched)."""
-    array = labels.array.copy()
-    for pid in masks:
-        array[array == pid] = 0
-    for pid, mask in sorted(masks.items()):
-        array[mask & (array == 0)] = pid
-    return labels.with_array(array)

@@ -145,3 +145,107 @@ def scan_index(scan, names) -> int:
     if index == 0:
         raise PromptError(f"corrections: {scan} is the baseline; correct the baseline by segmenting it again")
     return index
+
+
+def write_corrections(path, corrections) -> Path:
+    """Write :class:`~LesionLocatorLib.correct.Correction` s as a corrections file that
+    :func:`read_corrections` and :func:`resolve_corrections` read back to the same corrections
+    (scans by index; a mask correction's mask as ``<file stem>_lesion<id>_scan<t>.nrrd`` beside
+    it, on the grid of the correction's mask). Returns ``path``."""
+    from .files import atomic_output
+    from .image import write_image
+
+    path = Path(path)
+    entries = []
+    for c in corrections:
+        entry = {"lesion": int(c.lesion), "scan": int(c.timepoint)}
+        if c.vanished:
+            entry["vanished"] = True
+        elif c.kind == "point":
+            entry["point"] = [float(v) for v in c.prompt.xyz]
+        elif c.kind == "box":
+            entry["box"] = [[float(v) for v in c.prompt.lower], [float(v) for v in c.prompt.upper]]
+        else:
+            name = f"{path.stem}_lesion{int(c.lesion)}_scan{int(c.timepoint)}.nrrd"
+            write_image(c.prompt.mask.with_array((c.prompt.mask.array > 0).astype("uint8")), path.parent / name)
+            entry["mask"] = name
+        if c.new:
+            entry["new"] = True
+        entries.append(entry)
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(json.dumps({"format": FORMAT, "frame": "LPS", "units": "mm", "corrections": entries},
+                                        indent=1), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- verified tracking
+POINTS_FORMAT = "lesionlocator-confirmed-points/1"
+"""The points file of ``lesionlocator track --confirmed-points`` (verified tracking)::
+
+    {"format": "lesionlocator-confirmed-points/1", "frame": "LPS", "units": "mm",
+     "points": [{"lesion": 2, "scan": "ct_2024_03", "point": [12.5, -40.2, 101.0]}, ...]}
+
+Each entry moves (or confirms) lesion ``lesion``'s proposed point at follow-up ``scan`` (name or
+index, as in the corrections file); a lesion and scan without an entry keep the proposal (the
+centre of the warped previous mask). ``"points": []`` accepts every proposal. A tracking run
+writes the points it used as ``tracking/points.json`` in this format, each entry with the
+``proposed`` point too, so it can be edited and given back."""
+
+
+def read_confirmed_points(path) -> dict:
+    """``{(scan, lesion): (x, y, z)}`` of a confirmed-points file (scans as written: a name or an
+    index); PromptError naming the file and entry otherwise."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except FileNotFoundError:
+        raise PromptError(f"confirmed-points file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise PromptError(f"{path}: not a confirmed-points JSON file ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != POINTS_FORMAT or not isinstance(data.get("points"), list):
+        raise PromptError(f"{path}: a confirmed-points file is an object with \"format\": \"{POINTS_FORMAT}\" and a "
+                          f"\"points\" list")
+    if data.get("frame", "LPS") != "LPS" or data.get("units", "mm") != "mm":
+        raise PromptError(f"{path}: \"frame\" must be \"LPS\" and \"units\" \"mm\" (nothing is converted)")
+    out = {}
+    for i, entry in enumerate(data["points"]):
+        where = f"{path}: points[{i}]"
+        if not isinstance(entry, dict) or not {"lesion", "scan", "point"} <= set(entry) \
+                or set(entry) - {"lesion", "scan", "point", "proposed"}:
+            raise PromptError(f"{where} must be an object {{\"lesion\": ID, \"scan\": name or index, \"point\": "
+                              f"[x, y, z]}}")
+        lesion = check_prompt_id(entry["lesion"], f"{where}: lesion")
+        scan = entry["scan"]
+        if isinstance(scan, bool) or not isinstance(scan, (str, int)) or scan in ("", 0) or \
+                (isinstance(scan, int) and scan < 1):
+            raise PromptError(f"{where}: \"scan\" is a follow-up's name or its index (1 = the first follow-up), "
+                              f"got {_show(scan)}")
+        if (scan, lesion) in out:
+            raise PromptError(f"{where}: lesion {lesion} at scan {_show(scan)} is given twice")
+        out[(scan, lesion)] = tuple(_coordinates(entry["point"], 3, "point", where, "[x, y, z]"))
+    return out
+
+
+def confirm_with_points(points: dict, names):
+    """A verified-tracking ``confirm`` callback (:func:`LesionLocatorLib.track.track`) that moves
+    the proposals found in ``points`` (:func:`read_confirmed_points`; scans among ``names``) and
+    accepts the others."""
+    by_index = {(scan_index(scan, names), lesion): xyz for (scan, lesion), xyz in points.items()}
+
+    def confirm(t: int, proposals: dict) -> dict:
+        return {pid: Point(pid, by_index[(t, pid)]) for pid in proposals if (t, pid) in by_index}
+
+    return confirm
+
+
+def write_points(path, points: dict, names) -> Path:
+    """The points verified tracking used (``TrackResult.points``: ``{(t, id): {"proposed",
+    "confirmed"}}``) as a confirmed-points file with each entry's ``proposed`` point."""
+    from .files import atomic_output
+
+    entries = [{"lesion": int(pid), "scan": names[t], "point": p["confirmed"], "proposed": p["proposed"]}
+               for (t, pid), p in sorted(points.items())]
+    with atomic_output(Path(path)) as tmp:
+        Path(tmp).write_text(json.dumps({"format": POINTS_FORMAT, "frame": "LPS", "units": "mm", "points": entries},
+                                        indent=1), encoding="utf-8")
+    return Path(path)

@@ -48,6 +48,12 @@ stdin/stdout, or one per WebSocket/HTTP message for a server)::
         "model": {...}, "registration": "simpleitk", "registration_options": {} or null,
         "min_volume_ml": 0.0, "min_prompt_fraction": 0.0,  # optional: track()'s options
         "names": ["baseline", "fu1", ...],             # optional: scan names in the rows
+        "previous": {"folder": "state0"},              # optional: an earlier run saved by
+                                                       #   LesionLocatorLib.trackstate on these images:
+                                                       #   not tracked again, only corrected
+        "corrections": {"file": "corrections.json"},   # optional: LesionLocatorLib.correctionfile
+                                                       #   (scans by index; mask files in the session)
+        "state": {"folder": "state1"},                 # optional: save this run there (trackstate)
         "output": "tracked.npz"}
     <- {"type": "progress", ...}                       (0..n times)
     <- {"type": "result", "id": "...", "masks": {"file": "tracked.npz"},   # keys "<t>/<lesion id>"
@@ -221,7 +227,8 @@ _FIELDS = {  # type -> (required, optional) top-level fields
     "hello": ((), ("id", "protocol")),
     "segment": (("id", "image", "frame", "units", "prompts", "model", "output"), ()),
     "track": (("id", "images", "frame", "units", "baseline", "model", "output"),
-              ("registration", "registration_options", "min_volume_ml", "min_prompt_fraction", "names")),
+              ("registration", "registration_options", "min_volume_ml", "min_prompt_fraction", "names", "previous",
+               "corrections", "state")),
     "load": (("id", "model"), ("prompt_types",)),
     "cancel": (("id",), ()),
     "shutdown": ((), ("id",)),
@@ -614,4 +621,9 @@ def validate_message(message: dict, session=None) -> dict:
                    min_volume_ml=_number(message.get("min_volume_ml", 0.0), "min_volume_ml", 0.0),
                    min_prompt_fraction=_number(message.get("min_prompt_fraction", 0.0), "min_prompt_fraction", 0.0),
                    names=names, output=_output(message["output"], session))
+        for key, kind in (("previous", "folder"), ("corrections", "file"), ("state", "folder")):
+            if message.get(key) is not None:
+                value = _object(message[key], key, (kind,))[kind]
+                out[key] = {kind: input_file(value, f"{key}.{kind}", session) if kind == "file"
+                            else session_path(value, f"{key}.{kind}", session)}
     return out

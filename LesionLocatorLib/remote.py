@@ -440,6 +440,9 @@ class RemoteRunner:
         """Track on the server (registration, network and measurements there)."""
         if request.registration_options:
             raise ValueError("registration options cannot be sent to a LesionLocator server; track without them")
+        if request.corrections or request.previous is not None:
+            raise ValueError("corrections cannot be sent to a LesionLocator server yet: the server does not keep a "
+                             "run's registrations; correct the tracking on this computer")
         start = time.perf_counter()
         ids = [serverapi.image_id(image) for image in request.images]
         payload = {"type": "track", "images": ids, "model": self.model_name(),
@@ -517,16 +520,13 @@ def _exact_world(image, index_zyx, reach: int = 2) -> np.ndarray:
 
 
 def labels_from_masks(masks: dict, image):
-    """The uint16 instance label Image of per-lesion masks (label = lesion ID). Where masks
-    overlap, the lower ID keeps the voxel (a local run gives it to the higher lesion probability,
-    which the server does not send; without overlaps both are the same)."""
-    import warnings
+    """The uint16 instance label Image of per-lesion masks (label = lesion ID); where masks overlap
+    the lower ID keeps the voxel (a local run gives it to the higher lesion probability, which the
+    server does not send; without overlaps both are the same). See
+    :func:`LesionLocatorLib.track.labels_from_masks`."""
+    from .track import labels_from_masks as paint
 
-    from .predict import instance_labels
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return instance_labels(masks, {pid: np.asarray(m, np.float32) for pid, m in masks.items()}, image)[0]
+    return paint(image, masks)
 
 
 def segment_on_server(runner: RemoteRunner, image, prompts, model, progress=None, cancel=None):

@@ -126,7 +126,11 @@ class TrackRequest:
     ``LesionLocatorTrack`` folder is used) and a registration backend name; ``min_volume_ml`` and
     ``min_prompt_fraction``: :func:`LesionLocatorLib.track.track`'s options (follow-up specks and
     remnants reported ``vanished``; 0 = off); ``names``: the scans' names in the measurement rows
-    (default t0, t1, ...). A lesion whose baseline mask is empty is reported ``vanished`` throughout."""
+    (default t0, t1, ...). A lesion whose baseline mask is empty is reported ``vanished`` throughout.
+    ``corrections``: :class:`~LesionLocatorLib.correct.Correction` s (LPS mm, scans by index) applied
+    after tracking; ``previous``: the ``tracked`` result of an earlier response on the same images
+    (a :class:`~LesionLocatorLib.track.TrackResult`): then nothing is tracked or registered again,
+    only ``corrections`` are applied to it (``baseline`` is not used and may be empty)."""
     images: list
     baseline: dict
     model: ModelSpec
@@ -136,6 +140,8 @@ class TrackRequest:
     min_volume_ml: float = 0.0
     min_prompt_fraction: float = 0.0
     names: Optional[list] = None
+    corrections: list = field(default_factory=list)
+    previous: object = None
 
 
 @dataclass
@@ -145,7 +151,9 @@ class TrackResponse:
     ``warnings``: the library's warning messages; ``seconds``: wall time;
     ``registrations[t-1]``: what registering scan t to scan t-1 gave (``backend``, ``result``
     such as 'affine + demons', similarity values); ``rows``: one measurement row per lesion and
-    timepoint (:func:`LesionLocatorLib.measure.lesion_measurements`: volume ml, axes mm, changes %)."""
+    timepoint (:func:`LesionLocatorLib.measure.lesion_measurements`: volume ml, axes mm, changes %);
+    ``tracked``: the run as a :class:`~LesionLocatorLib.track.TrackResult` (registrations
+    included), the ``previous`` of a later request that corrects it (None from a server)."""
     id: str
     masks: list
     status: dict
@@ -154,6 +162,7 @@ class TrackResponse:
     seconds: float = 0.0
     registrations: list = field(default_factory=list)
     rows: list = field(default_factory=list)
+    tracked: object = None
 
 
 @runtime_checkable
@@ -260,19 +269,20 @@ class InProcessRunner:
         report = progress or (lambda f, m: None)
         if len(request.images) < 2:
             raise ValueError("tracking needs a baseline and at least one follow-up scan")
-        if not request.baseline:
+        if not request.baseline and request.previous is None:
             raise PromptError("no baseline lesion to track")
         if cancel is not None:
             cancel.check()
         study = track_study(request.images, dict(request.baseline), request.model, names=request.names,
                             registration=request.registration, registration_options=request.registration_options,
                             min_volume_ml=request.min_volume_ml, min_prompt_fraction=request.min_prompt_fraction,
-                            progress=lambda f, m: report(0.02 + 0.98 * f, m), cancel=cancel, load=self.model)
+                            progress=lambda f, m: report(0.02 + 0.98 * f, m), cancel=cancel, load=self.model,
+                            corrections=request.corrections, previous=request.previous)
         registrations = [{"backend": t.backend, **{k: v if isinstance(v, str) else float(v) for k, v in t.info.items()}}
                          for t in study.transforms]
         return TrackResponse(request.id, study.masks, {int(k): list(v) for k, v in study.status.items()},
                              dict(study.timings), study.warnings, time.perf_counter() - start, registrations,
-                             plain_rows(study.rows))
+                             plain_rows(study.rows), study.tracked)
 
 
 def segmentation_response(request_id: str, masks: dict, result: dict) -> SegmentationResponse:
@@ -492,7 +502,10 @@ class WorkerProcessRunner:
 
     def track(self, request: TrackRequest, progress: Optional[ProgressCallback] = None,
               cancel=None) -> TrackResponse:
+        """Track (or correct ``request.previous``) in the worker; the run's registrations come back
+        through a saved state (:mod:`LesionLocatorLib.trackstate`) in the request's folder."""
         from .image import write_image
+        from .trackstate import load_track_state, save_track_state
 
         self.start()
         folder = os.path.join(self._tmp.name, request.id)
@@ -503,14 +516,26 @@ class WorkerProcessRunner:
             baseline = os.path.join(folder, "baseline.npz")
             np.savez(baseline, **pack_masks({str(int(k)): v for k, v in request.baseline.items()}))
             output = os.path.join(folder, "tracked.npz")
+            extra = {"state": {"folder": os.path.join(folder, "state")}}
+            if request.previous is not None:
+                extra["previous"] = {"folder": str(save_track_state(
+                    os.path.join(folder, "previous"), request.previous, request.images,
+                    request.names or [f"t{t}" for t in range(len(request.images))], request.registration))}
+            if request.corrections:
+                from .correctionfile import write_corrections
+
+                extra["corrections"] = {"file": str(write_corrections(os.path.join(folder, "corrections.json"),
+                                                                      request.corrections))}
             message = self._exchange(
                 {"type": "track", "id": request.id, "images": images, "frame": "LPS", "units": "mm",
                  "baseline": {"file": baseline}, "model": request.model.to_json(),
                  "registration": request.registration, "registration_options": request.registration_options,
                  "min_volume_ml": request.min_volume_ml, "min_prompt_fraction": request.min_prompt_fraction,
-                 "names": request.names, "output": output}, progress, cancel)
+                 "names": request.names, "output": output, **extra}, progress, cancel)
             with np.load(message["masks"]["file"]) as data:
-                return track_response(request.id, len(request.images), unpack_masks(data), message)
+                response = track_response(request.id, len(request.images), unpack_masks(data), message)
+            response.tracked = load_track_state(extra["state"]["folder"], request.images)[0]
+            return response
         finally:
             import shutil
 

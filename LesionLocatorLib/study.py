@@ -96,7 +96,8 @@ class StudyResult:
     lesion and timepoint (:func:`LesionLocatorLib.measure.lesion_measurements`: volume ml,
     axes mm, changes %); ``transforms[t-1]``: the registration of scan t to scan t-1;
     ``timings``: seconds per stage; ``warnings``: messages for the user (dates, the library's
-    warnings while tracking)."""
+    warnings while tracking); ``tracked``: the :class:`~LesionLocatorLib.track.TrackResult`
+    (with inside fractions and verified-tracking points) to save or correct later."""
     masks: list
     labels: list
     status: dict
@@ -104,6 +105,7 @@ class StudyResult:
     transforms: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
+    tracked: object = None
 
 
 def load_for(spec: ModelSpec, prompt_type: str):
@@ -131,7 +133,7 @@ def _baseline_kind(prompts) -> str | None:
 def track_study(images, prompts, model: ModelSpec, names=None, dates=None, registration: str = "simpleitk",
                 registration_options: dict | None = None, min_volume_ml: float = 0.0,
                 min_prompt_fraction: float = 0.0, progress=None, cancel=None, load=load_for,
-                corrections=None) -> StudyResult:
+                corrections=None, previous=None, confirm=None) -> StudyResult:
     """Track the lesions of ``images[0]`` through ``images[1:]`` (in the order given) and measure them.
 
     ``images``: :class:`~LesionLocatorLib.image.Image` scans, baseline first. ``prompts``: the
@@ -143,7 +145,11 @@ def track_study(images, prompts, model: ModelSpec, names=None, dates=None, regis
     t1, ...); ``dates[t]``: optional :func:`dicom_datetime` texts, compared to warn about scans
     out of time order. ``corrections``: :class:`~LesionLocatorLib.correct.Correction` s applied
     after tracking (:func:`LesionLocatorLib.correct.retrack`: the corrected lesions re-propagated
-    from their corrections, with the same registrations). The other options are
+    from their corrections, with the same registrations). ``previous``: an earlier run's
+    :class:`~LesionLocatorLib.track.TrackResult` on the same images (e.g.
+    :func:`LesionLocatorLib.trackstate.load_track_state`): it is not tracked again, only
+    ``corrections`` are applied to it (``prompts`` are not used). ``confirm``: verified tracking
+    (:func:`LesionLocatorLib.track.track`). The other options are
     :func:`LesionLocatorLib.track.track`'s.
     """
     from .measure import lesion_measurements
@@ -155,7 +161,11 @@ def track_study(images, prompts, model: ModelSpec, names=None, dates=None, regis
         raise ValueError(f"{len(images)} scans but {len(names)} names")
     messages = date_order_warnings(names, list(dates)) if dates is not None else []
     empty_ids = []
-    if isinstance(prompts, dict):
+    if previous is not None:
+        if len(previous.masks) != len(images) or len(previous.transforms) != len(images) - 1:
+            raise ValueError(f"the earlier run tracked {len(previous.masks)} scans; {len(images)} were given")
+        prompts = []
+    elif isinstance(prompts, dict):
         empty_ids = sorted(int(pid) for pid, mask in prompts.items() if not np.any(mask))
         prompts = [MaskPrompt(int(pid), images[0].with_array(np.asarray(mask, dtype=np.uint8)))
                    for pid, mask in sorted(prompts.items()) if np.any(mask)]
@@ -167,12 +177,16 @@ def track_study(images, prompts, model: ModelSpec, names=None, dates=None, regis
     seg_model = load(model, kind) if kind is not None else None
     track_model = load(model, "prev_mask")
     corrections = list(corrections or [])
-    share = 0.8 if corrections else 1.0  # of the progress bar for tracking, the rest for the corrections
+    share = 0.0 if previous is not None else 0.8 if corrections else 1.0  # of the progress bar for tracking
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = track(images, prompts, track_model, seg_model=seg_model, registration=registration,
-                       registration_options=registration_options, progress=lambda f, m: report(share * f, m),
-                       cancel=cancel, min_volume_ml=min_volume_ml, min_prompt_fraction=min_prompt_fraction)
+        if previous is None:
+            result = track(images, prompts, track_model, seg_model=seg_model, registration=registration,
+                           registration_options=registration_options, progress=lambda f, m: report(share * f, m),
+                           cancel=cancel, min_volume_ml=min_volume_ml, min_prompt_fraction=min_prompt_fraction,
+                           confirm=confirm)
+        else:
+            result = previous
         if corrections:
             from .correct import retrack
 
@@ -188,4 +202,4 @@ def track_study(images, prompts, model: ModelSpec, names=None, dates=None, regis
     rows = lesion_measurements(images, result.masks, result.status, names)
     messages += [m for m in user_messages(caught) if m not in messages]
     return StudyResult(result.masks, result.labels, result.status, rows, result.transforms, dict(result.timings),
-                       messages)
+                       messages, result)

@@ -51,7 +51,7 @@ from scipy import ndimage
 from .image import Image
 from .measure import lesion_volume_ml
 from .predict import CancelToken, instance_labels, segment
-from .prompts import MaskPrompt, PromptError
+from .prompts import MaskPrompt, Point, PromptError
 
 STATUSES = ("tracked", "vanished", "outside", "new", "absent")  # new/absent: lesions added by a correction
 
@@ -70,13 +70,16 @@ class TrackResult:
     (fixed) to scan t-1 (moving); ``timings``: seconds per stage; ``inside_fraction[id][t]``:
     the fraction of the lesion's warped previous mask (world volume) inside scan t's field of
     view (1.0 at the baseline; 0.0 when the scans do not overlap; None where the lesion was
-    not warped (no longer followed) or warped to less than a voxel)."""
+    not warped (no longer followed) or warped to less than a voxel); ``points[(t, id)]``: verified
+    tracking's proposed and confirmed point of the lesion at scan t (LPS mm; see
+    :func:`verified_prompts`), empty without it."""
     masks: list
     labels: list
     status: dict
     transforms: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     inside_fraction: dict = field(default_factory=dict)
+    points: dict = field(default_factory=dict)
 
     @property
     def lesion_ids(self) -> list:
@@ -116,6 +119,24 @@ def _baseline_masks(image: Image, prompts, seg_model, progress, cancel, timings)
     result = segment(image, prompts, seg_model, progress=progress, cancel=cancel)
     timings["baseline segmentation"] = time.perf_counter() - t0
     return result.masks, result.labels
+
+
+def paint_labels(labels: Image, masks: dict) -> Image:
+    """``labels`` (an instance label Image) with the lesions of ``masks`` ({id: bool (z, y, x)})
+    repainted: their old voxels cleared, their new ones set where no other lesion is (in ID order;
+    the other lesions are never touched). A new Image; ``labels`` is unchanged."""
+    array = np.asarray(labels.array, np.uint16).copy()
+    for pid in masks:
+        array[array == pid] = 0
+    for pid, mask in sorted(masks.items()):
+        array[mask & (array == 0)] = pid
+    return labels.with_array(array)
+
+
+def labels_from_masks(reference: Image, masks: dict) -> Image:
+    """The instance label Image (uint16, label = lesion ID) of ``masks`` on ``reference``'s grid;
+    where masks overlap the lower ID wins."""
+    return paint_labels(reference.with_array(np.zeros(reference.shape, np.uint16)), masks)
 
 
 def _warn_overlaps(masks: dict) -> None:
@@ -253,7 +274,7 @@ def _below_minimum(mask: np.ndarray, prompt: np.ndarray, spacing_zyx, min_volume
 
 def track(images, prompts, track_model, seg_model=None, registration: str = "simpleitk",
           registration_options: dict | None = None, progress=None, cancel: CancelToken | None = None,
-          min_volume_ml: float = 0.0, min_prompt_fraction: float = 0.0) -> TrackResult:
+          min_volume_ml: float = 0.0, min_prompt_fraction: float = 0.0, confirm=None) -> TrackResult:
     """Track lesions from ``images[0]`` (baseline) through ``images[1:]`` in the given order.
 
     ``prompts``: a baseline instance label Image, MaskPrompts, or Point/Box prompts
@@ -272,6 +293,10 @@ def track(images, prompts, track_model, seg_model=None, registration: str = "sim
     while a shrinking one keeps most of it between two scans. 0 (default) keeps every non-empty
     mask; 0.1 also empties a lesion that really shrank by more than 90 % of its volume between
     two consecutive scans.
+    ``confirm``: verified tracking (None: off). Before each follow-up is segmented,
+    ``confirm(t, {id: Point})`` gets each followed lesion's proposed point on scan t (the centre of
+    its warped previous mask, LPS mm) and answers the points it confirms or moves; the lesion is
+    then segmented from its warped mask moved onto that point (:func:`verified_prompts`).
     """
     for name, value in (("min_volume_ml", min_volume_ml), ("min_prompt_fraction", min_prompt_fraction)):
         if not value >= 0:   # NaN too: it would switch the option off silently
@@ -290,7 +315,7 @@ def track(images, prompts, track_model, seg_model=None, registration: str = "sim
     status = {pid: ["tracked" if m.any() else "vanished"] for pid, m in baseline.items()}
     carried = {pid: m for pid, m in baseline.items() if m.any()}  # last known location per lesion
     fractions = {pid: [1.0 if m.any() else None] for pid, m in baseline.items()}
-    transforms = []
+    transforms, points = [], {}
     options = dict(registration_options or {})
     if registration == "unigradicon":
         options.setdefault("model", track_model)
@@ -304,21 +329,78 @@ def track(images, prompts, track_model, seg_model=None, registration: str = "sim
         timings["registration"] += time.perf_counter() - t0
         transforms.append(transform)
         now, labels_t, carried = follow_up(t, images, transform, carried, status, fractions, track_model, timings,
-                                           report, cancel, min_volume_ml, min_prompt_fraction)
+                                           report, cancel, min_volume_ml, min_prompt_fraction,
+                                           confirm=confirm, points=points)
         masks.append(now)
         labels.append(labels_t)
     report(1.0, "done")
-    return TrackResult(masks, labels, status, transforms, timings, fractions)
+    return TrackResult(masks, labels, status, transforms, timings, fractions, points)
+
+
+def proposed_point(mask: np.ndarray, image: Image) -> np.ndarray:
+    """The centre of mass (LPS mm, x y z) of a non-empty bool (z, y, x) ``mask`` on ``image``."""
+    from .protocol import mask_bbox
+
+    lo, hi = mask_bbox(mask)
+    block = mask[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    return image.index_to_world(np.asarray(ndimage.center_of_mass(block)) + lo)
+
+
+def shift_mask(mask: np.ndarray, offset_zyx) -> np.ndarray:
+    """``mask`` moved by whole voxels ``offset_zyx`` (z, y, x); what leaves the grid is lost."""
+    out = np.zeros_like(mask)
+    offset = [int(v) for v in offset_zyx]
+    src = tuple(slice(max(0, -d), n - max(0, d)) for d, n in zip(offset, mask.shape))
+    dst = tuple(slice(max(0, d), n - max(0, -d)) for d, n in zip(offset, mask.shape))
+    if all(s.stop > s.start for s in src):
+        out[dst] = mask[src]
+    return out
+
+
+def verified_prompts(t: int, image: Image, prompts: list, confirm, points: dict | None = None) -> list:
+    """Verified tracking at scan ``t``: the warped previous masks ``prompts`` (MaskPrompts on
+    ``image``) after a user confirmed or moved each lesion's proposed point.
+
+    Each lesion's proposal is the centre of mass of its warped mask (LPS mm).
+    ``confirm(t, {id: Point})`` answers ``{id: Point}`` with the points it moved or confirmed
+    (a lesion it leaves out keeps its proposal). How the two prompt types are combined with a
+    network that takes one previous-mask channel: the warped mask is translated by whole voxels so
+    that its centre of mass lands on the confirmed point, and that mask is the prompt (shape and
+    size from the previous scan, position from the user). An accepted proposal leaves the prompt
+    exactly as automatic tracking has it. ``points`` (optional dict) gets ``(t, id) ->
+    {"proposed": [x, y, z], "confirmed": [x, y, z]}``. PromptError for a point outside the scan or
+    with another lesion's ID."""
+    proposals = {p.id: Point(p.id, tuple(float(v) for v in proposed_point(p.mask.array, image))) for p in prompts}
+    answer = confirm(t, dict(proposals)) or {}
+    out = []
+    for p in prompts:
+        point = answer.get(p.id, proposals[p.id])
+        if not isinstance(point, Point) or point.id != p.id:
+            raise PromptError(f"verified tracking, lesion {p.id} at scan {t}: the confirmation must be a Point with "
+                              f"the lesion's ID, got {point!r}")
+        index = image.world_to_index(point.xyz)
+        if not image.contains_index(index):
+            raise PromptError(f"verified tracking, lesion {p.id} at scan {t}: the confirmed point "
+                              f"{tuple(round(v, 1) for v in point.xyz)} mm (LPS) is outside that scan")
+        offset = np.rint(index - image.world_to_index(proposals[p.id].xyz)).astype(int)
+        mask = shift_mask(p.mask.array, offset) if offset.any() else p.mask.array
+        if points is not None:
+            points[(t, p.id)] = {"proposed": [float(v) for v in proposals[p.id].xyz],
+                                 "confirmed": [float(v) for v in point.xyz]}
+        out.append(MaskPrompt(p.id, image.with_array(mask)) if offset.any() else p)
+    return out
 
 
 def follow_up(t: int, images, transform, carried: dict, status: dict, fractions: dict, track_model, timings: dict,
-              report, cancel, min_volume_ml: float = 0.0, min_prompt_fraction: float = 0.0, lesions=None) -> tuple:
+              report, cancel, min_volume_ml: float = 0.0, min_prompt_fraction: float = 0.0, lesions=None,
+              confirm=None, points=None) -> tuple:
     """One step of the autoregressive loop: the lesions of ``status`` (or only ``lesions``, a
     subset) at scan ``t``, from ``carried`` ({id: bool mask on scan t-1}: each lesion's last known
     location) warped by ``transform`` (scan t fixed, scan t-1 moving) and segmented with
     ``track_model`` in one batch. Appends each lesion's status and inside fraction at t to
-    ``status`` and ``fractions``, adds seconds to ``timings``. Returns ({id: bool mask on scan t},
-    the instance label Image of those lesions, the next ``carried``)."""
+    ``status`` and ``fractions``, adds seconds to ``timings``. ``confirm``/``points``: verified
+    tracking (:func:`verified_prompts`). Returns ({id: bool mask on scan t}, the instance label
+    Image of those lesions, the next ``carried``)."""
     fixed, moving = images[t], images[t - 1]
     t0 = time.perf_counter()
     prompts_t, next_carried, now = [], {}, {}
@@ -351,6 +433,9 @@ def follow_up(t: int, images, transform, carried: dict, status: dict, fractions:
         prompts_t.append(MaskPrompt(pid, fixed.with_array(warped)))
         next_carried[pid] = warped
     timings["warping"] += time.perf_counter() - t0
+    if confirm is not None and prompts_t:
+        prompts_t = verified_prompts(t, fixed, prompts_t, confirm, points)
+        next_carried.update({p.id: p.mask.array for p in prompts_t})
     if prompts_t:
         n_steps = len(images)
         with warnings.catch_warnings():

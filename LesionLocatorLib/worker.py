@@ -270,7 +270,18 @@ class Worker:
                                _read_masks(message["baseline"]["file"]), _model_spec(message["model"]),
                                message["registration"], message["registration_options"], rid,
                                message["min_volume_ml"], message["min_prompt_fraction"], message["names"])
+        if message.get("previous") is not None:
+            from .trackstate import load_track_state
+
+            request.previous = load_track_state(message["previous"]["folder"], request.images)[0]
+        if message.get("corrections") is not None:
+            request.corrections = self._corrections(message["corrections"]["file"], request.images)
         response = self.runner.track(request, cancel=token, progress=self._progress(rid))
+        if message.get("state") is not None:
+            from .trackstate import save_track_state
+
+            save_track_state(message["state"]["folder"], response.tracked, request.images,
+                             request.names or [f"t{t}" for t in range(len(request.images))], request.registration)
         _write_masks(message["output"], {f"{t}/{pid}": mask for t, masks in enumerate(response.masks)
                                          for pid, mask in masks.items()})
         self.channel.send({"type": "result", "id": rid, "masks": {"file": message["output"]},
@@ -278,6 +289,18 @@ class Worker:
                            "timings": response.timings, "warnings": response.warnings,
                            "registrations": response.registrations, "seconds": response.seconds,
                            "rows": response.rows, "loads": self.runner.loads})
+
+
+    def _corrections(self, path: str, images) -> list:
+        """The Corrections of a corrections file in the session; its mask files must be there too."""
+        from .correctionfile import read_corrections, resolve_corrections
+        from .protocol import input_file
+
+        entries = read_corrections(path)
+        for i, entry in enumerate(entries):
+            if entry["kind"] == "mask":
+                input_file(str(entry["value"]), f"corrections[{i}].mask", self.session)
+        return resolve_corrections(entries, [f"t{t}" for t in range(len(images))], images)
 
 
 def main(argv=None) -> int:

@@ -20,13 +20,17 @@ import pytest
 
 from LesionLocatorLib import cli, register as register_module
 from LesionLocatorLib.correct import Correction, retrack
+from LesionLocatorLib.correctionfile import read_confirmed_points
 from LesionLocatorLib.evaluate import dice
 from LesionLocatorLib.image import Image, read_image, write_image
 from LesionLocatorLib.measure import lesion_measurements
 from LesionLocatorLib.model import load_model
+from LesionLocatorLib.modelfolder import ModelSpec
 from LesionLocatorLib.predict import segment
 from LesionLocatorLib.prompts import Box, MaskPrompt, Point, PromptError
-from LesionLocatorLib.track import TrackResult, track, warp_lesion
+from LesionLocatorLib.runner import InProcessRunner, TrackRequest, WorkerProcessRunner
+from LesionLocatorLib.track import TrackResult, shift_mask, track, warp_lesion
+from LesionLocatorLib.trackstate import TrackStateError, load_track_state, save_track_state
 from LesionLocatorLib.zoo import demo_model_dir
 
 DEMO = Path(__file__).resolve().parents[1] / "Resources" / "Demo"
@@ -234,24 +238,36 @@ def _corrections_file(tmp_path: Path, entries, name="corrections.json") -> Path:
     return path
 
 
-def test_cli_track_with_corrections(study, tmp_path, capsys):
-    """``track --corrections``: lesion 3 vanished from demo_t1 on, lesion 9 new at scan 2 (where
-    lesion 2 is, left out of the baseline), lesion 1 corrected with its edited mask at scan 2:
-    lesions.csv and the label images say so."""
+def test_cli_track_with_corrections_then_resumed_with_more(study, tmp_path, capsys, monkeypatch):
+    """``track --corrections``: lesion 3 vanished from demo_t1 on; then ``--resume-from`` that
+    output with lesion 9 new at scan 2 (where lesion 2 is, left out of the baseline) and lesion 1
+    corrected with its edited mask at scan 2, without registering again: lesions.csv and the label
+    images say so, and lesion 1 at scan 1 is the earlier run's file voxel for voxel."""
     truth = study["truth"]
     baseline = tmp_path / "baseline_label.nii.gz"
     write_image(truth[0].with_array(np.where(truth[0].array == 2, 0, truth[0].array).astype(np.uint8)), baseline)
     edited = tmp_path / "lesion1_t2.nii.gz"
     write_image(truth[2].with_array((truth[2].array == 1).astype(np.uint8)), edited)
+    first = _corrections_file(tmp_path, [{"lesion": 3, "scan": "demo_t1", "vanished": True}], "first.json")
     corrections = _corrections_file(tmp_path, [
-        {"lesion": 3, "scan": "demo_t1", "vanished": True},
         {"lesion": 9, "scan": 2, "point": list(_centre(truth[2], 2)), "new": True},
         {"lesion": 1, "scan": "demo_t2", "mask": edited.name}])
-    out = tmp_path / "out"
-    assert cli.main(["track", "-bl", str(DEMO / "demo_t0.nii.gz"), "-fu", str(DEMO / "demo_t1.nii.gz"),
-                     str(DEMO / "demo_t2.nii.gz"), "-p", str(baseline), "-t", "prev_mask", "-o", str(out),
-                     "--corrections", str(corrections), "--disable_progress_bar", "--device", "cpu"]) == 0
+    scans = ["-bl", str(DEMO / "demo_t0.nii.gz"), "-fu", str(DEMO / "demo_t1.nii.gz"), str(DEMO / "demo_t2.nii.gz")]
+    earlier, out = tmp_path / "earlier", tmp_path / "out"
+    assert cli.main(["track", *scans, "-p", str(baseline), "-t", "prev_mask", "-o", str(earlier),
+                     "--corrections", str(first), "--disable_progress_bar", "--device", "cpu"]) == 0
+    assert (earlier / "tracking" / "state.json").is_file()
+    assert sorted(p.name for p in (earlier / "tracking").glob("registration_t*.h5")) == [
+        "registration_t1.h5", "registration_t2.h5"]
+    # the second set of corrections on the earlier run: no registration, no tracking of the others
+    calls = []
+    monkeypatch.setattr(register_module, "register", lambda *a, **k: calls.append(a))
+    assert cli.main(["track", *scans, "-o", str(out), "--resume-from", str(earlier), "--corrections",
+                     str(corrections), "--disable_progress_bar", "--device", "cpu"]) == 0
+    assert calls == []
     capsys.readouterr()
+    lesion_1_t1 = "demo_t1_lesion_1.nii.gz"
+    assert _same(read_image(out / lesion_1_t1).array, read_image(earlier / lesion_1_t1).array)
     rows = {(int(r["lesion_id"]), r["timepoint"]): r for r in csv.DictReader(open(out / "lesions.csv"))}
     assert [rows[3, n]["status"] for n in ("demo_t0", "demo_t1", "demo_t2")] == ["tracked", "vanished", "vanished"]
     assert [rows[9, n]["status"] for n in ("demo_t0", "demo_t1", "demo_t2")] == ["absent", "absent", "new"]
@@ -293,3 +309,156 @@ def test_cli_refuses_a_bad_corrections_file_and_writes_nothing(tmp_path, capsys,
     err = capsys.readouterr().err
     assert code == 2 and re.search(message, err) and "Traceback" not in err, err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------ saved runs (--resume-from)
+def test_a_saved_run_loads_back_and_corrects_exactly_like_the_original(study, tmp_path, no_registration):
+    first, images = study["first"], study["images"]
+    names = ["t0", "t1", "t2", "t3"]
+    folder = save_track_state(tmp_path / "tracking", first, images, names, "simpleitk")
+    loaded, state = load_track_state(folder, images)
+    assert state["names"] == names and loaded.status == first.status
+    for t in range(4):
+        assert sorted(loaded.masks[t]) == sorted(first.masks[t])
+        for pid, mask in first.masks[t].items():
+            assert _same(loaded.masks[t][pid], mask), (t, pid)
+    points = np.array([images[1].index_to_world(np.asarray(images[1].shape) * f) for f in (0.3, 0.5, 0.7)])
+    for a, b in zip(first.transforms, loaded.transforms):
+        assert np.abs(a.fixed_to_moving(points) - b.fixed_to_moving(points)).max() < 1e-6
+        assert b.info == {k: v if isinstance(v, str) else float(v) for k, v in a.info.items()}
+    click = Correction(2, 1, Point(2, _centre(study["truth"][1], 2)))
+    want, got = _retrack(study, first, [click]), _retrack(study, loaded, [click])
+    for t in range(4):
+        for pid in want.masks[t]:
+            assert _same(got.masks[t][pid], want.masks[t][pid]), (t, pid)
+    assert got.status == want.status and no_registration == []
+
+
+def test_a_saved_run_is_refused_for_other_scans_or_when_incomplete(study, tmp_path):
+    images = study["images"]
+    folder = save_track_state(tmp_path / "tracking", study["first"], images, ["t0", "t1", "t2", "t3"], "simpleitk")
+    changed = list(images)
+    changed[2] = images[2].with_array(images[2].array + 1)
+    with pytest.raises(TrackStateError, match="scan 2 is not the scan 't2' the saved run tracked"):
+        load_track_state(folder, changed)
+    with pytest.raises(TrackStateError, match="the saved run tracked 4 scans"):
+        load_track_state(folder, images[:3])
+    (folder / "state.json").unlink()
+    with pytest.raises(TrackStateError, match="no saved tracking run here"):
+        load_track_state(folder, images)
+
+
+@pytest.mark.parametrize("which", ["swapped", "other voxels", "no state"])
+def test_cli_resume_from_other_scans_is_refused_before_any_work(study, tmp_path, capsys, which):
+    earlier = tmp_path / "earlier"
+    save_track_state(earlier / "tracking", TrackResult([{}] * 3, [], {}, study["first"].transforms[:2]), study["images"][:3],
+                     ["demo_t0", "demo_t1", "demo_t2"], "simpleitk") if which != "no state" else earlier.mkdir()
+    follow_ups = [DEMO / "demo_t1.nii.gz", DEMO / "demo_t2.nii.gz"]
+    message = {"swapped": "that run tracked demo_t0, demo_t1, demo_t2; these scans are demo_t0, demo_t2, demo_t1",
+               "other voxels": "scan 1 is not the scan 'demo_t1' the saved run tracked",
+               "no state": "no saved tracking run here"}[which]
+    if which == "swapped":
+        follow_ups.reverse()
+    if which == "other voxels":
+        moved = tmp_path / "moved"
+        moved.mkdir()
+        write_image(_moved(study["images"][1]), moved / "demo_t1.nii.gz")
+        follow_ups[0] = moved / "demo_t1.nii.gz"
+    out = tmp_path / "out"
+    code = cli.main(["track", "-bl", str(DEMO / "demo_t0.nii.gz"), "-fu", *map(str, follow_ups), "-o", str(out),
+                     "--resume-from", str(earlier), "--disable_progress_bar", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_runners_correct_a_tracked_study_without_registering(study, tmp_path):
+    """The front ends' path: a TrackResponse's ``tracked`` given back as ``previous`` with a
+    correction. In this process and in the worker process alike: the same masks, statuses and
+    rows, no registration time, the earlier response unchanged."""
+    images, truth = study["images"][:3], study["truth"]
+    spec = ModelSpec(str(demo_model_dir()), device="cpu")
+    baseline = {pid: truth[0].array == pid for pid in (1, 2, 3)}
+    click = Correction(2, 1, Point(2, _centre(truth[1], 2)))
+    local = InProcessRunner()
+    first = local.track(TrackRequest(images, baseline, spec, "simpleitk"))
+    before = [{pid: m.copy() for pid, m in masks.items()} for masks in first.masks]
+    fixed = local.track(TrackRequest(images, {}, spec, corrections=[click], previous=first.tracked))
+    assert fixed.timings["registration"] == 0.0 and fixed.tracked.transforms == first.tracked.transforms
+    assert _same(fixed.masks[1][2], segment(images[1], [click.prompt], local.model(spec, "point")).masks[2])
+    assert all(_same(before[t][pid], first.masks[t][pid]) for t in range(3) for pid in before[t])
+    worker = WorkerProcessRunner()
+    try:
+        remote_fixed = worker.track(TrackRequest(images, {}, spec, corrections=[click], previous=first.tracked))
+    finally:
+        worker.close()
+    assert remote_fixed.timings["registration"] == 0.0 and remote_fixed.status == fixed.status
+    assert remote_fixed.rows == fixed.rows
+    for t in range(3):
+        for pid in fixed.masks[t]:
+            assert _same(remote_fixed.masks[t][pid], fixed.masks[t][pid]), (t, pid)
+
+
+# ------------------------------------------------------------------------------ verified tracking
+def test_verified_tracking_that_accepts_every_proposal_is_automatic_tracking(study):
+    images, truth, m = study["images"], study["truth"], study["models"]
+    asked = []
+
+    def accept(t, proposals):
+        asked.append((t, sorted(proposals)))
+        return {}
+
+    auto = track(images, truth[0], m["prev_mask"], registration="none")
+    verified = track(images, truth[0], m["prev_mask"], registration="none", confirm=accept)
+    assert asked == [(t, sorted(study["first"].status)) for t in (1, 2, 3)]
+    for t in range(4):
+        for pid in auto.masks[t]:
+            assert _same(verified.masks[t][pid], auto.masks[t][pid]), (t, pid)
+    warped, _ = warp_lesion(auto.masks[0][2], images[0], images[1], auto.transforms[0])
+    centre = images[1].index_to_world(np.argwhere(warped).mean(axis=0))
+    assert np.allclose(verified.points[(1, 2)]["proposed"], centre, atol=1e-6)
+    assert verified.points[(1, 2)]["confirmed"] == verified.points[(1, 2)]["proposed"]
+
+
+def test_a_moved_point_moves_the_warped_mask_onto_it(study):
+    """The combination of the two prompts: the warped previous mask translated (whole voxels) so
+    that its centre lands on the confirmed point, then the tracking model."""
+    images, truth, m = study["images"], study["truth"], study["models"]
+    offset = np.array([0, 3, -2])  # voxels (z, y, x)
+
+    def move(t, proposals):
+        if t != 1:
+            return {}
+        index = images[1].world_to_index(proposals[2].xyz) + offset
+        return {2: Point(2, tuple(images[1].index_to_world(index)))}
+
+    verified = track(images[:2], truth[0], m["prev_mask"], registration="none", confirm=move)
+    warped, _ = warp_lesion(truth[0].array == 2, images[0], images[1], verified.transforms[0])
+    moved = shift_mask(warped, offset)
+    assert moved.sum() == warped.sum() and np.allclose(np.argwhere(moved).mean(0) - np.argwhere(warped).mean(0),
+                                                        offset)
+    want = segment(images[1], [MaskPrompt(2, images[1].with_array(moved))], m["prev_mask"]).masks[2]
+    assert _same(verified.masks[1][2], want)
+    outside = lambda t, proposals: {1: Point(1, tuple(images[t].index_to_world([-5, 0, 0])))}  # noqa: E731
+    with pytest.raises(PromptError, match="lesion 1 at scan 1: the confirmed point .* is outside that scan"):
+        track(images[:2], truth[0], m["prev_mask"], registration="none", confirm=outside)
+
+
+def test_cli_confirmed_points_are_used_and_written_back(study, tmp_path, capsys):
+    target = _centre(study["truth"][1], 1)
+    points = tmp_path / "points.json"
+    points.write_text(json.dumps({"format": "lesionlocator-confirmed-points/1", "points": [
+        {"lesion": 1, "scan": "demo_t1", "point": list(target)}]}))
+    out = tmp_path / "out"
+    assert cli.main(["track", "-bl", str(DEMO / "demo_t0.nii.gz"), "-fu", str(DEMO / "demo_t1.nii.gz"),
+                     str(DEMO / "demo_t2.nii.gz"), "-p", str(DEMO / "demo_t0_label.nii.gz"), "-o", str(out),
+                     "--registration", "none", "--confirmed-points", str(points), "--disable_progress_bar",
+                     "--device", "cpu"]) == 0
+    capsys.readouterr()
+    used = json.loads((out / "tracking" / "points.json").read_text())
+    assert used["format"] == "lesionlocator-confirmed-points/1"
+    entries = {(e["lesion"], e["scan"]): e for e in used["points"]}
+    assert sorted(entries) == sorted((pid, s) for pid in study["first"].status for s in ("demo_t1", "demo_t2"))
+    assert np.allclose(entries[1, "demo_t1"]["point"], target)
+    assert all(e["point"] == e["proposed"] for k, e in entries.items() if k != (1, "demo_t1"))
+    assert read_confirmed_points(out / "tracking" / "points.json")[("demo_t1", 1)] == pytest.approx(target)
