@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 
 from .inputs import UsageError, device_value, folds_value, non_negative, step_fraction
+from .protocol import MODEL_BACKENDS
 from .serverclient import add_server_options, closing, connect_server, server_segmenter, server_spec
 
 REGISTRATIONS = ["simpleitk", "greedy", "unigradicon", "none"]
@@ -50,8 +51,8 @@ def _warn(command: str, message: str) -> None:
 
 # --------------------------------------------------------------------------- segment
 def cmd_segment(args) -> int:
-    from .inputs import check_dicom_out, check_images, check_model, check_output_folder, pair_inputs, \
-        read_prompts, scan_ending, scan_name
+    from .inputs import check_backend, check_dicom_out, check_images, check_model, check_output_folder, \
+        pair_inputs, read_prompts, scan_ending, scan_name
 
     pairs = pair_inputs(args.i, args.p)
     out = check_output_folder(args.o)
@@ -59,6 +60,7 @@ def cmd_segment(args) -> int:
     dicom_out = check_dicom_out(args.dicom_out, [image for image, _ in pairs], args.series)
     prompts = {image: read_prompts(prompt, args.t, args.world, args.allow_many_prompts) for image, prompt in pairs}
     server = connect_server(args, [args.t])
+    check_backend(args.backend, args.device)
     root = check_model(args.m, [args.t]) if server is None else None
     from .outputs import OutputFolder
 
@@ -104,7 +106,7 @@ def _segmenter(root, args):
     from .model import load_model
     from .predict import segment
 
-    model = load_model(root, args.t, folds=args.f, device=args.device, tta=_tta(args))
+    model = load_model(root, args.t, folds=args.f, device=args.device, tta=_tta(args), backend=args.backend)
     print(f"model: {model.folder} (folds {model.folds}, device {model.device}, "
           f"test-time mirroring {'on' if model.use_tta else 'off'})", file=sys.stderr)
     return lambda image, prompts, progress: segment(image, prompts, model, progress=progress,
@@ -247,7 +249,8 @@ def _readable_followups(paths, series=()) -> tuple:
 
 
 def cmd_track(args) -> int:
-    from .inputs import check_dicom_out, check_images, check_model, check_output_folder, scan_name, unique_names
+    from .inputs import check_backend, check_dicom_out, check_images, check_model, check_output_folder, scan_name, \
+        unique_names
 
     check_images([args.bl], args.series)
     followups, failed = _readable_followups(args.fu, args.series)
@@ -262,6 +265,7 @@ def cmd_track(args) -> int:
     types = ["prev_mask"] if args.t == "prev_mask" or args.resume_from else [args.t, "prev_mask"]
     corrections = _read_corrections(args, types, names)
     server = connect_server(args, types)
+    check_backend(args.backend, args.device)
     root = check_model(args.m, types) if server is None else server
     for message in failed:
         print(f"lesionlocator track: error: {message}", file=sys.stderr)
@@ -363,7 +367,8 @@ def _run_study(paths, names, prompts, root, args, corrections=None):
     if isinstance(root, RemoteRunner):
         model, track = server_spec(root, args, None), partial(track_study_on_server, root)
     else:
-        model = ModelSpec(str(root), tuple(args.f) if args.f is not None else None, args.device)
+        model = ModelSpec(str(root), tuple(args.f) if args.f is not None else None, args.device,
+                          backend=args.backend)
         if corrections:
             from .correctionfile import resolve_corrections
 
@@ -584,6 +589,10 @@ def _model_options(p, prompt_flag=True) -> None:
                    help="folds to use, e.g. 0 1 or all (default: every fold present)")
     p.add_argument("-device", "--device", type=device_value, default="auto",
                    help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--backend", default="torch", choices=MODEL_BACKENDS,
+                   help="inference runtime: torch (default), or with --device cpu openvino (pip install openvino; "
+                   "the network is converted once and cached; same results) or openvino-bf16 (opt-in, faster, "
+                   "reduced precision)")
 
 
 def _dicom_options(p) -> None:

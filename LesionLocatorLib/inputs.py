@@ -250,6 +250,18 @@ def read_prompts(path: Path, prompt_type: str, world: bool, allow_many: bool = F
     return prompts
 
 
+def check_backend(backend: str, device: str) -> None:
+    """``--backend`` against ``--device`` and the installed packages (no torch, no import of openvino)."""
+    if backend == "torch":
+        return
+    import importlib.util
+
+    if device not in ("auto", "cpu"):
+        raise UsageError(f"--backend {backend} runs on the CPU; use --device cpu (or the torch backend on {device})")
+    if importlib.util.find_spec("openvino") is None:
+        raise UsageError(f"--backend {backend} needs the 'openvino' package: pip install openvino")
+
+
 def check_model(model_arg, prompt_types) -> Path:
     """The model root for ``-m`` (a folder or a downloaded model's name; default the bundled demo
     model), checked for the folders ``prompt_types`` need ('point', 'box', 'prev_mask'), their

@@ -111,6 +111,7 @@ class LoadedModel:
     device: torch.device
     use_tta: bool
     intensity_properties: dict = field(default_factory=dict)
+    runtime: object = None  # None: PyTorch; else a callable (fold index, x) -> logits, e.g. OpenVINONetworks
 
     @property
     def patch_size(self) -> tuple:
@@ -129,23 +130,27 @@ class LoadedModel:
         averaged over folds and, if ``use_tta``, over the allowed mirrorings."""
         x = x.to(self.device)
         total = None
-        for weights in self.fold_weights:
-            if len(self.fold_weights) > 1 or total is None:
-                self.network.load_state_dict(weights)
-            out = self._forward_one(x)
+        for i, weights in enumerate(self.fold_weights):
+            if self.runtime is not None:
+                network = lambda batch, i=i: self.runtime(i, batch)  # noqa: E731
+            else:
+                if len(self.fold_weights) > 1 or total is None:
+                    self.network.load_state_dict(weights)
+                network = self.network
+            out = self._forward_one(network, x)
             total = out if total is None else total + out
         return (total / len(self.fold_weights)).float().cpu()
 
     @torch.inference_mode()
-    def _forward_one(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_one(self, network, x: torch.Tensor) -> torch.Tensor:
         ctx = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else _nullcontext()
         with ctx:
-            pred = self.network(x).float()
+            pred = network(x).float()
             if self.use_tta and self.mirror_axes:
                 axes = [a + 2 for a in self.mirror_axes]
                 combos = [c for n in range(1, len(axes) + 1) for c in itertools.combinations(axes, n)]
                 for dims in combos:
-                    pred += torch.flip(self.network(torch.flip(x, dims)), dims).float()
+                    pred += torch.flip(network(torch.flip(x, dims)), dims).float()
                 pred /= len(combos) + 1
         return pred
 
@@ -190,13 +195,21 @@ def _network_for_weights(plans: dict, configuration_name: str, dataset_json: dic
     return network
 
 
+BACKENDS = ("torch", "openvino", "openvino-bf16")
+
+
 def load_model(path, prompt_type: str = "point", folds=None, device: str = "auto", tta: bool | None = None,
-               checkpoint_name: str = CHECKPOINT_NAME) -> LoadedModel:
+               checkpoint_name: str = CHECKPOINT_NAME, backend: str = "torch", cache_dir=None) -> LoadedModel:
     """Load the model for ``prompt_type`` from a model root or trained-model folder.
 
     ``folds``: list of fold numbers (or 'all'); None uses every fold present.
     ``tta``: mirroring test-time augmentation; None = on for GPU, off for CPU.
+    ``backend``: 'torch' (default), or on the CPU 'openvino' (fp32, logits within ~1e-4 of PyTorch) or
+    'openvino-bf16' (opt-in reduced precision) of :mod:`LesionLocatorLib.openvinobackend`; converted networks are
+    cached under ``cache_dir`` (default: the model cache, :func:`LesionLocatorLib.zoo.cache_root`).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     folder = find_model_folder(path, prompt_type)
     plans, dataset_json = read_model_json(folder)
     present = available_folds(folder)
@@ -206,7 +219,7 @@ def load_model(path, prompt_type: str = "point", folds=None, device: str = "auto
     missing = [f for f in folds if f not in present]
     if missing:
         raise ModelLayoutError(f"fold(s) {missing} not found in {folder}; available: {present}")
-    dev = select_device(device)
+    dev = select_device("cpu" if backend != "torch" and (device or "auto") == "auto" else device)
     weights, trainer, config_name, mirror = [], None, None, None
     for f in folds:
         ckpt = load_checkpoint(folder / f"fold_{f}" / checkpoint_name)
@@ -226,8 +239,17 @@ def load_model(path, prompt_type: str = "point", folds=None, device: str = "auto
     network = _network_for_weights(plans, config_name, dataset_json, weights[0], dev, folder).eval()
     use_tta = (dev.type != "cpu") if tta is None else bool(tta)
     intensity = plans.get("foreground_intensity_properties_per_channel", {}).get("0", {})
-    return LoadedModel(folder, network, weights, folds, plans, config, config_name, dataset_json, trainer,
-                       tuple(mirror) if mirror is not None else None, dev, use_tta, intensity)
+    model = LoadedModel(folder, network, weights, folds, plans, config, config_name, dataset_json, trainer,
+                        tuple(mirror) if mirror is not None else None, dev, use_tta, intensity)
+    if backend != "torch":
+        if dev.type != "cpu":
+            raise ValueError(f"the {backend} backend runs on the CPU; use device 'cpu' (or the torch backend on "
+                             f"{dev.type})")
+        from .openvinobackend import OpenVINONetworks
+
+        model.runtime = OpenVINONetworks(model, [folder / f"fold_{f}" / checkpoint_name for f in folds], cache_dir,
+                                         precision="bf16" if backend == "openvino-bf16" else "f32")
+    return model
 
 
 def _network_state(weights: dict) -> dict:

@@ -118,7 +118,8 @@ def available_folds(folder: Path) -> list:
 class ModelSpec:
     """Which model to run: a model root (``LesionLocatorCheckpoint`` or a trained-model
     folder), folds (None = all present), device ('auto', 'cpu', 'cuda', 'cuda:N', 'mps')
-    and mirroring test-time augmentation (None = on for GPU, off for CPU).
+    and mirroring test-time augmentation (None = on for GPU, off for CPU); ``backend``: 'torch',
+    or on the CPU 'openvino' / 'openvino-bf16' (:func:`LesionLocatorLib.model.load_model`).
 
     The point model runs point prompts, the box model box prompts, the root's
     ``LesionLocatorTrack`` model (prompt type 'prev_mask') mask prompts.
@@ -127,7 +128,8 @@ class ModelSpec:
     folds: Optional[tuple] = None
     device: str = "auto"
     tta: Optional[bool] = None
+    backend: str = "torch"
 
     def to_json(self) -> dict:
         return {"path": self.path, "folds": list(self.folds) if self.folds is not None else None,
-                "device": self.device, "tta": self.tta}
+                "device": self.device, "tta": self.tta, "backend": self.backend}

@@ -214,6 +214,7 @@ class ProtocolError(ValueError):
 MESSAGE_TYPES = ("hello", "segment", "track", "load", "cancel", "shutdown")
 REGISTRATION_BACKENDS = ("simpleitk", "none", "greedy", "unigradicon")  # = register.BACKENDS (tested)
 PROMPT_TYPES = ("point", "box", "prev_mask")
+MODEL_BACKENDS = ("torch", "openvino", "openvino-bf16")  # = model.BACKENDS (tested)
 MAX_PROMPT_ID = 65535
 MAX_ID_CHARS = 200
 IMAGE_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64")
@@ -473,7 +474,7 @@ def _prompts(value, field: str, session) -> list:
 
 
 def _model(value, field: str) -> dict:
-    _object(value, field, ("path",), ("folds", "device", "tta"))
+    _object(value, field, ("path",), ("folds", "device", "tta", "backend"))
     folds = value.get("folds")
     if folds is not None:
         for i, fold in enumerate(_list(folds, f"{field}.folds", 1)):
@@ -486,7 +487,11 @@ def _model(value, field: str) -> dict:
     tta = value.get("tta")
     if tta is not None and not isinstance(tta, bool):
         _fail(f"{field}.tta", f"expected null, true or false, got {_show(tta)}")
-    return {"path": _string(value["path"], f"{field}.path"), "folds": folds, "device": device, "tta": tta}
+    backend = value.get("backend", "torch")
+    if backend not in MODEL_BACKENDS:
+        _fail(f"{field}.backend", f"expected one of {', '.join(MODEL_BACKENDS)}, got {_show(backend)}")
+    return {"path": _string(value["path"], f"{field}.path"), "folds": folds, "device": device, "tta": tta,
+            "backend": backend}
 
 
 def _option_value(value, field: str, depth: int = 0):

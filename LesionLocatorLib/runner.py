@@ -202,12 +202,12 @@ class InProcessRunner:
         tracking), from the cache when possible."""
         from .model import load_model
 
-        key = (str(spec.path), prompt_type, spec.folds, spec.device, spec.tta)
+        key = (str(spec.path), prompt_type, spec.folds, spec.device, spec.tta, spec.backend)
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key]
         model = load_model(spec.path, prompt_type, folds=list(spec.folds) if spec.folds is not None else None,
-                           device=spec.device, tta=spec.tta)
+                           device=spec.device, tta=spec.tta, backend=spec.backend)
         self.loads += 1
         self._models[key] = model
         while len(self._models) > self.max_models:

@@ -34,7 +34,8 @@ def connect_server(args, prompt_types):
 
     for flag, local_only in (("--save-probabilities", getattr(args, "save_probabilities", False)),
                              ("--step_size", getattr(args, "step_size", 0.5) != 0.5),
-                             ("--device", args.device != "auto")):
+                             ("--device", args.device != "auto"),
+                             ("--backend", getattr(args, "backend", "torch") != "torch")):
         if local_only:
             raise UsageError(f"{flag} cannot be used with --server (the server chooses; probabilities are not sent)")
     key = read_api_key(args.api_key_file) if args.api_key_file else None

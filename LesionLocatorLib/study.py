@@ -113,7 +113,7 @@ def load_for(spec: ModelSpec, prompt_type: str):
     from .model import load_model
 
     return load_model(spec.path, prompt_type, folds=list(spec.folds) if spec.folds is not None else None,
-                      device=spec.device, tta=spec.tta)
+                      device=spec.device, tta=spec.tta, backend=spec.backend)
 
 
 def _baseline_kind(prompts) -> str | None:

@@ -115,7 +115,8 @@ def _model_spec(spec: dict):
     from .runner import ModelSpec
 
     folds = spec["folds"]
-    return ModelSpec(spec["path"], tuple(folds) if folds is not None else None, spec["device"], spec["tta"])
+    return ModelSpec(spec["path"], tuple(folds) if folds is not None else None, spec["device"], spec["tta"],
+                     spec.get("backend", "torch"))
 
 
 def _write_masks(path: str, masks: dict) -> None:

@@ -351,8 +351,11 @@ def test_a_saved_run_is_refused_for_other_scans_or_when_incomplete(study, tmp_pa
 @pytest.mark.parametrize("which", ["swapped", "other voxels", "no state"])
 def test_cli_resume_from_other_scans_is_refused_before_any_work(study, tmp_path, capsys, which):
     earlier = tmp_path / "earlier"
-    save_track_state(earlier / "tracking", TrackResult([{}] * 3, [], {}, study["first"].transforms[:2]), study["images"][:3],
-                     ["demo_t0", "demo_t1", "demo_t2"], "simpleitk") if which != "no state" else earlier.mkdir()
+    if which == "no state":
+        earlier.mkdir()
+    else:
+        save_track_state(earlier / "tracking", TrackResult([{}] * 3, [], {}, study["first"].transforms[:2]),
+                         study["images"][:3], ["demo_t0", "demo_t1", "demo_t2"], "simpleitk")
     follow_ups = [DEMO / "demo_t1.nii.gz", DEMO / "demo_t2.nii.gz"]
     message = {"swapped": "that run tracked demo_t0, demo_t1, demo_t2; these scans are demo_t0, demo_t2, demo_t1",
                "other voxels": "scan 1 is not the scan 'demo_t1' the saved run tracked",

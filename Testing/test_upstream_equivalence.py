@@ -40,8 +40,10 @@ wrapper calls the original method and changes nothing.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -98,13 +100,16 @@ def _case_image(case: str) -> Image:
 _RUNS = {}
 
 
-def _run_ours(case: str, kind: str, model_roots):
-    """Our segment() on a fixture case, with the logits recorded (cached per module)."""
-    key = (case, kind)
+def _run_ours(case: str, kind: str, model_roots, backend: str = "torch"):
+    """Our segment() on a fixture case, with the logits recorded (cached per module); ``backend``: 'torch' or
+    'openvino' (converted networks cached in a folder of this module's run)."""
+    key = (case, kind, backend)
     if key in _RUNS:
         return _RUNS[key]
     root = model_roots[META["cases"][case]["resampling"]]
-    model = load_model(root, kind, folds=[0], device="cpu", tta=False)
+    if backend != "torch" and "cache" not in _RUNS:
+        _RUNS["cache"] = tempfile.mkdtemp(prefix="ll-openvino-cache-")
+    model = load_model(root, kind, folds=[0], device="cpu", tta=False, backend=backend, cache_dir=_RUNS.get("cache"))
     image = _case_image(case)
     prompts = read_prompt_file(FIX / f"{case}_{kind}.json")
     calls = []
@@ -135,9 +140,9 @@ def _lattice(lo, step, shape):
     return tuple(slice(int(l_), int(l_) + int(step) * n, int(step)) for l_, n in zip(lo, shape))
 
 
-def _compare_logits(case, kind, model_roots):
+def _compare_logits(case, kind, model_roots, backend: str = "torch"):
     """Per lesion: (model-grid max |diff|, original-grid max |diff|)."""
-    _, prompts, _, calls = _run_ours(case, kind, model_roots)
+    _, prompts, _, calls = _run_ours(case, kind, model_roots, backend)
     fx = _fixture(case)
     variant = META["compared_variant"][case][kind]
     out = {}
@@ -192,10 +197,16 @@ def test_geometry_and_encoded_prompts(case, kind, model_roots):
             f"{case}/{kind}/lesion {p.id}: encoded prompt {ours.tolist()}, upstream {up_enc.tolist()}"
 
 
+BACKENDS = ["torch", pytest.param("openvino", marks=pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None, reason="the optional 'openvino' package is not installed"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case,kind", PAIRS)
-def test_masks_identical(case, kind, model_roots):
-    """masks[id] equals upstream's exported <case>_lesion_<id>.nii.gz (fp32-accumulation run)."""
-    _, prompts, result, _ = _run_ours(case, kind, model_roots)
+def test_masks_identical(case, kind, model_roots, backend):
+    """masks[id] equals upstream's exported <case>_lesion_<id>.nii.gz (fp32-accumulation run), with PyTorch and
+    with the OpenVINO CPU backend."""
+    _, prompts, result, _ = _run_ours(case, kind, model_roots, backend)
     fx = _fixture(case)
     variant = META["compared_variant"][case][kind]
     for p in prompts:
@@ -207,10 +218,11 @@ def test_masks_identical(case, kind, model_roots):
                              f"({int(ours.sum())} vs {int(up.sum())} mask voxels)")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case,kind", PAIRS)
-def test_logits_match(case, kind, model_roots):
-    """max |logit difference| < 1e-3 in the preprocessed grid and on the original grid."""
-    diffs = _compare_logits(case, kind, model_roots)
+def test_logits_match(case, kind, model_roots, backend):
+    """max |logit difference| < 1e-3 in the preprocessed grid and on the original grid (PyTorch and OpenVINO)."""
+    diffs = _compare_logits(case, kind, model_roots, backend)
     bad = {lid: d for lid, d in diffs.items() if max(d) >= LOGIT_TOL}
     assert not bad, f"{case}/{kind}: max |logit diff| (model grid, original grid) per lesion = {diffs}"
 

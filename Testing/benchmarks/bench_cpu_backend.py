@@ -37,8 +37,9 @@ Variants (``--variants``; default: all but the ``*-legacy``/``*-t1`` ones):
                     patch, IR saved with compress_to_fp16=False, compile_model(CPU, LATENCY,
                     INFERENCE_PRECISION_HINT f32)
   ov-fp32-onnx      OpenVINO from the ONNX file of torch.onnx.export(dynamo=True)
-  *-stablenorm      ort-fp32 / ov-fp32 with every InstanceNorm3d replaced (in this benchmark only) by
-                    StableInstanceNorm, whose reductions keep fp32 accuracy over 8 M voxels (see the class)
+  *-stablenorm      ort-fp32 / ov-fp32 with every InstanceNorm3d replaced by the library's StableInstanceNorm
+                    (LesionLocatorLib.openvinobackend; what --backend openvino does), whose reductions keep fp32
+                    accuracy over 8 M voxels
   ov-bf16           opt-in: OpenVINO's default INFERENCE_PRECISION_HINT (bf16 on CPUs with AVX512-BF16/AMX)
   ov-fp16w          opt-in: IR saved with ov.save_model's default compress_to_fp16=True (fp16 weights, f32 compute)
 
@@ -94,37 +95,7 @@ FP32 = {"torch-eager", "torch-eager-t1", "torch-eager-t2", "torch-cl3d", "torch-
 TRACE_SHAPE = (32, 64, 64)  # small spatial example input for tracing (the graph is then made static at the patch)
 
 
-class StableInstanceNorm(torch.nn.Module):
-    """InstanceNorm3d (affine) for export, with accurate fp32 reductions: the sums along x are a MatMul with a
-    vector of 1/X (oneDNN/MLAS gemm, blocked accumulation over 224 values), the rest are means over small tensors,
-    and the variance is two-pass. ONNX Runtime's InstanceNormalization and OpenVINO's MVN accumulate over all
-    z*y*x = 8 M voxels of a full-resolution channel and lose ~1e-3 relative per layer; chained ReduceMeans are no
-    cure in OpenVINO, which merges them back into one reduction."""
-
-    def __init__(self, norm: torch.nn.Module):
-        super().__init__()
-        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
-
-    def forward(self, x):
-        ones = x.new_ones(x.shape[-1], 1) / x.shape[-1]
-        mean = torch.matmul(x, ones).mean(3, keepdim=True).mean(2, keepdim=True)
-        d = x - mean
-        var = torch.matmul(d * d, ones).mean(3, keepdim=True).mean(2, keepdim=True)
-        scale = torch.rsqrt(var + self.eps) * self.weight.view(1, -1, 1, 1, 1)
-        return d * scale + self.bias.view(1, -1, 1, 1, 1)
-
-
-def stabilise_norms(module: torch.nn.Module, memo: dict | None = None) -> int:
-    """Replace every InstanceNorm3d under ``module`` (in place) by :class:`StableInstanceNorm`; returns the count."""
-    memo = {} if memo is None else memo
-    for name, sub in module.named_children():
-        if isinstance(sub, torch.nn.InstanceNorm3d):
-            if id(sub) not in memo:  # nnU-Net blocks hold the same norm twice ('norm' and 'all_modules')
-                memo[id(sub)] = StableInstanceNorm(sub)
-            setattr(module, name, memo[id(sub)])
-        else:
-            stabilise_norms(sub, memo)
-    return len(memo)
+from LesionLocatorLib.openvinobackend import StableInstanceNorm, stabilise_norms  # noqa: E402,F401  (the library's)
 
 
 # --------------------------------------------------------------------------- measurement helpers
