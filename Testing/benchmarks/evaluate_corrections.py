@@ -62,6 +62,7 @@ class VerifyingUser:
     def __init__(self, case, tolerance_mm: float = 10.0):
         self.case, self.tolerance_mm = case, tolerance_mm
         self.clicks = self.confirmations = 0
+        self.errors_mm = []  # each proposal's distance to the true centre (lesions present in the truth)
 
     def __call__(self, t: int, proposals: dict) -> dict:
         from LesionLocatorLib.prompts import Point
@@ -71,7 +72,9 @@ class VerifyingUser:
         for pid, proposal in proposals.items():
             where = np.argwhere(truth == pid)
             centre = image.index_to_world(where.mean(axis=0)) if len(where) else None
-            if centre is not None and np.linalg.norm(centre - np.asarray(proposal.xyz)) > self.tolerance_mm:
+            if centre is not None:
+                self.errors_mm.append(float(np.linalg.norm(centre - np.asarray(proposal.xyz))))
+            if centre is not None and self.errors_mm[-1] > self.tolerance_mm:
                 moved[pid] = Point(pid, tuple(centre))
                 self.clicks += 1
             else:
@@ -101,7 +104,7 @@ def main() -> None:
     rows = {"automatic": [], "corrected": [], "verified": []}
     clicks, lesions, seconds = {"automatic": 0, "corrected": 0, "verified": 0}, 0, {
         "track": 0.0, "corrections": 0.0, "verified track": 0.0}
-    confirmations = 0
+    confirmations, errors = 0, []
     for c in range(a.cases):
         case = evaluation_case(cts, c, a)
         base, lab = case.images[0], case.labels[0].array
@@ -122,6 +125,7 @@ def main() -> None:
         seconds["verified track"] += time.perf_counter() - t0
         clicks["verified"] += user.clicks
         confirmations += user.confirmations
+        errors += user.errors_mm
         for name, result in (("automatic", auto), ("corrected", fixed), ("verified", verified)):
             for t in range(1, len(case.images)):
                 rows[name] += evaluate_case(result.labels[t], case.labels[t], lesion_ids=ids, case=f"case{c}_t{t}",
@@ -137,12 +141,18 @@ def main() -> None:
           f"registration). corrected: a click where the tracked Dice < {a.threshold}; verified: a click where the "
           f"proposed point is > {a.tolerance_mm} mm from the true centre ({confirmations} proposals accepted)")
     print(format_table(table, digits=3))
+    spread = {"median": float(np.median(errors)), "p95": float(np.percentile(errors, 95)), "max": float(max(errors))} \
+        if errors else {}
+    print("verified tracking: distance of the proposed point to the true centre (mm): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in spread.items()))
     print("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     (HERE / "results").mkdir(exist_ok=True)
-    path = HERE / "results" / "evaluate_corrections.json"
+    path = HERE / "results" / ("evaluate_corrections.json" if a.registration == "simpleitk"
+                                else f"evaluate_corrections_{a.registration}.json")
     path.write_text(json.dumps({"model": a.m, "cases": a.cases, "lesions": lesions, "followups": a.followups,
                                 "registration": a.registration, "threshold": a.threshold,
-                                "tolerance_mm": a.tolerance_mm, "confirmations": confirmations, "rows": table,
+                                "tolerance_mm": a.tolerance_mm, "confirmations": confirmations,
+                                "proposal_error_mm": spread, "rows": table,
                                 "seconds": seconds}, indent=1, default=str))
     print(f"wrote {path}")
 

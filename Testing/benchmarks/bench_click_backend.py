@@ -1,0 +1,152 @@
+"""Benchmark (issue #29): one click with the official-size network on a 512x512x300 CT, CPU, 1 fold, no TTA,
+end to end, PyTorch vs the OpenVINO backend (``load_model(..., backend="openvino")``).
+
+The network is the released ResEnc-L architecture with random weights (``build_resencl_checkpoint``); the CT is
+``bench_segment.make_volume`` (512 x 512 x 300, 0.78 x 0.78 x 1 mm) and the click is at its centre. Each run is a
+fresh subprocess that loads the model, reads the CT and segments one point prompt (timed separately; "click" =
+load + read + segment, what a first click costs; "segment" = what every later click costs). Variants, alternated
+round by round (A B C, C B A, ...) so that other load on a shared machine hits them alike:
+
+  torch          PyTorch fp32 (today's path)
+  openvino-cold  --backend openvino with an empty converted-model cache: includes the one-time conversion
+  openvino       --backend openvino with the cache filled (what every later session costs)
+  openvino-bf16  opt-in reduced precision (cache filled)
+
+Accuracy against the torch run of the same round: Dice of the masks and max |probability difference|.
+Prints a table, writes JSON (default ``results/bench_click_backend.json``, not tracked in git).
+
+Usage: python Testing/benchmarks/bench_click_backend.py WORKDIR [--rounds 2] [--variants torch openvino ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parents[1]))
+
+VARIANTS = ("torch", "openvino-cold", "openvino", "openvino-bf16")
+
+
+def _peak_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child(work: str, variant: str) -> None:
+    """One click in this process; prints a JSON line and saves the mask and probabilities."""
+    t0 = time.perf_counter()
+    from LesionLocatorLib.image import read_image
+    from LesionLocatorLib.model import load_model
+    from LesionLocatorLib.predict import segment
+    from LesionLocatorLib.prompts import VoxelPrompt
+
+    work = Path(work)
+    backend = "torch" if variant == "torch" else variant.replace("-cold", "")
+    cache = work / ("cache-cold" if variant == "openvino-cold" else "cache")
+    if variant == "openvino-cold":
+        shutil.rmtree(cache, ignore_errors=True)
+    model = load_model(work / "resencl", "point", folds=[0], device="cpu", tta=False, backend=backend,
+                       cache_dir=cache)
+    t_load = time.perf_counter() - t0
+    image = read_image(work / "ct.nrrd")
+    t_read = time.perf_counter() - t0 - t_load
+    prompt = VoxelPrompt(1, "point", [image.shape[0] // 2, 256, 256])
+    t1 = time.perf_counter()
+    result = segment(image, [prompt], model, check_intensities=False)
+    t_segment = time.perf_counter() - t1
+    np.savez_compressed(work / f"out_{variant}.npz", mask=result.masks[1],
+                        probabilities=result.probabilities[1].astype(np.float32))
+    print(json.dumps({"variant": variant, "load_s": t_load, "read_s": t_read, "segment_s": t_segment,
+                      "click_s": time.perf_counter() - t0, "peak_mb": _peak_mb(),
+                      "conversions": getattr(model.runtime, "conversions", 0)}))
+
+
+def _compare(work: Path, variant: str) -> dict:
+    ref = np.load(work / "out_torch.npz")
+    got = np.load(work / f"out_{variant}.npz")
+    a, b = ref["mask"], got["mask"]
+    dice = 2 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1)
+    return {"dice_vs_torch": float(dice),
+            "max_prob_diff": float(np.abs(ref["probabilities"] - got["probabilities"]).max())}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("work")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("-o", default=str(HERE / "results" / "bench_click_backend.json"))
+    ap.add_argument("--child", nargs=2, metavar=("WORK", "VARIANT"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        child(*a.child)
+        return 0
+    from bench_segment import make_volume
+    from build_test_models import build_resencl_checkpoint
+
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "resencl").is_dir():
+        build_resencl_checkpoint(work / "resencl")
+    if not (work / "ct.nrrd").is_file():
+        make_volume(work / "ct.nrrd", 300)
+    variants = ["torch"] + [v for v in a.variants if v != "torch"]
+    runs = {v: [] for v in variants}
+    for v in ("openvino", "openvino-bf16"):  # fill their cache once, untimed
+        if v in variants:
+            subprocess.run([sys.executable, __file__, str(work), "--child", str(work), v], capture_output=True,
+                           check=True)
+    for r in range(a.rounds):
+        order = variants if r % 2 == 0 else variants[::-1]
+        if "torch" in order and order[0] != "torch":
+            order = ["torch"] + [v for v in order if v != "torch"]  # the round's reference first
+        for v in order:
+            out = subprocess.run([sys.executable, __file__, str(work), "--child", str(work), v], capture_output=True,
+                                 text=True)
+            if out.returncode != 0:
+                print(out.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{v} failed")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            if v != "torch":
+                row.update(_compare(work, v))
+            runs[v].append(row)
+            print(f"[round {r + 1}] {v}: click {row['click_s']:.1f} s (segment {row['segment_s']:.1f} s)",
+                  file=sys.stderr)
+    table = []
+    for v in variants:
+        rows = runs[v]
+        med = lambda k: statistics.median(x[k] for x in rows)  # noqa: E731
+        table.append({"variant": v, "click_s": med("click_s"), "load_s": med("load_s"), "segment_s": med("segment_s"),
+                      "peak_mb": med("peak_mb"), "dice_vs_torch": min((x.get("dice_vs_torch", 1.0) for x in rows)),
+                      "max_prob_diff": max((x.get("max_prob_diff", 0.0) for x in rows))})
+    base = table[0]["click_s"]
+    print(f"\nOne click, ResEnc-L (random weights, 160x224x224 patch), 512x512x300 CT, 1 fold, no TTA, "
+          f"{os.cpu_count()} cpus, median of {a.rounds} round(s)")
+    print(f"{'variant':15s} {'click s':>8s} {'load s':>7s} {'segment s':>9s} {'speed-up':>8s} {'peak MiB':>9s} "
+          f"{'Dice':>7s} {'max|dp|':>8s}")
+    for t in table:
+        print(f"{t['variant']:15s} {t['click_s']:8.1f} {t['load_s']:7.1f} {t['segment_s']:9.1f} "
+              f"{base / t['click_s']:7.2f}x {t['peak_mb']:9.0f} {t['dice_vs_torch']:7.4f} {t['max_prob_diff']:8.1e}")
+    Path(a.o).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.o).write_text(json.dumps({"rows": table, "runs": runs, "rounds": a.rounds, "cpus": os.cpu_count(),
+                                     "date": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
+    print(f"wrote {a.o}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
