@@ -13,6 +13,10 @@ without the GUI (these calls block until done)::
     seg = logic.segment(getNode("CT"), getNode("F"), modelPath="/models/LesionLocatorCheckpoint")
     out = logic.track(getNode("CT"), [getNode("CT 2024"), getNode("CT 2025")],
                       modelPath="/models/LesionLocatorCheckpoint")
+    logic.reviewCells()                                   # lesion x scan: status, volume (ml)
+    logic.showLesion(1, 2)                                # lesion 1 on the second follow-up
+    logic.correctTracking(1, 2, "point", getNode("F2"))   # or "box" (ROI), "vanished", "new"
+    logic.undo()                                          # the correction, in one step
     logic.exportTableToCsv(out.tableNode, "/tmp/lesions.csv")
     logic.exportSegmentations("/tmp/lesions", format="nii.gz")
     logic.exportDicom("/tmp/dicom")  # DICOM SEG + SR per timepoint, on the series loaded from DICOM
@@ -70,7 +74,11 @@ class LesionLocator(ScriptedLoadableModule):
             "vs baseline and nadir), a growth plot and a sequence browser over the timepoints. Your own segmentations "
             "are never overwritten. <i>Export DICOM SEG + SR</i> writes each timepoint's lesions as a DICOM "
             "segmentation and a measurement report (TID 1500) on the series the scan was loaded from (DICOM module). "
-            "Shortcuts: P point, B box, R refine, T track, Esc cancel, Ctrl+Z undo.")
+            "<i>Review</i> lists every lesion on every scan: select one to see it, accept it, or correct it with a "
+            "point or box (it is re-tracked through the later scans only), mark it vanished, or add a lesion first "
+            "seen on a follow-up; Undo reverts a correction. "
+            "Shortcuts: P point, B box, R refine, T track, Esc cancel, Ctrl+Z undo, Alt+arrows move in the Review "
+            "table.")
         self.parent.helpText += ('<p>' + _('Documentation: <a href="{url}">the project page</a>.').format(
             url="https://github.com/lesionlocator/SlicerLesionLocator") + '</p>')
         self.parent.acknowledgementText = _(

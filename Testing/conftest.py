@@ -69,3 +69,19 @@ def own_server(tmp_path):
     serve = serve_process.ServeProcess(tmp_path).start()
     yield serve
     serve.stop()
+
+
+@pytest.fixture(scope="module")
+def three_timepoints():
+    """Three CT phantoms (oblique, anisotropic), two lesions moving by a known amount and a
+    world shift of the whole scan; images are the world (LPS) geometry the volumes get
+    (``slicer_cases.phantom_case`` loads them into a scene)."""
+    from phantoms import ct_phantom, oblique_direction
+
+    images = []
+    for t in range(3):
+        image, _ = ct_phantom(shape_zyx=(24, 64, 60), spacing_xyz=(1.4, 1.1, 2.6), direction=oblique_direction(25),
+                              origin_xyz=(-40.0 + 2.0 * t, -35.0, 20.0 - 1.5 * t), seed=t,
+                              lesions=[((12, 30 + 2 * t, 28 - t), 7.0 + t, 120), ((10, 44, 42 + t), 5.0, 110)])
+        images.append(image)
+    return images

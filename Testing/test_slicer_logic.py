@@ -5,6 +5,7 @@ would use, so they can assert exact voxels; the end-to-end tests run the tiny ra
 model through the in-process runner and compare with the library called directly.
 """
 import importlib.util
+import inspect
 import os
 import re
 import subprocess
@@ -27,6 +28,9 @@ from LesionLocatorLib.runner import InProcessRunner, SegmentationResponse, Segme
 pytest_plugins = ["slicer_harness"]  # fixtures: slicer_scene, lesionlocator_module
 pytest.register_assert_rewrite("slicer_harness")
 from slicer_harness import import_module_file  # noqa: E402
+from slicer_cases import (ijk_to_ras_of as _ijk_to_ras_of, phantom_case as _phantom_case,  # noqa: E402,F401
+                          points as _points, rigid as _rigid, rotation as _rotation,
+                          volume_at_world_geometry as _volume_at_world_geometry)
 
 import_module_file()  # puts LesionLocator/ on sys.path, as Slicer does
 from LesionLocatorSlicer import logic as logic_module, models, results, scene  # noqa: E402
@@ -40,12 +44,6 @@ LESION = (10, 20, 18)  # (k, j, i)
 
 
 # ------------------------------------------------------------------------------ helpers
-def _rotation(axis, degrees):
-    t = vtk.vtkTransform()
-    t.RotateWXYZ(degrees, *axis)
-    return slicer.util.arrayFromVTKMatrix(t.GetMatrix())[:3, :3]
-
-
 def _ct_array(seed=0):
     """CT-like (k, j, i) int16: air, a body ellipse, a 7 mm lesion at LESION, noise."""
     rng = np.random.default_rng(seed)
@@ -63,13 +61,6 @@ def _ijk_to_ras(origin=(-20.0, 15.0, 40.0)):
     m = np.eye(4)
     m[:3, :3] = _rotation((1, 0.5, 0.3), 25) @ np.diag(SPACING)
     m[:3, 3] = origin
-    return m
-
-
-def _rigid(axis, degrees, translation):
-    m = np.eye(4)
-    m[:3, :3] = _rotation(axis, degrees)
-    m[:3, 3] = translation
     return m
 
 
@@ -106,15 +97,6 @@ def _hardened_lps_geometry(h, volume):
     h.scene.RemoveNode(copy)
     spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
     return ijk_to_lps[:3, 3], spacing, ijk_to_lps[:3, :3] / spacing
-
-
-def _points(h, world_positions, name="clicks", transform=None):
-    node = h.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
-    if transform is not None:
-        node.SetAndObserveTransformNodeID(transform.GetID())
-    for p in world_positions:
-        node.AddControlPointWorld(list(map(float, p)))
-    return node
 
 
 def _segment_array(node, segment_id, volume):
@@ -914,6 +896,13 @@ EXPECTED_WIDGET_CLASSES = {
     "installDependenciesButton": "QPushButton",
     "downloadModelButton": "QPushButton",
     "exportDicomButton": "QPushButton",
+    "reviewCollapsibleButton": "ctkCollapsibleButton",
+    "reviewTable": "QTableWidget",
+    "reviewAcceptButton": "QPushButton",
+    "reviewCorrectPointButton": "QPushButton",
+    "reviewCorrectBoxButton": "QPushButton",
+    "reviewVanishedButton": "QPushButton",
+    "reviewNewLesionButton": "QPushButton",
 }
 
 
@@ -1044,25 +1033,6 @@ def test_track_options_come_from_the_parameter_node_as_track_keywords(slicer_sce
 from LesionLocatorLib.runner import TrackResponse, TrackingRunner  # noqa: E402
 
 STATUSES = {"tracked", "vanished", "outside"}
-
-
-def _ijk_to_ras_of(image):
-    """World IJK-to-RAS (4x4) of a library Image (LPS), computed here independently."""
-    m = np.eye(4)
-    m[:3, :3] = np.asarray(image.direction) @ np.diag(image.spacing)
-    m[:3, 3] = image.origin
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ m
-
-
-def _volume_at_world_geometry(h, image, name, parent_to_world=None):
-    """A volume whose world geometry is the Image's: under ``parent_to_world`` (4x4) its own
-    IJK-to-RAS is inverse(parent) @ world."""
-    world = _ijk_to_ras_of(image)
-    local = world if parent_to_world is None else np.linalg.inv(parent_to_world) @ world
-    volume = h.add_volume(np.asarray(image.array), local, name)
-    if parent_to_world is not None:
-        volume.SetAndObserveTransformNodeID(h.add_linear_transform(parent_to_world, name + " transform").GetID())
-    return volume
 
 
 def _voxel_of_world_ras(volume, ras):
@@ -1312,37 +1282,6 @@ def test_follow_up_order(slicer_scene, painting, LL):
     assert scene.studyDateTime(a).startswith("20230101")
     with pytest.raises(ValueError, match="order must be"):
         logic.orderFollowUps([a], order="date")
-
-
-@pytest.fixture(scope="module")
-def three_timepoints():
-    """Three CT phantoms (oblique, anisotropic), two lesions moving by a known amount and a
-    world shift of the whole scan; images are the world (LPS) geometry the volumes get."""
-    from phantoms import ct_phantom, oblique_direction
-
-    images = []
-    for t in range(3):
-        image, _ = ct_phantom(shape_zyx=(24, 64, 60), spacing_xyz=(1.4, 1.1, 2.6), direction=oblique_direction(25),
-                              origin_xyz=(-40.0 + 2.0 * t, -35.0, 20.0 - 1.5 * t), seed=t,
-                              lesions=[((12, 30 + 2 * t, 28 - t), 7.0 + t, 120), ((10, 44, 42 + t), 5.0, 110)])
-        images.append(image)
-    return images
-
-
-def _phantom_case(h, images):
-    parents = [_rigid((0.3, 1, 0.2), 20, (8.0, -6.0, 4.0)), _rigid((1, 0, 0), -15, (-3.0, 2.0, 9.0)), None]
-    volumes = [_volume_at_world_geometry(h, image, f"CT t{t}", parent) for t, (image, parent)
-               in enumerate(zip(images, parents))]
-    centres = [(12, 30, 28), (10, 44, 42)]
-    ijk = vtk.vtkMatrix4x4()
-    volumes[0].GetIJKToRASMatrix(ijk)
-    world = []
-    for kji in centres:
-        local = ijk.MultiplyPoint([kji[2], kji[1], kji[0], 1.0])[:3]
-        out = [0.0, 0.0, 0.0]
-        volumes[0].TransformPointToWorld(local, out)
-        world.append(out)
-    return volumes, _points(h, world, name="baseline clicks")
 
 
 @pytest.mark.parametrize("registration", ["none", "simpleitk"])
@@ -1671,9 +1610,22 @@ def test_the_panel_imports_without_qt_and_every_shortcut_and_button_has_its_hand
     keyboard shortcut and button it wires must name a method that exists."""
     from LesionLocatorSlicer import widget
 
-    assert [keys for keys, _ in widget.SHORTCUTS] == ["P", "B", "R", "T", "Esc", "Ctrl+Z"]
+    assert [keys for keys, _ in widget.SHORTCUTS] == ["P", "B", "R", "T", "Esc", "Ctrl+Z", "Alt+Down", "Alt+Up",
+                                                      "Alt+Right", "Alt+Left"]
     for _, handler in widget.SHORTCUTS:
         assert callable(getattr(widget.LesionLocatorPanel, handler)), handler
     source = (MODULE_DIR / "LesionLocatorSlicer" / "widget.py").read_text()
     for handler in re.findall(r"self\.(on\w+|show\w+|poll|update\w+)\b", source):
         assert callable(getattr(widget.LesionLocatorPanel, handler, None)), handler
+    # the review panel: every button is connected to its handler, the table's selection to showLesion
+    for button, handler in (("reviewAcceptButton", "onReviewAccept"),
+                            ("reviewCorrectPointButton", "onReviewCorrectPoint"),
+                            ("reviewCorrectBoxButton", "onReviewCorrectBox"),
+                            ("reviewVanishedButton", "onReviewVanished"),
+                            ("reviewNewLesionButton", "onReviewNewLesion")):
+        assert re.search(rf"\(ui\.{button}, self\.{handler}\)", source), button
+    assert 'ui.reviewTable.connect("currentCellChanged(int,int,int,int)", self.onReviewCellChanged)' in source
+    assert "self.logic.showLesion(" in source and "self.logic.correctionJob(" in source
+    for handler in ("showTrackResults", "showCorrection", "onUndo"):  # the review table follows every change
+        body = inspect.getsource(getattr(widget.LesionLocatorPanel, handler))
+        assert "self.updateReviewTable()" in body, handler

@@ -1,11 +1,14 @@
 """The LesionLocator Slicer module's code, one job per file (``LesionLocator.py`` beside this
 package holds only the module class, a thin widget shell and the self-test entry):
 
-* ``logic.py``: the Logic facade (``LesionLocatorLogic``): segment, refine, track, undo, export,
-  models; console calls block, the GUI runs the same operations as jobs.
+* ``logic.py``: the Logic facade (``LesionLocatorLogic``): segment, refine, track, review and
+  correct a tracking run, undo, export, models; console calls block, the GUI runs the same operations as jobs.
 * ``scene.py``: scene conversion, the one place RAS meets LPS (parent transforms included):
   volume -> library Image, markups -> prompts, segment <-> mask, study dates.
 * ``results.py``: result nodes: find or create, lesion IDs, tags, colours, undo records.
+* ``review.py``: the review of the last tracking run (Qt-free): cells (lesion x scan: status,
+  volume, reviewed), the corrections so far (each correction request carries all of them on the
+  first run), undo records of corrections.
 * ``trackoutputs.py``: tracking outputs: per-timepoint segmentations, sequences and browser (no CT
   copies), lesion table, volume plot, export to files.
 * ``dicomexport.py``: export to DICOM: each timepoint's lesions as a DICOM SEG and SR on the series

@@ -146,6 +146,15 @@ def imageIjkToRas(image) -> np.ndarray:
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ m
 
 
+def indexToWorldRas(image, kji) -> np.ndarray:
+    """A (k, j, i) = (z, y, x) voxel index of a library Image (LPS world; fractional indices
+    allowed, e.g. a lesion's centre) -> Slicer world RAS mm, shape (3,). For an Image made by
+    :func:`volumeToImage` this is the point MRML maps that voxel of the volume to through its
+    parent transforms."""
+    k, j, i = (float(v) for v in kji)
+    return (imageIjkToRas(image) @ np.array([i, j, k, 1.0]))[:3]
+
+
 def imageKey(volumeNode, image) -> str:
     """A name for exactly this volume's voxels and world geometry (node ID, the voxel data's
     modification time, the LPS geometry), so that a worker process keeps the volume between

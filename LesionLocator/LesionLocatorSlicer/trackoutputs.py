@@ -22,7 +22,7 @@ from .scene import imageIjkToRas, labelmapFromMask, segmentMask
 
 TRACK_BASELINE_REFERENCE = "LesionLocator.TrackBaseline"
 PROMPT_TYPE_TRACK = "track"
-STATUSES = ("tracked", "vanished", "outside")
+STATUSES = ("tracked", "vanished", "outside", "new", "absent")  # new/absent: lesions a correction added
 ROLE_TRACK_OUTPUTS = ("TrackTable", "TrackPlotTable", "TrackChart", "TrackSeries", "TrackSequence",
                       "TrackBrowser", "TrackProxy")
 # lesion table columns: (name, kind, unit, measurement row key); kind int / str / float
@@ -43,7 +43,8 @@ class TrackOutputs:
     """What a tracking run made, everything in time order (baseline first).
 
     ``segmentationNodes[0]`` is the baseline segmentation the lesions came from;
-    ``status[lesionId][t]`` is 'tracked', 'vanished' or 'outside'; ``rows``: one dict per
+    ``status[lesionId][t]`` is 'tracked', 'vanished' or 'outside' (after a correction also 'new'
+    or 'absent', see :meth:`~.logic.LesionLocatorLogic.correctTracking`); ``rows``: one dict per
     lesion and timepoint (:func:`LesionLocatorLib.measure.lesion_measurements`, plus ``name``,
     ``segment_id``, ``volume_node`` and ``study_date``); ``response``: the runner's
     :class:`LesionLocatorLib.runner.TrackResponse`; ``warnings``: the library's and the
@@ -82,6 +83,19 @@ def trackTarget(volumeNode, lesions):
                                "it is not replaced. Rename or remove it there, then track again.").format(
                 node=node.GetName(), segment=segmentId, name=segment.GetName()))
     return node
+
+
+def removeTrackedSegment(node, baselineNode, lesionId) -> bool:
+    """Remove lesion ``lesionId``'s segment from a follow-up segmentation if tracking made it from
+    ``baselineNode`` (e.g. a lesion a correction added, when that correction is undone); any other
+    segment is left alone. True when one was removed."""
+    segmentId = results.segmentIdForLesion(lesionId)
+    segment = node.GetSegmentation().GetSegment(segmentId)
+    if segment is None or results.segmentTag(segment, results.TAG_PROMPT_TYPE) != PROMPT_TYPE_TRACK \
+            or not (results.segmentTag(segment, results.TAG_TRACKED_FROM) or "").startswith(baselineNode.GetID() + "/"):
+        return False
+    node.GetSegmentation().RemoveSegment(segmentId)
+    return True
 
 
 def tagTrackedSegment(segment, lesion, status, source) -> None:
@@ -204,7 +218,8 @@ def lesionTable(name, rows):
                                                   ">= 20 % and 5 mm over its smallest size, decrease <= -30 % vs "
                                                   "baseline); the RECIST column is the sum of all lesions"))
     table.SetColumnDescription("Status", _("tracked / vanished (no lesion found at the warped location) / outside "
-                                           "(the lesion left the scan's field of view)"))
+                                           "(the lesion left the scan's field of view); after a correction: new "
+                                           "(first seen at this scan) / absent (before it)"))
     return table
 
 
@@ -224,7 +239,8 @@ def _plotSeries(lesion, columnName):
 
 def volumePlot(base, volumes, lesions, rows) -> tuple:
     """(plot table, chart, series): lesion volume per timepoint (one column and one series per
-    lesion, in its colour); 'outside' timepoints are gaps (not measured)."""
+    lesion, in its colour); 'outside' timepoints and those before a new lesion appeared
+    ('absent') are gaps (not measured)."""
     data = slicer.vtkMRMLTableNode()
     data.SetName(f"{base} lesion volumes (plot data)")
     data.SetAttribute(results.ROLE_ATTRIBUTE, "TrackPlotTable")
@@ -251,7 +267,7 @@ def volumePlot(base, volumes, lesions, rows) -> tuple:
         column.SetName(f"{results.segmentIdForLesion(lesion.lesionId)} (ml)")
         for t in range(len(volumes)):
             row = byLesion[lesion.lesionId][t]
-            column.InsertNextValue(float("nan") if row["status"] == "outside" else float(row["volume_ml"]))
+            column.InsertNextValue(float("nan") if row["status"] in ("outside", "absent") else float(row["volume_ml"]))
         data.AddColumn(column)
         series.append(_plotSeries(lesion, column.GetName()))
     return data, chart, series

@@ -4,7 +4,14 @@ Everything long runs as a job (:mod:`.jobs`) polled by a ``QTimer`` every 50 ms:
 persistent worker process (or on a LesionLocator server in Remote mode: Model > Run on; its settings
 are the user's, :mod:`.remotesettings`, never the scene's), waited for on a background thread, so
 the GUI never blocks. Prompts placed while a job runs wait in order (:mod:`.interaction`). Keyboard
-shortcuts while the module is shown: P point, B box, R refine, T track, Esc cancel, Ctrl+Z undo.
+shortcuts while the module is shown: P point, B box, R refine, T track, Esc cancel, Ctrl+Z undo;
+in the Review table Alt+Down/Alt+Up next/previous lesion, Alt+Right/Alt+Left next/previous scan.
+
+Review (after tracking): a table of lesions (rows) by scans (columns); selecting a cell shows that
+lesion on that scan (:meth:`LesionLocatorLogic.showLesion`); Accept marks it reviewed; Correct with
+point / box and Add new lesion here enter Slicer's place mode for a prompt node of the panel's own
+(not the Lesions prompts, so nothing is segmented on the baseline), and once it is placed the
+correction runs as a job (:meth:`LesionLocatorLogic.correctionJob`); Mark vanished runs at once.
 """
 from __future__ import annotations
 
@@ -19,14 +26,16 @@ from slicer.i18n import tr as _
 from slicer.util import VTKObservationMixin
 
 from . import dependencies, logic as logicModule, models, remotesettings, trackoutputs
-from .interaction import InteractiveSegmentation
+from .interaction import InteractiveSegmentation, PromptWatcher
 from .jobs import Job
 from .logic import LesionLocatorLogic
 
 L = logicModule
 POLL_MS = 50
 SHORTCUTS = (("P", "onPlacePoint"), ("B", "onPlaceBox"), ("R", "onRefine"), ("T", "onTrack"),
-             ("Esc", "onCancel"), ("Ctrl+Z", "onUndo"))
+             ("Esc", "onCancel"), ("Ctrl+Z", "onUndo"),
+             ("Alt+Down", "onNextLesion"), ("Alt+Up", "onPreviousLesion"),
+             ("Alt+Right", "onNextTimepoint"), ("Alt+Left", "onPreviousTimepoint"))
 
 
 class LesionLocatorPanel(VTKObservationMixin):
@@ -45,6 +54,10 @@ class LesionLocatorPanel(VTKObservationMixin):
         self._shortcuts = []
         self._runModePending = False
         self._runMode = None
+        self._updatingReview = False
+        self._reviewLesionIds = []
+        self._reviewPrompt = None  # (prompt node, lesion ID or None for a new lesion, timepoint, kind)
+        self.reviewWatcher = PromptWatcher(self._reviewPromptReady)
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
         self.timer.connect("timeout()", self.poll)
@@ -91,8 +104,14 @@ class LesionLocatorPanel(VTKObservationMixin):
                                 (ui.undoButton, self.onUndo),
                                 (ui.installDependenciesButton, self.onInstallDependencies),
                                 (ui.downloadModelButton, self.onDownloadModel),
-                                (ui.exportDicomButton, self.onExportDicom)):
+                                (ui.exportDicomButton, self.onExportDicom),
+                                (ui.reviewAcceptButton, self.onReviewAccept),
+                                (ui.reviewCorrectPointButton, self.onReviewCorrectPoint),
+                                (ui.reviewCorrectBoxButton, self.onReviewCorrectBox),
+                                (ui.reviewVanishedButton, self.onReviewVanished),
+                                (ui.reviewNewLesionButton, self.onReviewNewLesion)):
             button.connect("clicked()", handler)
+        ui.reviewTable.connect("currentCellChanged(int,int,int,int)", self.onReviewCellChanged)
         ui.runModeComboBox.connect("currentIndexChanged(int)", self.onRemoteSettingsChanged)
         ui.serverModelComboBox.connect("currentIndexChanged(int)", self.onRemoteSettingsChanged)
         for lineEdit in (ui.serverUrlLineEdit, ui.apiKeyLineEdit, ui.serverModelComboBox.lineEdit()):
@@ -106,6 +125,7 @@ class LesionLocatorPanel(VTKObservationMixin):
         self.timer.stop()
         self.removeObservers()
         if self.logic is not None:
+            self._dropReviewPrompt()
             self.session.close()
             self.logic.cleanup()
 
@@ -138,6 +158,9 @@ class LesionLocatorPanel(VTKObservationMixin):
     def onSceneStartClose(self, caller, event):
         self.session.cancel()
         self.session.watcher.unwatch()
+        self._dropReviewPrompt()
+        self.logic.review = self.logic.lastTrack = None
+        self.updateReviewTable()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -222,6 +245,12 @@ class LesionLocatorPanel(VTKObservationMixin):
         self.ui.downloadModelButton.enabled = self.ui.exportDicomButton.enabled = not busy
         self.ui.undoButton.enabled = self.logic.canUndo and not busy
         self.ui.cancelButton.enabled = busy
+        cell = self._currentReviewCell()
+        followUp = cell is not None and cell[1] > 0 and not busy
+        self.ui.reviewAcceptButton.enabled = cell is not None
+        for button in (self.ui.reviewCorrectPointButton, self.ui.reviewCorrectBoxButton, self.ui.reviewVanishedButton,
+                       self.ui.reviewNewLesionButton):
+            button.enabled = followUp
 
     def updateFollowUpList(self, *args):
         """Every other scalar volume, checkable, in time order (study date, else load order); the
@@ -333,6 +362,10 @@ class LesionLocatorPanel(VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Nothing could be undone."), waitCursor=False):
             self.ui.statusLabel.text = _("Undone: {what}").format(what=self.logic.undo())
+        outputs = self.logic.lastTrack
+        if outputs is not None and outputs.tableNode.GetScene() is slicer.mrmlScene:
+            self.ui.resultsTableView.setMRMLTableNode(outputs.tableNode)  # a correction undone: a new table
+        self.updateReviewTable()
         self.updateButtonStates()
 
     def onExportDicom(self):
@@ -368,6 +401,8 @@ class LesionLocatorPanel(VTKObservationMixin):
         if plots is not None and outputs.plotChartNode is not None:
             plots.logic().ShowChartInLayout(outputs.plotChartNode)
         self.ui.statusLabel.text = self.logic.lastTrackSummary()
+        self.ui.reviewCollapsibleButton.collapsed = False
+        self.updateReviewTable()
         if outputs.warnings:
             slicer.util.warningDisplay("\n".join(outputs.warnings), windowTitle="LesionLocator")
 
@@ -396,6 +431,187 @@ class LesionLocatorPanel(VTKObservationMixin):
     def showDownloadCancelled(self):
         self.ui.statusLabel.text = _("Download cancelled: nothing was installed; downloading again resumes where "
                                      "it stopped.")
+
+    # ------------------------------------------------------------------ review
+    def updateReviewTable(self, *args):
+        """The review table from the Logic's last tracking run: rows lesions, columns scans, cells
+        'status, volume ml' (a mark once accepted or corrected); the selected cell is kept."""
+        table = self.ui.reviewTable
+        current = self._currentReviewCell()
+        cells = self.logic.reviewCells()
+        self._updatingReview = True
+        try:
+            table.clear()
+            self._reviewLesionIds = list(dict.fromkeys(cell.lesionId for cell in cells))
+            columns = self.logic.review.timepoints if cells else 0
+            table.setRowCount(len(self._reviewLesionIds))
+            table.setColumnCount(columns)
+            if cells:
+                table.setHorizontalHeaderLabels([f"t{t}: {self.logic.review.volumes[t].GetName()}"
+                                                 for t in range(columns)])
+                names = {cell.lesionId: cell.name for cell in cells}
+                table.setVerticalHeaderLabels([f"{names[i]} ({i})" for i in self._reviewLesionIds])
+            for cell in cells:
+                item = qt.QTableWidgetItem(cell.text)
+                item.setFlags(qt.Qt.ItemIsSelectable | qt.Qt.ItemIsEnabled)
+                item.setToolTip(_("{lesion} on '{scan}': {status}, {volume:.3f} ml").format(
+                    lesion=cell.name, scan=cell.volumeName, status=cell.status, volume=cell.volumeMl))
+                table.setItem(self._reviewLesionIds.index(cell.lesionId), cell.timepoint, item)
+            table.resizeColumnsToContents()
+            if current is not None and current[0] in self._reviewLesionIds and current[1] < columns:
+                table.setCurrentCell(self._reviewLesionIds.index(current[0]), current[1])
+        finally:
+            self._updatingReview = False
+        self.updateButtonStates()
+
+    def _currentReviewCell(self):
+        """(lesion ID, timepoint) of the selected review cell, or None."""
+        table = self.ui.reviewTable
+        row, column = table.currentRow(), table.currentColumn()
+        if not 0 <= row < len(self._reviewLesionIds) or column < 0 or self.logic.review is None:
+            return None
+        return self._reviewLesionIds[row], column
+
+    def _selectReviewCell(self, lesionId, timepoint):
+        if lesionId in self._reviewLesionIds:
+            self.ui.reviewTable.setCurrentCell(self._reviewLesionIds.index(lesionId), timepoint)
+
+    def onReviewCellChanged(self, row, column, previousRow=-1, previousColumn=-1):
+        """A cell was selected: show that lesion on that scan."""
+        if self._updatingReview:
+            return
+        cell = self._currentReviewCell()
+        if cell is not None:
+            try:
+                self.logic.showLesion(*cell)
+            except ValueError as error:
+                self.ui.statusLabel.text = str(error)
+        self.updateButtonStates()
+
+    def _moveReviewCell(self, rows, columns):
+        table = self.ui.reviewTable
+        if table.rowCount == 0 or table.columnCount == 0:
+            return
+        row, column = max(table.currentRow(), 0), max(table.currentColumn(), 0)
+        table.setCurrentCell(min(max(row + rows, 0), table.rowCount - 1),
+                             min(max(column + columns, 0), table.columnCount - 1))
+
+    def onNextLesion(self):
+        self._moveReviewCell(1, 0)
+
+    def onPreviousLesion(self):
+        self._moveReviewCell(-1, 0)
+
+    def onNextTimepoint(self):
+        self._moveReviewCell(0, 1)
+
+    def onPreviousTimepoint(self):
+        self._moveReviewCell(0, -1)
+
+    def onReviewAccept(self):
+        """Mark the selected cell reviewed, then go to the next scan (or the next lesion's first follow-up)."""
+        cell = self._currentReviewCell()
+        if cell is None:
+            return
+        self.logic.acceptCell(*cell)
+        self.updateReviewTable()
+        table = self.ui.reviewTable
+        if cell[1] + 1 < table.columnCount:
+            self._moveReviewCell(0, 1)
+        elif table.currentRow() + 1 < table.rowCount:
+            table.setCurrentCell(table.currentRow() + 1, min(1, table.columnCount - 1))
+
+    def onReviewCorrectPoint(self):
+        self._startReviewCorrection("point")
+
+    def onReviewCorrectBox(self):
+        self._startReviewCorrection("box")
+
+    def onReviewNewLesion(self):
+        self._startReviewCorrection("new")
+
+    def onReviewVanished(self):
+        cell = self._currentReviewCell()
+        if cell is None or cell[1] == 0:
+            return
+        self.submit(self.logic.correctionJob(cell[0], cell[1], "vanished", done=self.showCorrection,
+                                             failed=self.showError, cancelled=self.showCancelled))
+
+    def _startReviewCorrection(self, kind):
+        """Show the selected cell and enter place mode for a prompt node of the panel's own: a point
+        ('point', 'new') or an ROI ('box'); once placed, :meth:`_reviewPromptReady` runs the correction."""
+        cell = self._currentReviewCell()
+        if cell is None or cell[1] == 0:
+            self.ui.statusLabel.text = _("Select a follow-up cell in the Review table first.")
+            return
+        lesionId, timepoint = cell
+        try:
+            self.logic.showLesion(lesionId, timepoint)
+        except ValueError as error:
+            self.ui.statusLabel.text = str(error)
+            return
+        self._dropReviewPrompt()
+        className = "vtkMRMLMarkupsROINode" if kind == "box" else "vtkMRMLMarkupsFiducialNode"
+        node = slicer.mrmlScene.AddNewNodeByClass(className, slicer.mrmlScene.GenerateUniqueName(_("Correction")))
+        node.CreateDefaultDisplayNodes()
+        self._reviewPrompt = (node, None if kind == "new" else lesionId, timepoint, kind)
+        self.reviewWatcher.watch(node)
+        markups = slicer.modules.markups.logic()
+        markups.SetActiveList(node)
+        markups.StartPlaceMode(False)
+        scan = self.logic.review.volumes[timepoint].GetName()
+        self.ui.statusLabel.text = (_("Draw a box around the lesion on '{scan}'.") if kind == "box" else
+                                    _("Click the new lesion on '{scan}'.") if kind == "new" else
+                                    _("Click the lesion on '{scan}'.")).format(scan=scan)
+
+    def _reviewPromptReady(self, node, pointId):
+        pending = self._reviewPrompt
+        if pending is None or pending[0] is not node:
+            return
+        self.reviewWatcher.unwatch(node)
+        self._reviewPrompt = None
+        _node, lesionId, timepoint, kind = pending
+        prompt = node if pointId is None else (node, node.GetNthControlPointIndexByID(pointId))
+
+        def done(outputs):
+            self._removePromptNode(node)
+            self.showCorrection(outputs)
+
+        def failed(error):
+            self._removePromptNode(node)
+            self.showError(error)
+
+        def cancelled():
+            self._removePromptNode(node)
+            self.showCancelled()
+        self.submit(self.logic.correctionJob(lesionId, timepoint, kind, prompt, done=done, failed=failed,
+                                             cancelled=cancelled))
+
+    def _dropReviewPrompt(self):
+        """Forget a correction prompt still being placed (and remove its node)."""
+        pending, self._reviewPrompt = self._reviewPrompt, None
+        if pending is not None:
+            self.reviewWatcher.unwatch(pending[0])
+            self._removePromptNode(pending[0])
+
+    @staticmethod
+    def _removePromptNode(node):
+        if node is not None and node.GetScene() is slicer.mrmlScene:
+            slicer.mrmlScene.RemoveNode(node)
+
+    def showCorrection(self, outputs: trackoutputs.TrackOutputs):
+        """A correction was written: the new lesion table and plot, the review table, the corrected cell."""
+        self.ui.resultsTableView.setMRMLTableNode(outputs.tableNode)
+        plots = getattr(slicer.modules, "plots", None)
+        if plots is not None and outputs.plotChartNode is not None:
+            plots.logic().ShowChartInLayout(outputs.plotChartNode)
+        self.updateReviewTable()
+        correction = self.logic.review.lastCorrection if self.logic.review is not None else None
+        if correction is not None:
+            self._selectReviewCell(correction.lesion, correction.timepoint)
+        self.ui.statusLabel.text = self.logic.lastCorrectionSummary()
+        if outputs.warnings:
+            slicer.util.warningDisplay("\n".join(outputs.warnings), windowTitle="LesionLocator")
 
     # ------------------------------------------------------------------ remote mode
     def showRemoteSettings(self):
