@@ -112,6 +112,7 @@ class LoadedModel:
     use_tta: bool
     intensity_properties: dict = field(default_factory=dict)
     runtime: object = None  # None: PyTorch; else a callable (fold index, x) -> logits, e.g. OpenVINONetworks
+    cuda_fp16: bool = True  # on CUDA, run the network under fp16 autocast (logits summed in fp32); False: fp32
 
     @property
     def patch_size(self) -> tuple:
@@ -143,7 +144,8 @@ class LoadedModel:
 
     @torch.inference_mode()
     def _forward_one(self, network, x: torch.Tensor) -> torch.Tensor:
-        ctx = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else _nullcontext()
+        ctx = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" and self.cuda_fp16 \
+            else _nullcontext()
         with ctx:
             pred = network(x).float()
             if self.use_tta and self.mirror_axes:

@@ -138,7 +138,12 @@ def build_resencl_checkpoint(root: Path, folds=(0,), seed: int = 0, prompt_types
     plans = make_plans(RESENC_L["features"], RESENC_L["blocks"], RESENC_L["patch"])
     subs = {"point": "point_optimized", "box": "bbox_optimized"}
     for i, t in enumerate(prompt_types):
-        write_model_folder(ckpt / "LesionLocatorSeg" / subs[t], plans, folds, seed + 17 * i)
+        if t == "prev_mask":  # the tracking model (its registration network is not included)
+            write_model_folder(ckpt / "LesionLocatorTrack", make_plans(
+                RESENC_L["features"], RESENC_L["blocks"], RESENC_L["patch"], name="LesionLocatorTrack"), folds,
+                seed + 17 * i, trainer="LesionLocatorTrainerTrack")
+        else:
+            write_model_folder(ckpt / "LesionLocatorSeg" / subs[t], plans, folds, seed + 17 * i)
     return ckpt
 
 

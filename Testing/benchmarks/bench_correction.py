@@ -13,6 +13,9 @@ pair needs a registration. Both runs use the same loaded models (loaded before t
    the first follow-up (the point model there, then lesion 1 re-propagated through follow-ups 2
    and 3 with the earlier registrations).
 
+3. **resumed**: the same correction on the run saved to disk and loaded back
+   (:mod:`LesionLocatorLib.trackstate`, what ``track --resume-from`` does); the saving is timed too.
+
 Registrations are counted (the library's ``register`` wrapped). Prints a table (seconds per
 stage) and writes ``results/bench_correction.json``.
 
@@ -24,7 +27,9 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,6 +82,7 @@ def main() -> int:
     from LesionLocatorLib.model import load_model
     from LesionLocatorLib.prompts import Point
     from LesionLocatorLib.track import track
+    from LesionLocatorLib.trackstate import load_track_state, save_track_state
     from LesionLocatorLib.zoo import demo_model_dir
 
     t0 = time.perf_counter()
@@ -92,7 +98,8 @@ def main() -> int:
 
     register_module.register = counted
     centre = tuple(images[1].index_to_world(np.argwhere(labels[1].array == 1).mean(axis=0)))
-    full, fix = [], []
+    full, fix, saved, resumed = [], [], [], []
+    folder = Path(tempfile.mkdtemp(prefix="bench-correction-"))
     for _ in range(args.runs):
         calls.clear()
         start = time.perf_counter()
@@ -102,7 +109,20 @@ def main() -> int:
         start = time.perf_counter()
         fixed = retrack(images, first, [Correction(1, 1, Point(1, centre))], models["prev_mask"], models["point"])
         fix.append({"seconds": time.perf_counter() - start, "registrations": len(calls), **fixed.timings})
+        start = time.perf_counter()
+        save_track_state(folder, first, images, [f"t{t}" for t in range(4)], "simpleitk")
+        saved.append({"seconds": time.perf_counter() - start,
+                      "megabytes": sum(f.stat().st_size for f in folder.iterdir()) / 2 ** 20})
+        calls.clear()
+        start = time.perf_counter()
+        loaded = load_track_state(folder, images)[0]
+        loading = time.perf_counter() - start
+        again = retrack(images, loaded, [Correction(1, 1, Point(1, centre))], models["prev_mask"], models["point"])
+        resumed.append({"seconds": time.perf_counter() - start, "loading": loading, "registrations": len(calls),
+                        **again.timings})
+        assert all(np.array_equal(again.masks[t][1], fixed.masks[t][1]) for t in range(4))
     register_module.register = original
+    shutil.rmtree(folder, ignore_errors=True)
     quality = {f"t{t}": dice(fixed.masks[t][1], labels[t].array == 1) for t in range(1, 4)}
 
     def median(rows, key):
@@ -112,16 +132,21 @@ def main() -> int:
     print(f"one correction vs full re-track: 512x512x300, 5 lesions, 3 follow-ups, demo model, {os.cpu_count()} cpus, "
           f"median of {args.runs}")
     print(f"{'run':<28} {'total s':>8} {'registrations':>13} " + " ".join(f"{s[:12]:>12}" for s in stages))
-    for name, rows in (("full re-track (track)", full), ("one correction (retrack)", fix)):
+    for name, rows in (("full re-track (track)", full), ("one correction (retrack)", fix),
+                       ("resumed from disk + correction", resumed)):
         print(f"{name:<28} {median(rows, 'seconds'):8.1f} {int(median(rows, 'registrations')):13d} "
               + " ".join(f"{median(rows, s):12.1f}" for s in stages))
     ratio = median(full, "seconds") / median(fix, "seconds")
     print(f"the correction takes 1/{ratio:.0f} of the re-track; lesion 1 Dice after it: "
           + ", ".join(f"{k} {v:.3f}" for k, v in quality.items()))
+    print(f"saving the run (OUT/tracking, what --resume-from reads): {median(saved, 'seconds'):.1f} s, "
+          f"{median(saved, 'megabytes'):.0f} MB; loading it back: {median(resumed, 'loading'):.1f} s (fingerprints "
+          f"of the 4 scans checked)")
     Path(args.o).parent.mkdir(parents=True, exist_ok=True)
     Path(args.o).write_text(json.dumps({
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-        "runs": args.runs, "full_retrack": full, "one_correction": fix, "speedup": ratio,
+        "runs": args.runs, "full_retrack": full, "one_correction": fix, "saved_state": saved,
+        "resumed_correction": resumed, "speedup": ratio,
         "lesion1_dice_after_correction": quality}, indent=1))
     print(f"wrote {args.o}", file=sys.stderr)
     return 0
