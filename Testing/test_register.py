@@ -57,6 +57,30 @@ def test_simpleitk_recovers_the_motion(pair):
     assert set(np.unique(warped_labels.array)) == {0, 1, 2}
 
 
+def test_simpleitk_faster_options_still_recover_the_motion(pair):
+    """Fewer affine samples and demons iterations than the defaults: the same pipeline, the same checks."""
+    img, lab, fu, fu_lab = pair
+    tr = register(fu, img, affine_sampling=0.1, demons_iterations=10)
+    assert tr.info["result"] == "affine + demons"
+    _assert_recovers_the_motion(tr, pair)
+
+
+def test_coarse_grid_geometry_and_intensities():
+    """The coarse image: isotropic spacing (mm) over the scan's box, its origin and direction, float32
+    clipped to [-1000, 1000] HU; fine scans are block-averaged first, unsigned ones cast first."""
+    rng = np.random.default_rng(3)
+    fine = Image(rng.integers(0, 3000, (30, 40, 50)).astype(np.uint16), (0.5, 0.5, 1.0), (-10.0, 5.0, 2.0),
+                 oblique_direction())
+    coarse = reg._coarse(fine, 2.0)
+    assert coarse.GetPixelID() == sitk.sitkFloat32 and coarse.GetSpacing() == (2.0, 2.0, 2.0)
+    assert coarse.GetSize() == (12, 10, 15)  # 25 x 20 x 30 mm
+    assert np.allclose(coarse.GetOrigin(), fine.origin) and np.allclose(coarse.GetDirection(), fine.direction.ravel())
+    values = sitk.GetArrayFromImage(coarse)
+    assert values.min() >= -1000 and values.max() <= 1000
+    flat = reg._coarse(fine.with_array(np.full(fine.shape, 40, np.int16)), 2.0)
+    assert np.allclose(sitk.GetArrayFromImage(flat), 40.0, atol=1e-3)
+
+
 def test_none_is_the_identity(pair):
     img, lab, fu, _ = pair
     tr = register(fu, img, backend="none")
