@@ -35,6 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .image import Image
+from .protocol import mask_bbox
 
 REGISTRATION_CALLS = 0
 """Number of registrations run in this process (the tracker runs one per timepoint pair)."""
@@ -97,7 +98,7 @@ class Transform:
         if region is None:
             return reference.with_array(out)
         lo, hi = region
-        src = _crop_image(mask.with_array(arr.astype(np.float32)), arr, margin_vox=3)
+        src = _crop_image(mask.with_array(arr), arr, margin_vox=3)
         ref = _sub_reference(reference, lo, hi)
         interp = sitk.sitkLinear if linear else sitk.sitkNearestNeighbor
         warped = sitk.GetArrayFromImage(sitk.Resample(src, ref, self.itk, interp, 0.0, sitk.sitkFloat32))
@@ -115,8 +116,8 @@ class Transform:
         """Half-open (z, y, x) index box ``(a, b)`` on ``reference``'s grid, not cut at its edges, around
         the bounding box of ``arr`` (voxels of ``mask``'s grid) mapped by this transform, plus
         ``margin_mm`` millimetres on every side."""
-        idx = np.argwhere(arr)
-        lo, hi = idx.min(0), idx.max(0)
+        lo, hi = mask_bbox(arr)
+        hi = hi - 1  # the last voxel
         corners = np.array([[z, y, x] for z in (lo[0], hi[0]) for y in (lo[1], hi[1]) for x in (lo[2], hi[2])], float)
         mapped = reference.world_to_index(self.map_points(mask.index_to_world(corners)))
         margin = margin_mm / np.asarray(reference.spacing_zyx)
@@ -147,10 +148,12 @@ class Transform:
 
 
 def _crop_image(image: Image, mask: np.ndarray, margin_vox: int) -> sitk.Image:
-    idx = np.argwhere(mask)
-    lo = np.maximum(idx.min(0) - margin_vox, 0)
-    hi = np.minimum(idx.max(0) + margin_vox + 1, mask.shape)
-    sub = image.array[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    """``image`` cropped to the bounding box of the non-empty bool ``mask`` plus ``margin_vox``
+    voxels, as float32 (only the crop is converted), with its world position kept."""
+    lo, hi = mask_bbox(mask)
+    lo = np.maximum(lo - margin_vox, 0)
+    hi = np.minimum(hi + margin_vox, mask.shape)
+    sub = image.array[tuple(slice(a, b) for a, b in zip(lo, hi))].astype(np.float32)
     cropped = Image(sub, image.spacing, tuple(image.index_to_world(lo.astype(float))), image.direction)
     return cropped.to_sitk()
 
