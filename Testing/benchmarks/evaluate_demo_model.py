@@ -89,6 +89,9 @@ def main() -> None:
                          "which is first written as a model root to WORKDIR/model")
     case_arguments(ap)
     ap.add_argument("--registration", default="simpleitk")
+    ap.add_argument("--registration-options", type=json.loads, default=None, metavar="JSON",
+                    help='options of the registration backend, e.g. \'{"block_average": false, "demons_iterations": '
+                         '50}\' (simpleitk as before 2026-12-05)')
     ap.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8 flips)")
     ap.add_argument("--min-volume-ml", type=float, default=0.0, help="track's min_volume_ml (follow-up specks)")
     ap.add_argument("--min-prompt-fraction", type=float, default=0.0,
@@ -133,7 +136,8 @@ def main() -> None:
                                  "diameter_mm": next(l_.diameter_mm for l_ in case.lesions if l_.id == i)})
         t0 = time.perf_counter()
         result = track(case.images, [MaskPrompt(i, base.with_array(lab == i)) for i in ids], trk,
-                       registration=a.registration, min_volume_ml=a.min_volume_ml,
+                       registration=a.registration, registration_options=a.registration_options,
+                       min_volume_ml=a.min_volume_ml,
                        min_prompt_fraction=a.min_prompt_fraction)
         timings[f"case {c}"] = {"total_s": time.perf_counter() - t0, **result.timings}
         out = work / "tracking"
@@ -186,7 +190,8 @@ def main() -> None:
     print("\nLesions that vanish in the ground truth: truth vs tracker status")
     for s in vanish:
         print(f"  case {s['case']} lesion {s['lesion_id']}: {s['truth']} / {s['tracked']}")
-    doc = {"model": a.m, "tta": a.tta, "min_volume_ml": a.min_volume_ml, "min_prompt_fraction": a.min_prompt_fraction,
+    doc = {"model": a.m, "tta": a.tta, "registration_options": a.registration_options,
+           "min_volume_ml": a.min_volume_ml, "min_prompt_fraction": a.min_prompt_fraction,
            "ct": a.ct, "cases": a.cases,
            "lesions_per_case": a.lesions, "followups": a.followups,
            "min_diameter_mm": a.min_diameter, "segmentation": summary, "tracking": agg,
