@@ -7,6 +7,11 @@ A correction fixes one lesion at one follow-up scan ``t`` (1 = the first follow-
   the lesion is segmented there with the point or box model;
 * a **mask** (:class:`~LesionLocatorLib.prompts.MaskPrompt` on scan t, e.g. an edited segment):
   segmented there with the tracking model from that mask, as "Refine from segment" does;
+* a **moved** point (a Point with ``moved=True``): verified tracking after the fact. The lesion's
+  mask on scan t-1 (as corrected so far) is warped onto scan t, translated so that its centre
+  lands on the point, and segmented with the tracking model
+  (:func:`~LesionLocatorLib.track.verified_prompts`): the result verified tracking gives when the
+  user moves the proposed point of that lesion at scan t there;
 * **vanished**: the lesion is gone from scan t on (empty, status ``vanished`` at t and after);
 * a **new lesion** (an ID the study does not have, with a point, box or mask): a lesion first
   seen at scan t. It is ``absent`` before t, ``new`` at t, and tracked forward from there.
@@ -38,18 +43,22 @@ class Correction:
     ``timepoint``: the scan's index (1..n-1; 0 is the baseline, corrected by segmenting it again);
     ``prompt``: a Point or Box (LPS mm) or a MaskPrompt on that scan, or None with ``vanished``;
     ``new``: True for a lesion first seen at this scan (an ID the study does not have; saying so
-    keeps a mistyped ID from becoming a new lesion)."""
+    keeps a mistyped ID from becoming a new lesion); ``moved``: the Point is where the tracked
+    mask belongs (verified tracking), not a click for the point model."""
     lesion: int
     timepoint: int
     prompt: Optional[object] = None
     vanished: bool = False
     new: bool = False
+    moved: bool = False
 
     @property
     def kind(self) -> str:
-        """'vanished', 'point', 'box' or 'mask'."""
+        """'vanished', 'point', 'box', 'mask' or 'moved'."""
         if self.vanished:
             return "vanished"
+        if self.moved:
+            return "moved" if isinstance(self.prompt, Point) else "?"
         return {Point: "point", Box: "box", MaskPrompt: "mask"}.get(type(self.prompt), "?")
 
 
@@ -68,7 +77,8 @@ def check_corrections(corrections, previous: TrackResult, n_images: int) -> dict
             raise PromptError(f"{where}: the scan must be a follow-up, 1..{n_images - 1} (the baseline is corrected "
                               f"by segmenting it again)")
         if c.vanished == (c.prompt is not None) or c.kind == "?":
-            raise PromptError(f"{where}: give a point, a box or a mask on that scan, or vanished, and only one")
+            raise PromptError(f"{where}: give a point, a box or a mask on that scan, or vanished, and only one "
+                              f"(a moved point is a Point)")
         if c.prompt is not None and c.prompt.id != c.lesion:
             raise PromptError(f"{where}: its prompt has ID {c.prompt.id}; a correction's prompt carries the "
                               f"lesion's ID")
@@ -83,8 +93,9 @@ def check_corrections(corrections, previous: TrackResult, n_images: int) -> dict
         if pid not in previous.status and not first.new:
             raise PromptError(f"{where}: lesion {pid} is not in the study (it has {_ids(previous)}); to add a lesion "
                               f"first seen at this scan, mark it new")
-        if first.new and first.vanished:
-            raise PromptError(f"{where}: a new lesion needs a point, box or mask at its first scan, not 'vanished'")
+        if first.new and first.kind in ("vanished", "moved"):
+            raise PromptError(f"{where}: a new lesion needs a point, box or mask at its first scan, not "
+                              f"'{first.kind}' (it has no earlier mask to move)")
         again = [c.timepoint for c in later if c.new]
         if again:
             raise PromptError(f"lesion {pid}: marked new at scan {min(again)}, after a correction at scan "
@@ -139,8 +150,10 @@ def retrack(images, previous: TrackResult, corrections, track_model, seg_model=N
             now, _, carried_next = follow_up(t, images, previous.transforms[t - 1], carried, status, fractions,
                                              track_model, timings, report, cancel, min_volume_ml,
                                              min_prompt_fraction, lesions=followed)
+        moved = {pid: _moved_prompt(t, images, masks[t - 1].get(pid), previous.transforms[t - 1], c.prompt)
+                 for pid, c in corrected.items() if c.kind == "moved"}
         fixed = _apply(t, images[t], corrected, previous, status, fractions, track_model, seg_model, timings,
-                       cancel) if corrected else {}
+                       cancel, moved) if corrected else {}
         now.update(fixed)
         carried = {**carried_next, **{pid: m for pid, m in fixed.items() if m.any()}}
         for pid, mask in now.items():
@@ -151,9 +164,25 @@ def retrack(images, previous: TrackResult, corrections, track_model, seg_model=N
     return TrackResult(masks, labels, status, list(previous.transforms), timings, fractions, points)
 
 
+def _moved_prompt(t: int, images, before, transform, point) -> MaskPrompt:
+    """A moved-point correction's prompt on scan t: the lesion's mask ``before`` on scan t-1
+    warped by ``transform`` and translated onto ``point`` (:func:`~LesionLocatorLib.track.verified_prompts`)."""
+    from .track import verified_prompts, warp_lesion
+
+    where = f"moved point of lesion {point.id} at scan {t}"
+    if before is None or not before.any():
+        raise PromptError(f"{where}: the lesion has no mask at scan {t - 1} to move; correct it with a point or box")
+    warped = warp_lesion(before, images[t - 1], images[t], transform)[0]
+    if warped is None:
+        raise PromptError(f"{where}: its mask at scan {t - 1} maps outside scan {t}; correct it with a point or box")
+    prompt = MaskPrompt(point.id, images[t].with_array(warped))
+    return verified_prompts(t, images[t], [prompt], lambda _t, _proposals: {point.id: point})[0]
+
+
 def _apply(t: int, image, corrected: dict, previous: TrackResult, status: dict, fractions: dict, track_model,
-           seg_model, timings: dict, cancel) -> dict:
-    """The corrected lesions' masks at scan t ({id: bool}); their status and fraction appended."""
+           seg_model, timings: dict, cancel, moved: dict | None = None) -> dict:
+    """The corrected lesions' masks at scan t ({id: bool}); their status and fraction appended.
+    ``moved``: the prompts of moved-point corrections (:func:`_moved_prompt`)."""
     from .predict import segment
 
     out = {}
@@ -161,6 +190,8 @@ def _apply(t: int, image, corrected: dict, previous: TrackResult, status: dict, 
     for pid, c in sorted(corrected.items()):
         if c.vanished:
             out[pid] = np.zeros(image.shape, bool)
+        elif c.kind == "moved":
+            groups["mask"].append(moved[pid])
         else:
             groups[c.kind].append(c.prompt)
     for kind, prompts in groups.items():

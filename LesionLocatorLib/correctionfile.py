@@ -9,13 +9,15 @@ loaded (:func:`resolve_corrections`)::
        {"lesion": 3, "scan": 2, "box": [[0, -50, 90], [20, -30, 110]]},
        {"lesion": 4, "scan": "ct_2024_03", "mask": "lesion4_fixed.nii.gz"},
        {"lesion": 1, "scan": 3, "vanished": true},
+       {"lesion": 5, "scan": 1, "moved_point": [40.0, -12.5, 95.0]},
        {"lesion": 9, "scan": 2, "point": [30.0, 10.0, 80.0], "new": true}]}
 
 ``lesion``: the lesion ID (as in ``lesions.csv``). ``scan``: the follow-up's name (as in
 ``lesions.csv``'s ``timepoint`` column: its file or folder name without the extension) or its
 index (1 = the first follow-up). Exactly one of ``point`` ([x, y, z]), ``box`` (two opposite
 corners), ``mask`` (an image file on that scan's grid, relative to the JSON's folder; the lesion
-is its voxels equal to the lesion ID if there are any, else all non-zero voxels) or
+is its voxels equal to the lesion ID if there are any, else all non-zero voxels),
+``moved_point`` ([x, y, z]: the lesion's tracked mask moved there, as verified tracking does) or
 ``"vanished": true``. ``"new": true`` adds a lesion first seen at that scan (its ID must not be
 in the study). One correction per lesion and scan.
 """
@@ -28,7 +30,7 @@ from .prompts import Box, Point, PromptError, _coordinates, _show, _unique_keys,
 
 FORMAT = "lesionlocator-corrections/1"
 _KEYS = ("format", "frame", "units", "corrections")
-_ENTRY_KEYS = ("lesion", "scan", "point", "box", "mask", "vanished", "new")
+_ENTRY_KEYS = ("lesion", "scan", "point", "box", "mask", "moved_point", "vanished", "new")
 
 
 def read_corrections(path) -> list:
@@ -82,13 +84,14 @@ def _entry(entry, where: str, folder: Path) -> dict:
     for flag in ("vanished", "new"):
         if flag in entry and not isinstance(entry[flag], bool):
             raise PromptError(f"{where}: \"{flag}\" must be true or false, got {_show(entry[flag])}")
-    kinds = [k for k in ("point", "box", "mask") if k in entry] + (["vanished"] if entry.get("vanished") else [])
+    kinds = [k for k in ("point", "box", "mask", "moved_point") if k in entry] + (
+        ["vanished"] if entry.get("vanished") else [])
     if len(kinds) != 1:
-        raise PromptError(f"{where} (lesion {lesion}): give exactly one of \"point\", \"box\", \"mask\" or "
-                          f"\"vanished\": true")
+        raise PromptError(f"{where} (lesion {lesion}): give exactly one of \"point\", \"box\", \"mask\", "
+                          f"\"moved_point\" or \"vanished\": true")
     kind, value = kinds[0], entry.get(kinds[0])
-    if kind == "point":
-        value = _coordinates(value, 3, "point", where, "[x, y, z]")
+    if kind in ("point", "moved_point"):
+        value = _coordinates(value, 3, kind, where, "[x, y, z]")
     elif kind == "box":
         if not isinstance(value, list) or len(value) != 2:
             raise PromptError(f"{where}: a box needs 2 corners [[x0, y0, z0], [x1, y1, z1]], got {_show(value)}")
@@ -116,7 +119,7 @@ def resolve_corrections(entries, names, images) -> list:
     for item in entries:
         t = scan_index(item["scan"], names)
         pid, kind, value = item["lesion"], item["kind"], item["value"]
-        if kind == "point":
+        if kind in ("point", "moved_point"):
             prompt = Point(pid, tuple(value))
         elif kind == "box":
             prompt = Box.from_points(pid, value)
@@ -129,7 +132,8 @@ def resolve_corrections(entries, names, images) -> list:
             prompt = MaskPrompt(pid, mask.with_array(voxels.astype("uint8")))
         else:
             prompt = None
-        out.append(Correction(pid, t, prompt, vanished=kind == "vanished", new=item["new"]))
+        out.append(Correction(pid, t, prompt, vanished=kind == "vanished", new=item["new"],
+                              moved=kind == "moved_point"))
     return out
 
 
@@ -161,8 +165,8 @@ def write_corrections(path, corrections) -> Path:
         entry = {"lesion": int(c.lesion), "scan": int(c.timepoint)}
         if c.vanished:
             entry["vanished"] = True
-        elif c.kind == "point":
-            entry["point"] = [float(v) for v in c.prompt.xyz]
+        elif c.kind in ("point", "moved"):
+            entry["point" if c.kind == "point" else "moved_point"] = [float(v) for v in c.prompt.xyz]
         elif c.kind == "box":
             entry["box"] = [[float(v) for v in c.prompt.lower], [float(v) for v in c.prompt.upper]]
         else:

@@ -20,7 +20,8 @@ import pytest
 
 from LesionLocatorLib import cli, register as register_module
 from LesionLocatorLib.correct import Correction, retrack
-from LesionLocatorLib.correctionfile import read_confirmed_points
+from LesionLocatorLib.correctionfile import read_confirmed_points, read_corrections, resolve_corrections, \
+    write_corrections
 from LesionLocatorLib.evaluate import dice
 from LesionLocatorLib.image import Image, read_image, write_image
 from LesionLocatorLib.measure import lesion_measurements
@@ -465,3 +466,28 @@ def test_cli_confirmed_points_are_used_and_written_back(study, tmp_path, capsys)
     assert np.allclose(entries[1, "demo_t1"]["point"], target)
     assert all(e["point"] == e["proposed"] for k, e in entries.items() if k != (1, "demo_t1"))
     assert read_confirmed_points(out / "tracking" / "points.json")[("demo_t1", 1)] == pytest.approx(target)
+
+
+def test_a_moved_point_correction_is_verified_tracking_after_the_fact(study, tmp_path):
+    """Correcting lesion 2 at scan 1 with a moved point gives, at every scan and for every
+    lesion, what verified tracking gives when the user moves that proposal there."""
+    images, truth, m = study["images"], study["truth"], study["models"]
+    target = _centre(truth[1], 2)
+    shifted = tuple(np.asarray(target) + np.array([4.0, -3.0, 2.0]))  # not where the automatic mask is
+    auto = track(images, truth[0], m["prev_mask"], registration="none")
+    moved = Correction(2, 1, Point(2, shifted), moved=True)
+    got = _retrack(study, auto, [moved])
+    want = track(images, truth[0], m["prev_mask"], registration="none",
+                 confirm=lambda t, proposals: {2: Point(2, shifted)} if t == 1 else {})
+    for t in range(4):
+        for pid in want.masks[t]:
+            assert _same(got.masks[t][pid], want.masks[t][pid]), (t, pid)
+    assert not _same(got.masks[1][2], auto.masks[1][2])
+    assert got.status == want.status
+    # through the corrections file (what the worker and --corrections read)
+    path = write_corrections(tmp_path / "c.json", [moved])
+    entry = json.loads(path.read_text())["corrections"][0]
+    assert entry == {"lesion": 2, "scan": 1, "moved_point": list(shifted)}
+    assert resolve_corrections(read_corrections(path), ["t0", "t1", "t2", "t3"], images) == [moved]
+    with pytest.raises(PromptError, match="a new lesion needs a point, box or mask at its first scan, not 'moved'"):
+        _retrack(study, auto, [Correction(9, 1, Point(9, shifted), new=True, moved=True)])

@@ -901,6 +901,7 @@ EXPECTED_WIDGET_CLASSES = {
     "reviewAcceptButton": "QPushButton",
     "reviewCorrectPointButton": "QPushButton",
     "reviewCorrectBoxButton": "QPushButton",
+    "reviewMoveButton": "QPushButton",
     "reviewVanishedButton": "QPushButton",
     "reviewNewLesionButton": "QPushButton",
 }
@@ -1621,6 +1622,7 @@ def test_the_panel_imports_without_qt_and_every_shortcut_and_button_has_its_hand
     for button, handler in (("reviewAcceptButton", "onReviewAccept"),
                             ("reviewCorrectPointButton", "onReviewCorrectPoint"),
                             ("reviewCorrectBoxButton", "onReviewCorrectBox"),
+                            ("reviewMoveButton", "onReviewMove"),
                             ("reviewVanishedButton", "onReviewVanished"),
                             ("reviewNewLesionButton", "onReviewNewLesion")):
         assert re.search(rf"\(ui\.{button}, self\.{handler}\)", source), button

@@ -372,6 +372,31 @@ def test_vanished_box_and_new_lesion_corrections(study, three_timepoints):
     _assert_unchanged(h, logic, before)
 
 
+def test_moving_the_tracked_lesion_is_verified_tracking(study, three_timepoints):
+    """'Move tracked lesion here': the point (a markup under a parent transform, on the oblique
+    follow-up) becomes the library's moved-point correction (verified tracking at that scan); the
+    other lesion and the baseline keep their voxels; undo restores the first run."""
+    h, logic, volumes, out = study
+    where = _world_ras(volumes[1], np.asarray(_lesion_voxel(1, 1)) + np.array([0, 3, -2]))
+    click = points(h, [where], name="moved centre")
+    roi = h.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "not a point")
+    roi.SetCenter(*where)
+    roi.SetSize(10.0, 10.0, 10.0)
+    before = _state(h, logic, out)
+    moved = logic.correctTracking(1, 1, "moved", promptNode=click)
+    expected = _library(three_timepoints, logic.review.plan.request.model, logic.review.base.tracked,
+                        [Correction(1, 1, Point(1, tuple(where * RAS_TO_LPS)), moved=True)])
+    for t in (1, 2):
+        assert np.array_equal(_segment(moved.segmentationNodes[t], "lesion_1", volumes[t]), expected.masks[t][1]), t
+        assert np.array_equal(_segment(moved.segmentationNodes[t], "lesion_2", volumes[t]),
+                              before["segments"][(t, "lesion_2")]), t
+    assert logic.review.response.status == expected.status
+    with pytest.raises(ValueError, match="a 'moved' correction needs a point prompt"):
+        logic.correctTracking(1, 1, "moved", promptNode=roi)
+    logic.undo()
+    _assert_unchanged(h, logic, before)
+
+
 def test_bad_prompts_the_remote_server_and_cancel_change_nothing(study, tiny_model_root):
     h, logic, volumes, out = study
     before = _state(h, logic, out)

@@ -549,7 +549,10 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
 
         ``kind``: 'point' / 'box': segment lesion ``lesionId`` there again from ``promptNode`` (a
         point list -- its last placed control point --, a ``(point list, index)`` pair, or an ROI;
-        RAS under any parent transforms, converted by :mod:`.scene`); 'vanished': the lesion is
+        RAS under any parent transforms, converted by :mod:`.scene`); 'moved': verified tracking --
+        the lesion's tracked mask from the scan before, warped onto this scan, is moved so that its
+        centre lands on the point of ``promptNode`` and segmented there with the tracking model
+        (keeps the lesion's shape and size, fixes where registration put it); 'vanished': the lesion is
         gone from that scan on (no prompt); 'new': a lesion first seen at that scan, from a point
         or an ROI, with ``lesionId`` an unused ID or None (the smallest free one; it is
         ``logic.review.lastCorrection.lesion`` afterwards): 'absent' before, 'new' there, tracked
@@ -601,12 +604,13 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         prompt = None
         if kind != "vanished":
             spec = scene.promptsFromNodes(promptNode)[-1]
-            wanted = {"point": ("point",), "box": ("box",), "new": ("point", "box")}[kind]
+            wanted = {"point": ("point",), "moved": ("point",), "box": ("box",), "new": ("point", "box")}[kind]
             if spec.kind not in wanted:
                 raise ValueError(_("a '{kind}' correction needs a {wanted} prompt, got a {got}").format(
                     kind=kind, wanted=" or ".join(wanted), got=spec.kind))
             prompt = spec.toLibrary(lesionId)
-        correction = Correction(lesionId, timepoint, prompt, vanished=kind == "vanished", new=kind == "new")
+        correction = Correction(lesionId, timepoint, prompt, vanished=kind == "vanished", new=kind == "new",
+                                moved=kind == "moved")
         corrections = session.withCorrection(correction)
         lesions = list(session.lesions)
         if lesionId not in session.lesionIds:

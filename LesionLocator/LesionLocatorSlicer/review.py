@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 REVIEW_ACCEPTED, REVIEW_CORRECTED = "accepted", "corrected"
-CORRECTION_KINDS = ("point", "box", "vanished", "new")
+CORRECTION_KINDS = ("point", "box", "moved", "vanished", "new")
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,7 @@ class LesionLocatorPanel(VTKObservationMixin):
                                 (ui.reviewAcceptButton, self.onReviewAccept),
                                 (ui.reviewCorrectPointButton, self.onReviewCorrectPoint),
                                 (ui.reviewCorrectBoxButton, self.onReviewCorrectBox),
+                                (ui.reviewMoveButton, self.onReviewMove),
                                 (ui.reviewVanishedButton, self.onReviewVanished),
                                 (ui.reviewNewLesionButton, self.onReviewNewLesion)):
             button.connect("clicked()", handler)
@@ -248,8 +249,8 @@ class LesionLocatorPanel(VTKObservationMixin):
         cell = self._currentReviewCell()
         followUp = cell is not None and cell[1] > 0 and not busy
         self.ui.reviewAcceptButton.enabled = cell is not None
-        for button in (self.ui.reviewCorrectPointButton, self.ui.reviewCorrectBoxButton, self.ui.reviewVanishedButton,
-                       self.ui.reviewNewLesionButton):
+        for button in (self.ui.reviewCorrectPointButton, self.ui.reviewCorrectBoxButton, self.ui.reviewMoveButton,
+                       self.ui.reviewVanishedButton, self.ui.reviewNewLesionButton):
             button.enabled = followUp
 
     def updateFollowUpList(self, *args):
@@ -527,6 +528,9 @@ class LesionLocatorPanel(VTKObservationMixin):
     def onReviewCorrectBox(self):
         self._startReviewCorrection("box")
 
+    def onReviewMove(self):
+        self._startReviewCorrection("moved")
+
     def onReviewNewLesion(self):
         self._startReviewCorrection("new")
 
@@ -562,6 +566,8 @@ class LesionLocatorPanel(VTKObservationMixin):
         scan = self.logic.review.volumes[timepoint].GetName()
         self.ui.statusLabel.text = (_("Draw a box around the lesion on '{scan}'.") if kind == "box" else
                                     _("Click the new lesion on '{scan}'.") if kind == "new" else
+                                    _("Click the centre of the lesion on '{scan}': its tracked mask moves there.")
+                                    if kind == "moved" else
                                     _("Click the lesion on '{scan}'.")).format(scan=scan)
 
     def _reviewPromptReady(self, node, pointId):
