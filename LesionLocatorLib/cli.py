@@ -26,7 +26,6 @@ from functools import partial
 from pathlib import Path
 
 from .inputs import UsageError, device_value, folds_value, non_negative, step_fraction
-from .protocol import MODEL_BACKENDS
 from .serverclient import add_server_options, closing, connect_server, server_segmenter, server_spec
 
 REGISTRATIONS = ["simpleitk", "greedy", "unigradicon", "none"]
@@ -589,7 +588,9 @@ def _model_options(p, prompt_flag=True) -> None:
                    help="folds to use, e.g. 0 1 or all (default: every fold present)")
     p.add_argument("-device", "--device", type=device_value, default="auto",
                    help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
-    p.add_argument("--backend", default="torch", choices=MODEL_BACKENDS,
+    from .modelfolder import BACKENDS
+
+    p.add_argument("--backend", default="torch", choices=BACKENDS,
                    help="inference runtime: torch (default), or with --device cpu openvino (pip install openvino; "
                    "the network is converted once and cached; same results) or openvino-bf16 (opt-in, faster, "
                    "reduced precision)")

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .modelfolder import CHECKPOINT_NAME, SEG_SUBFOLDERS, CheckpointError, available_folds, check_model_root, \
-    find_model_folder, read_model_json
+from .modelfolder import BACKENDS, CHECKPOINT_NAME, SEG_SUBFOLDERS, CheckpointError, available_folds, \
+    check_model_root, find_model_folder, read_model_json
 from .plans import DATASET_JSON, ModelLayoutError, PlansError, check_architecture, input_channels, \
     resolve_configuration, segmentation_heads
 from .plans import build_network as plans_build_network
@@ -195,9 +195,6 @@ def _network_for_weights(plans: dict, configuration_name: str, dataset_json: dic
     network = skeleton.to_empty(device=device)
     network.load_state_dict(weights, strict=True)
     return network
-
-
-BACKENDS = ("torch", "openvino", "openvino-bf16")
 
 
 def load_model(path, prompt_type: str = "point", folds=None, device: str = "auto", tta: bool | None = None,

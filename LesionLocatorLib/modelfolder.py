@@ -114,6 +114,10 @@ def available_folds(folder: Path) -> list:
     return sorted(folds, key=str)
 
 
+BACKENDS = ("torch", "openvino", "openvino-bf16")
+"""Inference runtimes of :func:`LesionLocatorLib.model.load_model` (``backend``)."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which model to run: a model root (``LesionLocatorCheckpoint`` or a trained-model

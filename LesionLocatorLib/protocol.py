@@ -214,7 +214,7 @@ class ProtocolError(ValueError):
 MESSAGE_TYPES = ("hello", "segment", "track", "load", "cancel", "shutdown")
 REGISTRATION_BACKENDS = ("simpleitk", "none", "greedy", "unigradicon")  # = register.BACKENDS (tested)
 PROMPT_TYPES = ("point", "box", "prev_mask")
-MODEL_BACKENDS = ("torch", "openvino", "openvino-bf16")  # = model.BACKENDS (tested)
+MODEL_BACKENDS = ("torch", "openvino", "openvino-bf16")  # = modelfolder.BACKENDS (tested)
 MAX_PROMPT_ID = 65535
 MAX_ID_CHARS = 200
 IMAGE_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64")

@@ -81,9 +81,9 @@ def test_converted_once_then_loaded_from_the_cache_with_the_same_masks(tiny_mode
 
 
 def test_the_backend_names_agree_everywhere():
-    from LesionLocatorLib import model, protocol
+    from LesionLocatorLib import model, modelfolder, protocol
 
-    assert protocol.MODEL_BACKENDS == model.BACKENDS
+    assert protocol.MODEL_BACKENDS == modelfolder.BACKENDS == model.BACKENDS
 
 
 def test_missing_package_and_gpu_device_are_clear_errors(tiny_model_root, monkeypatch):
