@@ -67,7 +67,13 @@ def read_corrections(path) -> list:
     return out
 
 
-def _entry(entry, where: str, folder: Path) -> dict:
+def correction_entry(entry, where: str, folder) -> dict:
+    """One checked entry of a corrections file (see :func:`read_corrections`); ``folder``: where its
+    mask files are, or None where masks cannot be given (a server job)."""
+    return _entry(entry, where, folder)
+
+
+def _entry(entry, where: str, folder) -> dict:
     if not isinstance(entry, dict):
         raise PromptError(f"{where} must be an object such as {{\"lesion\": 2, \"scan\": 1, \"point\": [x, y, z]}}")
     extra = [k for k in entry if k not in _ENTRY_KEYS]
@@ -97,6 +103,8 @@ def _entry(entry, where: str, folder: Path) -> dict:
             raise PromptError(f"{where}: a box needs 2 corners [[x0, y0, z0], [x1, y1, z1]], got {_show(value)}")
         value = [_coordinates(c, 3, "box corner", where, "[x, y, z]") for c in value]
     elif kind == "mask":
+        if folder is None:
+            raise PromptError(f"{where}: mask corrections cannot be sent here: use a point, box or moved_point")
         if not isinstance(value, str) or not value:
             raise PromptError(f"{where}: \"mask\" is an image file name, got {_show(value)}")
         value = folder / value if not Path(value).is_absolute() else Path(value)
@@ -151,15 +159,10 @@ def scan_index(scan, names) -> int:
     return index
 
 
-def write_corrections(path, corrections) -> Path:
-    """Write :class:`~LesionLocatorLib.correct.Correction` s as a corrections file that
-    :func:`read_corrections` and :func:`resolve_corrections` read back to the same corrections
-    (scans by index; a mask correction's mask as ``<file stem>_lesion<id>_scan<t>.nrrd`` beside
-    it, on the grid of the correction's mask). Returns ``path``."""
-    from .files import atomic_output
-    from .image import write_image
-
-    path = Path(path)
+def correction_entries(corrections, mask_file=None) -> list:
+    """The corrections file's entries (JSON dicts, scans by index) of
+    :class:`~LesionLocatorLib.correct.Correction` s; ``mask_file(correction)`` names a mask
+    correction's file (None: mask corrections are refused with ValueError)."""
     entries = []
     for c in corrections:
         entry = {"lesion": int(c.lesion), "scan": int(c.timepoint)}
@@ -169,13 +172,33 @@ def write_corrections(path, corrections) -> Path:
             entry["point" if c.kind == "point" else "moved_point"] = [float(v) for v in c.prompt.xyz]
         elif c.kind == "box":
             entry["box"] = [[float(v) for v in c.prompt.lower], [float(v) for v in c.prompt.upper]]
+        elif mask_file is None:
+            raise ValueError(f"lesion {c.lesion} at scan {c.timepoint}: a mask correction cannot be sent here; use a "
+                             f"point, box or moved point")
         else:
-            name = f"{path.stem}_lesion{int(c.lesion)}_scan{int(c.timepoint)}.nrrd"
-            write_image(c.prompt.mask.with_array((c.prompt.mask.array > 0).astype("uint8")), path.parent / name)
-            entry["mask"] = name
+            entry["mask"] = mask_file(c)
         if c.new:
             entry["new"] = True
         entries.append(entry)
+    return entries
+
+
+def write_corrections(path, corrections) -> Path:
+    """Write :class:`~LesionLocatorLib.correct.Correction` s as a corrections file that
+    :func:`read_corrections` and :func:`resolve_corrections` read back to the same corrections
+    (scans by index; a mask correction's mask as ``<file stem>_lesion<id>_scan<t>.nrrd`` beside
+    it, on the grid of the correction's mask). Returns ``path``."""
+    from .files import atomic_output
+    from .image import write_image
+
+    path = Path(path)
+
+    def mask_file(c) -> str:
+        name = f"{path.stem}_lesion{int(c.lesion)}_scan{int(c.timepoint)}.nrrd"
+        write_image(c.prompt.mask.with_array((c.prompt.mask.array > 0).astype("uint8")), path.parent / name)
+        return name
+
+    entries = correction_entries(corrections, mask_file)
     with atomic_output(path) as tmp:
         Path(tmp).write_text(json.dumps({"format": FORMAT, "frame": "LPS", "units": "mm", "corrections": entries},
                                         indent=1), encoding="utf-8")

@@ -44,6 +44,7 @@ import ssl
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 from urllib.parse import quote, urlsplit
@@ -440,20 +441,29 @@ class RemoteRunner:
         """Track on the server (registration, network and measurements there)."""
         if request.registration_options:
             raise ValueError("registration options cannot be sent to a LesionLocator server; track without them")
-        if request.corrections or request.previous is not None:
-            raise ValueError("corrections cannot be sent to a LesionLocator server yet: the server does not keep a "
-                             "run's registrations; correct the tracking on this computer")
+        correcting = request.previous is not None or bool(request.corrections)
+        if correcting and (not isinstance(request.previous, ServerRun) or request.previous.url != self.url):
+            raise ValueError("a run tracked elsewhere cannot be corrected on this server: correct it where it was "
+                             "tracked, or track it on this server first")
         start = time.perf_counter()
         ids = [serverapi.image_id(image) for image in request.images]
         payload = {"type": "track", "images": ids, "model": self.model_name(),
-                   "baseline": serverapi.encode_masks({str(int(k)): v for k, v in request.baseline.items()}),
                    "registration": request.registration, "min_volume_ml": float(request.min_volume_ml),
                    "min_prompt_fraction": float(request.min_prompt_fraction),
                    "names": list(request.names) if request.names is not None else None,
                    "options": self._options(request.model)}
-        result = self._follow(self._submit(payload, dict(zip(ids, request.images))), progress, cancel)
+        if correcting:
+            from .correctionfile import correction_entries
+
+            payload.update(previous=request.previous.job, corrections=correction_entries(request.corrections))
+        else:
+            payload["baseline"] = serverapi.encode_masks({str(int(k)): v for k, v in request.baseline.items()})
+        state = self._submit(payload, dict(zip(ids, request.images)))
+        result = self._follow(state, progress, cancel)
         response = track_response(request.id, len(request.images), serverapi.decode_masks(result["masks"]), result)
         response.seconds = time.perf_counter() - start
+        if request.previous is None:
+            response.tracked = ServerRun(self.url, state["job"])
         return response
 
     def close(self) -> None:
@@ -517,6 +527,15 @@ def _exact_world(image, index_zyx, reach: int = 2) -> np.ndarray:
     candidates = world + steps * np.spacing(np.abs(world))
     error = np.abs(image.world_to_index(candidates) - index_zyx)
     return candidates[np.lexsort((error.sum(axis=1), error.max(axis=1)))[0]]
+
+
+@dataclass(frozen=True)
+class ServerRun:
+    """A tracking run kept on a server (``TrackResponse.tracked`` of :meth:`RemoteRunner.track`): give it
+    back as ``TrackRequest.previous`` with corrections; the server keeps a client's last 2 runs for
+    8 hours (:class:`LesionLocatorLib.serverjobs.TrackStore`)."""
+    url: str
+    job: str
 
 
 def labels_from_masks(masks: dict, image):

@@ -45,6 +45,18 @@ Endpoints:
          "registration": "simpleitk", "min_volume_ml": 0.0, "min_prompt_fraction": 0.0,
          "names": ["t0", "t1", ...] | null, "options": {...}}
 
+    or corrections of the client's earlier tracking run (kept on the server: the client's last 2
+    runs, for ``TRACK_TTL_S``; 409 once it is gone), on the same images, without a baseline::
+
+        {"type": "track", "images": [...], "model": "<name>", "previous": "<job id of that run>",
+         "corrections": [{"lesion": 2, "scan": 1, "point": [x, y, z]},
+                         {"lesion": 3, "scan": 2, "moved_point": [x, y, z]},
+                         {"lesion": 4, "scan": 1, "vanished": true},
+                         {"lesion": 9, "scan": 2, "box": [[...], [...]], "new": true}], ...}
+
+    (the entries of a corrections file, :mod:`LesionLocatorLib.correctionfile`, scans by index; no
+    mask corrections). Nothing is registered again.
+
     202 ``{"job": "<job id>", "state": "queued", "position": n}`` (``position``: jobs ahead of it
     in the queue; 0 = next). 409 ``{"detail": "...", "missing": ["<image id>", ...]}`` when an
     image is not (or no longer) cached for this client: the client uploads those and submits
@@ -88,6 +100,7 @@ PREFIX = "/v1"
 IMAGE_MAGIC = b"LLIMG1\n"
 IMAGE_DTYPES = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "float32", "float64")
 RESULT_TTL_S = 600.0
+TRACK_TTL_S = 8 * 3600.0  # how long a client's tracking run stays correctable (its last 2 runs)
 MAX_WAIT_S = 30.0
 
 

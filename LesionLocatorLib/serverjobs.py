@@ -36,7 +36,7 @@ import numpy as np
 from .cancel import CancelToken, Cancelled
 from .protocol import MAX_PROMPT_ID, ProtocolError, _fail, _integer, _list, _model, _number, _object, _show, \
     _string, parse_message, prompt_entries
-from .serverapi import MAX_WAIT_S, RESULT_TTL_S, EncodingError, decode_image, encode_masks, image_id
+from .serverapi import MAX_WAIT_S, RESULT_TTL_S, TRACK_TTL_S, EncodingError, decode_image, encode_masks, image_id
 
 log = logging.getLogger("lesionlocator.server")
 
@@ -217,12 +217,17 @@ class SegmentWork:
 
 @dataclass
 class TrackWork:
-    """A tracking job (baseline masks through the follow-ups); the device is chosen when it runs."""
+    """A tracking job (baseline masks through the follow-ups, or corrections of an earlier run);
+    the device is chosen when it runs. ``kept``: the run to keep for later corrections
+    (:class:`TrackStore`), set when it has run."""
     request: object  # TrackRequest
+    kept: object = None
 
     def run(self, runner, device: str, progress, cancel) -> dict:
         request = replace(self.request, model=replace(self.request.model, device=device))
         r = runner.track(request, progress, cancel)
+        if request.previous is None:  # a run to correct later (corrections always refer to the first run)
+            self.kept = KeptTrack.of(r.tracked)
         masks = {f"{t}/{pid}": mask for t, per in enumerate(r.masks) for pid, mask in per.items()}
         return {"masks": encode_masks(masks), "status": {str(k): list(v) for k, v in r.status.items()},
                 "timings": dict(r.timings), "warnings": list(r.warnings), "seconds": r.seconds,
@@ -230,8 +235,74 @@ class TrackWork:
 
 
 _JOB_FIELDS = {"segment": (("type", "image", "model", "prompts"), ("masks", "options")),
-               "track": (("type", "images", "model", "baseline"),
-                         ("registration", "min_volume_ml", "min_prompt_fraction", "names", "options"))}
+               "track": (("type", "images", "model"),
+                         ("baseline", "registration", "min_volume_ml", "min_prompt_fraction", "names", "options",
+                          "previous", "corrections"))}
+
+
+@dataclass
+class KeptTrack:
+    """A finished tracking run kept for corrections: masks bounding-box packed
+    (:func:`~LesionLocatorLib.protocol.pack_masks`, keys 't/lesion id'), statuses, inside fractions,
+    verified-tracking points and the registrations (ITK transforms in memory)."""
+    packed: dict
+    status: dict
+    fractions: dict
+    points: dict
+    transforms: list
+    n_images: int
+
+    @classmethod
+    def of(cls, tracked) -> "KeptTrack":
+        from .protocol import pack_masks
+
+        return cls(pack_masks({f"{t}/{pid}": m for t, per in enumerate(tracked.masks) for pid, m in per.items()}),
+                   {k: list(v) for k, v in tracked.status.items()},
+                   {k: list(v) for k, v in tracked.inside_fraction.items()}, dict(tracked.points),
+                   list(tracked.transforms), len(tracked.masks))
+
+    def result(self):
+        """The run as a :class:`~LesionLocatorLib.track.TrackResult` (labels rebuilt by the correction)."""
+        from .protocol import unpack_masks
+        from .track import TrackResult
+
+        masks = [{} for _ in range(self.n_images)]
+        for key, mask in unpack_masks(self.packed).items():
+            t, pid = key.split("/")
+            masks[int(t)][int(pid)] = mask
+        return TrackResult(masks, [], {k: list(v) for k, v in self.status.items()}, list(self.transforms), {},
+                           {k: list(v) for k, v in self.fractions.items()}, dict(self.points))
+
+
+class TrackStore:
+    """Each client's last ``per_client`` tracking runs (by job ID) for ``ttl_s`` seconds, so that a
+    review session can correct them without registering again; another client's ID is unknown."""
+
+    def __init__(self, per_client: int = 2, ttl_s: float = TRACK_TTL_S):
+        self.per_client, self.ttl_s = int(per_client), float(ttl_s)
+        self._lock = threading.Lock()
+        self._runs: dict = {}  # client -> OrderedDict(job id -> (KeptTrack, time kept))
+
+    def put(self, client: str, job_id: str, kept: "KeptTrack") -> None:
+        with self._lock:
+            runs = self._runs.setdefault(client, OrderedDict())
+            runs[job_id] = (kept, time.monotonic())
+            while len(runs) > self.per_client:
+                runs.popitem(last=False)
+
+    def get(self, client: str, job_id: str) -> "KeptTrack":
+        with self._lock:
+            runs = self._runs.get(client, OrderedDict())
+            entry = runs.get(job_id)
+            if entry is not None and time.monotonic() - entry[1] > self.ttl_s:
+                del runs[job_id]
+                entry = None
+            if entry is None:
+                raise ServiceError(409, f"the tracking run {_show(job_id, 40)} is no longer on the server (it keeps "
+                                        f"the last {self.per_client} runs of each client for {self.ttl_s / 3600:g} h, "
+                                        f"and forgets them when it restarts): track again, then correct")
+            runs.move_to_end(job_id)
+            return entry[0]
 
 
 def parse_body(data: bytes) -> dict:
@@ -242,12 +313,13 @@ def parse_body(data: bytes) -> dict:
         raise ProtocolError("body" + str(e)[len("message"):]) from None
 
 
-def parse_job(body: dict, models: dict, images: Callable) -> object:
+def parse_job(body: dict, models: dict, images: Callable, previous: Optional[Callable] = None) -> object:
     """A job's JSON (see :mod:`LesionLocatorLib.serverapi`) -> :class:`SegmentWork` or
     :class:`TrackWork`. ``models``: name -> ModelEntry; ``images(ids)``: the client's cached images
     (raising 409 for missing ones). Raises :class:`ProtocolError` "<field>: <what>" (422),
     :class:`ServiceError` 404 for an unknown model. Masks are checked against their image's shape
-    from their headers before they are decoded."""
+    from their headers before they are decoded. ``previous(job_id)``: the client's kept tracking run
+    (:class:`TrackStore`), for a track job that corrects one."""
     if not isinstance(body, dict):
         _fail("body", f"expected a JSON object, got {_show(body)}")
     if "type" not in body:
@@ -255,7 +327,9 @@ def parse_job(body: dict, models: dict, images: Callable) -> object:
     if body["type"] not in _JOB_FIELDS:
         _fail("type", f"expected \"segment\" or \"track\", got {_show(body['type'])}")
     _object(body, "", *_JOB_FIELDS[body["type"]])
-    return (_segment if body["type"] == "segment" else _track)(body, models, images)
+    if body["type"] == "segment":
+        return _segment(body, models, images)
+    return _track(body, models, images, previous)
 
 
 def _segment(body: dict, models: dict, images: Callable) -> SegmentWork:
@@ -276,7 +350,7 @@ def _segment(body: dict, models: dict, images: Callable) -> SegmentWork:
     return SegmentWork(SegmentationRequest(image, [_prompt(p, masks, image) for p in prompts], spec, image_key=key))
 
 
-def _track(body: dict, models: dict, images: Callable) -> TrackWork:
+def _track(body: dict, models: dict, images: Callable, previous: Optional[Callable] = None) -> TrackWork:
     from .register import BACKENDS
     from .runner import TrackRequest
 
@@ -293,12 +367,47 @@ def _track(body: dict, models: dict, images: Callable) -> TrackWork:
     min_fraction = _number(body.get("min_prompt_fraction", 0.0), "min_prompt_fraction", 0.0, 1.0)
     entry = _model_entry(body["model"], models, {"prev_mask"})
     spec = _model_spec(entry, body.get("options"))
+    if "previous" in body:
+        return _correction(body, keys, images, previous, spec, registration, min_volume, min_fraction, names)
+    if "corrections" in body:
+        _fail("corrections", "corrections need \"previous\": the job ID of the tracking run they correct")
+    if "baseline" not in body:
+        _fail("baseline", "missing")
     scans = images(keys)
     baseline = {_lesion_id(k): m for k, m in _decode_masks(body["baseline"], "baseline", scans[0].shape).items()}
     if not baseline:
         _fail("baseline", "holds no mask: give at least one baseline lesion")
     return TrackWork(TrackRequest(scans, baseline, spec, registration, None, min_volume_ml=min_volume,
                                   min_prompt_fraction=min_fraction, names=names))
+
+
+def _correction(body: dict, keys: list, images: Callable, previous: Optional[Callable], spec, registration,
+                min_volume: float, min_fraction: float, names) -> TrackWork:
+    """A track job that corrects the client's earlier run ``previous`` (its job ID) on the same images:
+    ``corrections`` as in a corrections file (:mod:`LesionLocatorLib.correctionfile`; scans by index;
+    no mask corrections)."""
+    from .correctionfile import correction_entry, resolve_corrections
+    from .prompts import PromptError
+    from .runner import TrackRequest
+
+    if "baseline" in body:
+        _fail("baseline", "a correction of an earlier run takes no baseline: its lesions are the run's")
+    job = _string(body["previous"], "previous", 64)
+    entries = _list(body.get("corrections"), "corrections", 1)
+    if previous is None:
+        raise ServiceError(409, "this server keeps no tracking runs")
+    kept = previous(job)
+    if kept.n_images != len(keys):
+        _fail("images", f"the run {job} tracked {kept.n_images} scans, this job names {len(keys)}")
+    scans = images(keys)
+    try:
+        checked = [correction_entry(e, f"corrections[{i}]", None) for i, e in enumerate(entries)]
+        corrections = resolve_corrections(checked, [f"t{t}" for t in range(len(scans))], scans)
+    except PromptError as e:
+        _fail("corrections", str(e))
+    return TrackWork(TrackRequest(scans, {}, spec, registration, None, min_volume_ml=min_volume,
+                                  min_prompt_fraction=min_fraction, names=names, corrections=corrections,
+                                  previous=kept.result()))
 
 
 def _image_ref(value, where: str) -> str:
@@ -429,8 +538,10 @@ class JobQueue:
     A client has at most ``max_per_client`` jobs queued or running (more: 429); a finished job is
     kept ``ttl_s`` seconds. All state is guarded by one lock; its condition wakes long polls."""
 
-    def __init__(self, devices, max_per_client: int = 4, ttl_s: float = RESULT_TTL_S, make_runner=None):
+    def __init__(self, devices, max_per_client: int = 4, ttl_s: float = RESULT_TTL_S, make_runner=None,
+                 tracks: Optional["TrackStore"] = None):
         self.devices = list(devices)
+        self.tracks = tracks if tracks is not None else TrackStore()
         self.max_per_client = int(max_per_client)
         self.ttl_s = float(ttl_s)
         self._make_runner = make_runner or _in_process_runner
@@ -587,6 +698,8 @@ class JobQueue:
         log.info("job %s of client %s: running on %s", job.id, job.client, device)
         try:
             result = job.work.run(runner, device, self._progress(job), job.token)
+            if getattr(job.work, "kept", None) is not None:
+                self.tracks.put(job.client, job.id, job.work.kept)
             outcome = dict(state=DONE, result=_json_safe(result), message="done")
         except Cancelled:
             outcome = dict(state=CANCELLED, message="cancelled")
@@ -677,7 +790,8 @@ class Service:
         """Check a job body and queue it (422 naming the field, 404 unknown model, 409 missing images, 429 busy)."""
         self.jobs.check_limit(client)
         try:
-            work = parse_job(parse_body(data), self.models, lambda keys: self.cache.get(client, keys))
+            work = parse_job(parse_body(data), self.models, lambda keys: self.cache.get(client, keys),
+                             lambda job: self.jobs.tracks.get(client, job))
         except ProtocolError as e:
             raise ServiceError(422, str(e)) from None
         return self.jobs.submit(client, work)

@@ -18,6 +18,7 @@ import pytest
 
 from LesionLocatorLib import cli
 from LesionLocatorLib.cancel import CancelToken, Cancelled
+from LesionLocatorLib.correct import Correction
 from LesionLocatorLib.image import Image, read_image
 from LesionLocatorLib.modelfolder import ModelSpec
 from LesionLocatorLib.prompts import Box, MaskPrompt, Point, PromptError, VoxelPrompt, read_prompt_file, \
@@ -170,6 +171,40 @@ def test_track_gives_the_local_masks_status_and_measurements(server, demo, local
         assert sorted(got.masks[t]) == sorted(want.masks[t])
         assert all(np.array_equal(got.masks[t][i], want.masks[t][i]) for i in want.masks[t])
     assert [r["backend"] for r in got.registrations] == ["simpleitk", "simpleitk"]
+
+
+def test_corrections_on_the_server_give_the_local_corrections(server, demo, local):
+    """A review session in Remote mode: the server keeps the client's tracking run, and a track
+    job with ``previous`` and corrections gives exactly the local correction of the local run,
+    without registering again; another client cannot correct that run."""
+    images, labels = demo["images"], demo["labels"].array
+    baseline = {int(i): labels == i for i in np.unique(labels) if i}
+    request = dict(images=images, model=SPEC, names=["base", "fu1", "fu2"], min_volume_ml=0.05)
+    centre = tuple(images[1].index_to_world(np.argwhere(read_image(DEMO / "demo_t1_label.nii.gz").array == 2)
+                                            .mean(axis=0)))
+    corrections = [Correction(2, 1, Point(2, centre)), Correction(3, 2, vanished=True),
+                   Correction(1, 1, Point(1, tuple(np.asarray(centre) + 1.0)), moved=True)]
+    remote = RemoteRunner(server.url, KEY)
+    try:
+        first = remote.track(TrackRequest(baseline=baseline, **request))
+        got = remote.track(TrackRequest(baseline={}, corrections=corrections, previous=first.tracked, **request))
+    finally:
+        remote.close()
+    base = local.track(TrackRequest(baseline=baseline, **request))
+    want = local.track(TrackRequest(baseline={}, corrections=corrections, previous=base.tracked, **request))
+    assert got.timings["registration"] == 0.0 and got.status == want.status and got.rows == want.rows
+    assert got.status[3] == ["tracked", "tracked", "vanished"]
+    for t in range(3):
+        assert all(np.array_equal(got.masks[t][i], want.masks[t][i]) for i in want.masks[t]), t
+    other = RemoteRunner(server.url, OTHER_KEY)
+    try:
+        with pytest.raises(ServerError, match="is no longer on the server"):
+            other.track(TrackRequest(baseline={}, corrections=corrections[:1], previous=first.tracked, **request))
+    finally:
+        other.close()
+    with pytest.raises(ValueError, match="a run tracked elsewhere cannot be corrected on this server"):
+        RemoteRunner(server.url, KEY).track(TrackRequest(baseline={}, corrections=corrections[:1],
+                                                         previous=base.tracked, **request))
 
 
 def _files(folder: Path) -> dict:

@@ -124,6 +124,38 @@ def test_track_on_the_server_gives_the_local_outputs(slicer_scene, LL, server):
     assert logic.lastTrackSummary().startswith("4 lesion(s) tracked through 2 follow-up(s)")
 
 
+def test_review_corrections_in_remote_mode_give_the_local_corrections(slicer_scene, LL, server):
+    """The review panel's Logic in Remote mode: the server keeps the run, a point correction and a
+    moved-point correction there give the segments of the same corrections made locally, and undo
+    restores the remote run's segments."""
+    h = slicer_scene
+    (base, image), (fu1, image1), (fu2, _) = [_demo_volume(h, t) for t in range(3)]
+    clicks = _clicks(h, image, DEMO_CLICKS)
+    point = _clicks(h, image1, [DEMO_CLICKS[1]], "correction")
+    moved = _clicks(h, image1, [tuple(np.asarray(DEMO_CLICKS[2]) + 2.0)], "moved")
+    logic = LL.LesionLocatorLogic()
+    logic.segment(base, clicks, device="cpu")
+    logic.track(base, [fu1, fu2], device="cpu")
+    logic.correctTracking(2, 1, "point", promptNode=point)
+    local = logic.correctTracking(3, 1, "moved", promptNode=moved)
+    want = [_arrays(n, v) for n, v in zip(local.segmentationNodes, local.volumeNodes)]
+    logic.useRemoteServer(server.url, KEY)
+    try:
+        first = logic.track(base, [fu1, fu2])
+        before = [_arrays(n, v) for n, v in zip(first.segmentationNodes, first.volumeNodes)]
+        logic.correctTracking(2, 1, "point", promptNode=point)
+        out = logic.correctTracking(3, 1, "moved", promptNode=moved)
+        assert out.response.timings["registration"] == 0.0
+        assert out.status == local.status and out.response.rows == local.response.rows
+        assert all(_same(_arrays(n, v), w) for n, v, w in zip(out.segmentationNodes, out.volumeNodes, want))
+        logic.undo()
+        logic.undo()
+        after = [_arrays(n, v) for n, v in zip(logic.lastTrack.segmentationNodes, logic.lastTrack.volumeNodes)]
+        assert all(_same(a, b) for a, b in zip(after, before))
+    finally:
+        logic.cleanup()
+
+
 def test_remote_mode_needs_no_torch_here(slicer_scene, LL, server, monkeypatch):
     from LesionLocatorSlicer import logic as logic_module
 

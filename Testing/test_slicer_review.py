@@ -437,11 +437,12 @@ def test_bad_prompts_the_remote_server_and_cancel_change_nothing(study, tiny_mod
     queue.wait(60)
     assert calls == ["cancelled"]
     _assert_unchanged(h, logic, dict(before, inventory=inventory))
-    # a LesionLocator server cannot correct yet: its message, nothing changes
+    # a run tracked on this computer cannot be corrected on a server (switched to Remote mode since):
+    # the runner's message, nothing changes
     from LesionLocatorLib.remote import RemoteRunner
 
     logic.runner = RemoteRunner("http://127.0.0.1:9", "key")
-    with pytest.raises(ValueError, match="corrections cannot be sent to a LesionLocator server yet"):
+    with pytest.raises(ValueError, match="a run tracked elsewhere cannot be corrected on this server"):
         logic.correctTracking(1, 1, "point", promptNode=click)
     _assert_unchanged(h, logic, dict(before, inventory=inventory))
     logic.runner = None
