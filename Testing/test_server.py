@@ -249,6 +249,13 @@ MALFORMED = [  # (job body or raw bytes, status, the start of the detail)
      "names: expected null or 2 names"),
     ({"type": "track", "images": ["IMG", "IMG"], "model": "demo", "baseline": "", "min_prompt_fraction": 2}, 422,
      "min_prompt_fraction: "),
+    ({"type": "track", "images": ["IMG", "IMG"], "model": "demo"}, 422, "baseline: missing"),
+    ({"type": "track", "images": ["IMG", "IMG"], "model": "demo", "baseline": "",
+      "corrections": [{"lesion": 1, "scan": 1, "vanished": True}]}, 422, 'corrections: corrections need "previous"'),
+    ({"type": "track", "images": ["IMG", "IMG"], "model": "demo", "previous": "0" * 32,
+      "corrections": [{"lesion": 1, "scan": 1, "vanished": True}]}, 409, "the tracking run \"0000"),
+    ({"type": "track", "images": ["IMG", "IMG"], "model": "demo", "previous": "0" * 32, "baseline": "",
+      "corrections": [{"lesion": 1, "scan": 1, "vanished": True}]}, 422, "baseline: a correction of an earlier run"),
 ]
 
 
