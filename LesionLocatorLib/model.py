@@ -66,6 +66,11 @@ def load_checkpoint(path) -> dict:
                               f"kind of file){': ' + reason if reason else ''}") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"corrupt or truncated checkpoint {path}: {str(e).strip().splitlines()[0]}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - damaged bytes reach the unpickler's internals (IndexError, KeyError...)
+        raise CheckpointError(f"corrupt checkpoint {path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                              f"{(str(e).strip() or 'no detail').splitlines()[0]})") from None
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
         raise CheckpointError(f"{path} is not an nnU-Net checkpoint (no 'network_weights' entry)")
     return ckpt

@@ -74,6 +74,22 @@ def test_corrupt_and_truncated_checkpoints(tiny_model_root, tmp_path):
         load_checkpoint(ckpt)
 
 
+def test_random_bytes_are_a_corrupt_checkpoint_whatever_they_hold(tmp_path):
+    """Damaged bytes reach the unpickler's internals in many ways (IndexError 'pop from empty list',
+    KeyError, UnicodeDecodeError, ...): every one is CheckpointError 'corrupt', never an internal
+    error. 200 seeded byte strings, raw and behind a pickle header."""
+    rng = np.random.default_rng(7)
+    path = tmp_path / "checkpoint_final.pth"
+    kinds = set()
+    for n in range(200):
+        data = rng.integers(0, 256, 5000, dtype=np.uint8).tobytes()
+        path.write_bytes(data if n % 2 else b"\x80\x02" + data)
+        with pytest.raises(CheckpointError, match="corrupt") as error:
+            load_checkpoint(path)
+        kinds.add(str(error.value).split("(")[-1].split(":")[0])
+    assert len(kinds) >= 2, kinds  # more than one way of failing was exercised
+
+
 class Evil:
     def __reduce__(self):
         import os
