@@ -1,8 +1,10 @@
 """The LesionLocator Slicer module's code, one job per file (``LesionLocator.py`` beside this
 package holds only the module class, a thin widget shell and the self-test entry):
 
-* ``logic.py``: the Logic facade (``LesionLocatorLogic``): segment, refine, track, review and
-  correct a tracking run, undo, export, models; console calls block, the GUI runs the same operations as jobs.
+* ``logic.py``: the Logic facade (``LesionLocatorLogic``): segment, refine, track, undo, export,
+  models; console calls block, the GUI runs the same operations as jobs.
+* ``reviewlogic.py``: the Logic's review of a tracking run (``ReviewLogic``, part of
+  ``LesionLocatorLogic``): cells, showing a lesion, corrections with one undo step each.
 * ``scene.py``: scene conversion, the one place RAS meets LPS (parent transforms included):
   volume -> library Image, markups -> prompts, segment <-> mask, study dates.
 * ``results.py``: result nodes: find or create, lesion IDs, tags, colours, undo records.
