@@ -39,12 +39,7 @@ def read_corrections(path) -> list:
     None) and ``new``; PromptError naming the file and entry for anything else."""
     path = Path(path)
     source = str(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
-    except FileNotFoundError:
-        raise PromptError(f"corrections file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise PromptError(f"{source}: not a corrections JSON file ({e})") from None
+    data = _read_json(path, "corrections")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise PromptError(f"{source}: a corrections file is an object with \"format\": \"{FORMAT}\"")
     extra = [k for k in data if k not in _KEYS]
@@ -71,6 +66,17 @@ def correction_entry(entry, where: str, folder) -> dict:
     """One checked entry of a corrections file (see :func:`read_corrections`); ``folder``: where its
     mask files are, or None where masks cannot be given (a server job)."""
     return _entry(entry, where, folder)
+
+
+def _read_json(path: Path, what: str):
+    """The JSON in ``path`` (no duplicate keys); PromptError "<what> file not found" or "not a <what>
+    JSON file"."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except FileNotFoundError:
+        raise PromptError(f"{what} file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise PromptError(f"{path}: not a {what} JSON file ({e})") from None
 
 
 def _entry(entry, where: str, folder) -> dict:
@@ -223,12 +229,7 @@ def read_confirmed_points(path) -> dict:
     """``{(scan, lesion): (x, y, z)}`` of a confirmed-points file (scans as written: a name or an
     index); PromptError naming the file and entry otherwise."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
-    except FileNotFoundError:
-        raise PromptError(f"confirmed-points file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise PromptError(f"{path}: not a confirmed-points JSON file ({e})") from None
+    data = _read_json(path, "confirmed-points")
     if not isinstance(data, dict) or data.get("format") != POINTS_FORMAT or not isinstance(data.get("points"), list):
         raise PromptError(f"{path}: a confirmed-points file is an object with \"format\": \"{POINTS_FORMAT}\" and a "
                           f"\"points\" list")
