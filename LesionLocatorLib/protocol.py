@@ -158,6 +158,21 @@ def pack_masks(masks: dict) -> dict:
     return out
 
 
+def timepoint_keys(masks_by_time) -> dict:
+    """Per-timepoint ``[{lesion id: mask}, ...]`` -> ``{"<t>/<lesion id>": mask}`` (a track result's
+    mask keys, see "Mask files" above)."""
+    return {f"{t}/{pid}": mask for t, per in enumerate(masks_by_time) for pid, mask in per.items()}
+
+
+def by_timepoint(masks: dict, n_images: int) -> list:
+    """The inverse of :func:`timepoint_keys` for ``n_images`` scans: ``[{lesion id: mask}, ...]``."""
+    out = [{} for _ in range(n_images)]
+    for key, mask in masks.items():
+        t, pid = key.split("/")
+        out[int(t)][int(pid)] = mask
+    return out
+
+
 def unpack_masks(data) -> dict:
     """npz entries (an open ``np.load`` or a dict) -> ``{key: bool (z, y, x)}``; reads full
     masks and cropped ones (see :func:`pack_masks`)."""

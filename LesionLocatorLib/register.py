@@ -53,6 +53,10 @@ class Transform:
         self.backend = backend
         self.info = dict(info or {})
 
+    def info_json(self) -> dict:
+        """``info`` as JSON values: texts kept, numbers as floats."""
+        return {k: v if isinstance(v, str) else float(v) for k, v in self.info.items()}
+
     # -------------------------------------------------------------------- points
     def fixed_to_moving(self, points_xyz) -> np.ndarray:
         """Fixed-space LPS points (N, 3) -> moving-space LPS points (ITK direction)."""

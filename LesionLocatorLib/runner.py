@@ -48,7 +48,8 @@ import numpy as np
 from .image import Image
 from .modelfolder import ModelSpec
 from .prompts import Box, MaskPrompt, Point, PromptError
-from .protocol import PROTOCOL, ImageNotCached, WorkerError, library_exception, pack_masks, unpack_masks
+from .protocol import PROTOCOL, ImageNotCached, WorkerError, by_timepoint, library_exception, pack_masks, \
+    unpack_masks
 from .report import plain_rows
 
 ProgressCallback = Callable[[float, str], None]
@@ -278,8 +279,7 @@ class InProcessRunner:
                             min_volume_ml=request.min_volume_ml, min_prompt_fraction=request.min_prompt_fraction,
                             progress=lambda f, m: report(0.02 + 0.98 * f, m), cancel=cancel, load=self.model,
                             corrections=request.corrections, previous=request.previous)
-        registrations = [{"backend": t.backend, **{k: v if isinstance(v, str) else float(v) for k, v in t.info.items()}}
-                         for t in study.transforms]
+        registrations = [{"backend": t.backend, **t.info_json()} for t in study.transforms]
         return TrackResponse(request.id, study.masks, {int(k): list(v) for k, v in study.status.items()},
                              dict(study.timings), study.warnings, time.perf_counter() - start, registrations,
                              plain_rows(study.rows), study.tracked)
@@ -299,11 +299,8 @@ def track_response(request_id: str, n_images: int, masks: dict, result: dict) ->
     """The :class:`TrackResponse` of an out-of-process run: ``masks`` {"<t>/<lesion id>": bool
     (z, y, x)} for ``n_images`` scans and the other fields of the worker's or server's result
     (``status``, ``timings``, ``warnings``, ``seconds``, ``registrations``, ``rows``)."""
-    by_time = [{} for _ in range(n_images)]
-    for key, mask in masks.items():
-        t, pid = key.split("/")
-        by_time[int(t)][int(pid)] = mask
-    return TrackResponse(request_id, by_time, {int(k): list(v) for k, v in result.get("status", {}).items()},
+    return TrackResponse(request_id, by_timepoint(masks, n_images),
+                         {int(k): list(v) for k, v in result.get("status", {}).items()},
                          dict(result.get("timings", {})), list(result.get("warnings", [])),
                          result.get("seconds", 0.0), list(result.get("registrations", [])),
                          list(result.get("rows", [])))

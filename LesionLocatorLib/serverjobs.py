@@ -35,7 +35,7 @@ import numpy as np
 
 from .cancel import CancelToken, Cancelled
 from .protocol import MAX_PROMPT_ID, ProtocolError, _fail, _integer, _list, _model, _number, _object, _show, \
-    _string, parse_message, prompt_entries
+    _string, parse_message, prompt_entries, timepoint_keys
 from .serverapi import MAX_WAIT_S, RESULT_TTL_S, EncodingError, decode_image, encode_masks, image_id
 from .servertracks import KeptTrack, RunGone, TrackStore
 
@@ -229,8 +229,8 @@ class TrackWork:
         r = runner.track(request, progress, cancel)
         if request.previous is None:  # a run to correct later (corrections always refer to the first run)
             self.kept = KeptTrack.of(r.tracked)
-        masks = {f"{t}/{pid}": mask for t, per in enumerate(r.masks) for pid, mask in per.items()}
-        return {"masks": encode_masks(masks), "status": {str(k): list(v) for k, v in r.status.items()},
+        return {"masks": encode_masks(timepoint_keys(r.masks)),
+                "status": {str(k): list(v) for k, v in r.status.items()},
                 "timings": dict(r.timings), "warnings": list(r.warnings), "seconds": r.seconds,
                 "registrations": list(r.registrations), "rows": list(r.rows)}
 

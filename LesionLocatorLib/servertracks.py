@@ -32,23 +32,20 @@ class KeptTrack:
 
     @classmethod
     def of(cls, tracked) -> "KeptTrack":
-        from .protocol import pack_masks
+        from .protocol import pack_masks, timepoint_keys
 
-        return cls(pack_masks({f"{t}/{pid}": m for t, per in enumerate(tracked.masks) for pid, m in per.items()}),
+        return cls(pack_masks(timepoint_keys(tracked.masks)),
                    {k: list(v) for k, v in tracked.status.items()},
                    {k: list(v) for k, v in tracked.inside_fraction.items()}, dict(tracked.points),
                    list(tracked.transforms), len(tracked.masks))
 
     def result(self):
         """The run as a :class:`~LesionLocatorLib.track.TrackResult` (labels rebuilt by the correction)."""
-        from .protocol import unpack_masks
+        from .protocol import by_timepoint, unpack_masks
         from .track import TrackResult
 
-        masks = [{} for _ in range(self.n_images)]
-        for key, mask in unpack_masks(self.packed).items():
-            t, pid = key.split("/")
-            masks[int(t)][int(pid)] = mask
-        return TrackResult(masks, [], {k: list(v) for k, v in self.status.items()}, list(self.transforms), {},
+        return TrackResult(by_timepoint(unpack_masks(self.packed), self.n_images), [],
+                           {k: list(v) for k, v in self.status.items()}, list(self.transforms), {},
                            {k: list(v) for k, v in self.fractions.items()}, dict(self.points))
 
 

@@ -51,21 +51,19 @@ def save_track_state(folder, result, images, names, registration: str, options: 
     ``registration``: the backend name, ``options``: the tracking options to reuse (min_volume_ml,
     min_prompt_fraction). Returns the folder."""
     from .files import atomic_output
-    from .protocol import pack_masks
+    from .protocol import pack_masks, timepoint_keys
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / STATE_FILE).unlink(missing_ok=True)  # the folder is incomplete until state.json is back
     with atomic_output(folder / MASKS_FILE) as tmp:
         with open(tmp, "wb") as f:
-            np.savez_compressed(f, **pack_masks({f"{t}/{pid}": m for t, masks in enumerate(result.masks)
-                                                 for pid, m in masks.items()}))
+            np.savez_compressed(f, **pack_masks(timepoint_keys(result.masks)))
     registrations = []
     for t, transform in enumerate(result.transforms, start=1):
         name = f"registration_t{t}.h5"
         transform.save(folder / name)
-        registrations.append({"file": name, "backend": transform.backend,
-                              "info": {k: v if isinstance(v, str) else float(v) for k, v in transform.info.items()}})
+        registrations.append({"file": name, "backend": transform.backend, "info": transform.info_json()})
     state = {"format": FORMAT, "names": list(names), "fingerprints": [image_fingerprint(i) for i in images],
              "status": {str(k): list(v) for k, v in result.status.items()},
              "inside_fraction": {str(k): list(v) for k, v in result.inside_fraction.items()},
@@ -97,7 +95,7 @@ def load_track_state(folder, images):
     """The TrackResult saved in ``folder`` (labels rebuilt from the masks), for ``images`` -- which
     must be the scans it was made from, in the same order -- and its ``state.json`` dict.
     TrackStateError naming the scan that differs, or the file that is missing."""
-    from .protocol import unpack_masks
+    from .protocol import by_timepoint, unpack_masks
     from .register import Transform
     from .track import TrackResult, labels_from_masks
 
@@ -120,10 +118,7 @@ def load_track_state(folder, images):
         raise TrackStateError(f"{folder}: the saved run cannot be read ({e})") from None
     for transform, r in zip(transforms, state["registrations"]):
         transform.info = dict(r.get("info", {}))
-    masks = [{} for _ in images]
-    for key, mask in packed.items():
-        t, pid = key.split("/")
-        masks[int(t)][int(pid)] = mask
+    masks = by_timepoint(packed, len(images))
     status = {int(k): list(v) for k, v in state["status"].items()}
     fractions = {int(k): list(v) for k, v in state.get("inside_fraction", {}).items()}
     labels = [labels_from_masks(image, m) for image, m in zip(images, masks)]

@@ -32,7 +32,7 @@ import traceback
 from collections import OrderedDict
 
 from .protocol import PROTOCOL, ImageNotCached, ProtocolError, message_id, pack_masks, parse_message, \
-    unpack_masks, validate_message
+    timepoint_keys, unpack_masks, validate_message
 
 
 class _Channel:
@@ -283,8 +283,7 @@ class Worker:
 
             save_track_state(message["state"]["folder"], response.tracked, request.images,
                              request.names or [f"t{t}" for t in range(len(request.images))], request.registration)
-        _write_masks(message["output"], {f"{t}/{pid}": mask for t, masks in enumerate(response.masks)
-                                         for pid, mask in masks.items()})
+        _write_masks(message["output"], timepoint_keys(response.masks))
         self.channel.send({"type": "result", "id": rid, "masks": {"file": message["output"]},
                            "status": {str(k): v for k, v in response.status.items()},
                            "timings": response.timings, "warnings": response.warnings,
