@@ -118,6 +118,8 @@ class LoadedModel:
     intensity_properties: dict = field(default_factory=dict)
     runtime: object = None  # None: PyTorch; else a callable (fold index, x) -> logits, e.g. OpenVINONetworks
     cuda_fp16: bool = True  # on CUDA, run the network under fp16 autocast (logits summed in fp32); False: fp32
+    # patches per network call when mirroring (TTA): None = up to 8 on CUDA, one mirroring at a time on the CPU
+    mirror_batch_limit: int | None = None
 
     @property
     def patch_size(self) -> tuple:
@@ -131,35 +133,84 @@ class LoadedModel:
     def normalization(self) -> str:
         return self.configuration["normalization_schemes"][0]
 
+    def host_buffer(self, shape: tuple) -> torch.Tensor:
+        """An empty float32 CPU tensor for a network input batch; in page-locked (pinned) memory when the model runs
+        on CUDA, so :meth:`forward` copies it to the GPU asynchronously. Fill it through ``.numpy()``."""
+        return torch.empty(shape, dtype=torch.float32, pin_memory=self.device.type == "cuda")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, C, z, y, x) float32 on CPU for an input batch (B, 2, *patch):
         averaged over folds and, if ``use_tta``, over the allowed mirrorings."""
-        x = x.to(self.device)
+        x = x.to(self.device, non_blocking=x.is_pinned())
         total = None
         for i, weights in enumerate(self.fold_weights):
             if self.runtime is not None:
                 network = lambda batch, i=i: self.runtime(i, batch)  # noqa: E731
             else:
                 if len(self.fold_weights) > 1 or total is None:
-                    self.network.load_state_dict(weights)
+                    self.network.load_state_dict(weights)  # on CUDA a copy on the GPU (weights kept there)
                 network = self.network
             out = self._forward_one(network, x)
             total = out if total is None else total + out
-        return (total / len(self.fold_weights)).float().cpu()
+        return _to_host(total / len(self.fold_weights))
+
+    def _views_per_call(self, batch: int) -> int:
+        """How many mirrorings of a batch of ``batch`` patches go through the network in one call."""
+        if self.runtime is not None:
+            return 1  # converted networks are compiled for one batch size
+        limit = self.mirror_batch_limit
+        if limit is None:  # the CPU gains nothing from larger batches, only memory
+            limit = 8 if self.device.type == "cuda" else 1
+        return max(1, limit // max(batch, 1))
 
     @torch.inference_mode()
     def _forward_one(self, network, x: torch.Tensor) -> torch.Tensor:
+        """One fold's logits (float32, on the model's device), averaged over the mirrorings when ``use_tta``: the
+        mirrored copies go through the network together (up to ``mirror_batch_limit`` patches per call; on
+        CUDA out-of-memory the groups are halved), each prediction flipped back and summed in fp32 in a fixed
+        order, so the result does not depend on the grouping beyond the network's own arithmetic."""
         ctx = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" and self.cuda_fp16 \
             else _nullcontext()
+        views = [()]
+        if self.use_tta and self.mirror_axes:
+            axes = [a + 2 for a in self.mirror_axes]
+            views += [c for n in range(1, len(axes) + 1) for c in itertools.combinations(axes, n)]
+        per_call, done, pred, n = self._views_per_call(x.shape[0]), 0, None, x.shape[0]
         with ctx:
-            pred = network(x).float()
-            if self.use_tta and self.mirror_axes:
-                axes = [a + 2 for a in self.mirror_axes]
-                combos = [c for n in range(1, len(axes) + 1) for c in itertools.combinations(axes, n)]
-                for dims in combos:
-                    pred += torch.flip(network(torch.flip(x, dims)), dims).float()
-                pred /= len(combos) + 1
-        return pred
+            while done < len(views):
+                group = views[done:done + per_call]
+                try:
+                    out = network(torch.cat([_flip(x, dims) for dims in group]) if len(group) > 1
+                                  else _flip(x, group[0]))
+                except torch.OutOfMemoryError:
+                    if len(group) == 1:
+                        raise
+                    torch.cuda.empty_cache()
+                    per_call = max(1, len(group) // 2)
+                    self.mirror_batch_limit = per_call * n  # remembered for the next batches
+                    warnings.warn(f"out of memory with {len(group) * n} patches per network call: now "
+                                  f"{per_call * n}", stacklevel=2)
+                    continue
+                for k, dims in enumerate(group):
+                    one = _flip(out[k * n:(k + 1) * n], dims).float()
+                    pred = one if pred is None else pred + one
+                done += len(group)
+        return pred / len(views) if len(views) > 1 else pred
+
+
+def _flip(x: torch.Tensor, dims: tuple) -> torch.Tensor:
+    return torch.flip(x, dims) if dims else x
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """float32 on the CPU; from CUDA through page-locked memory (one asynchronous copy, then a wait)."""
+    t = t.float()
+    if t.device.type != "cuda":
+        return t.cpu()
+    host = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(t.device).synchronize()
+    return host
 
 
 class _nullcontext:
@@ -241,6 +292,11 @@ def load_model(path, prompt_type: str = "point", folds=None, device: str = "auto
         raise ModelLayoutError(f"{folder}/plans.json: configuration {config_name!r} is not 3D "
                                f"(patch_size {config['patch_size']}); LesionLocator models are 3D")
     network = _network_for_weights(plans, config_name, dataset_json, weights[0], dev, folder).eval()
+    _check_same_tensors(weights, folds, folder)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed patch shapes: let cuDNN time its algorithms once per shape
+        if len(weights) > 1:  # switching folds is then a copy on the GPU, not a host-to-GPU transfer per batch
+            weights = [{k: v.to(dev) for k, v in w.items()} for w in weights]
     use_tta = (dev.type != "cpu") if tta is None else bool(tta)
     intensity = plans.get("foreground_intensity_properties_per_channel", {}).get("0", {})
     model = LoadedModel(folder, network, weights, folds, plans, config, config_name, dataset_json, trainer,
@@ -254,6 +310,17 @@ def load_model(path, prompt_type: str = "point", folds=None, device: str = "auto
         model.runtime = OpenVINONetworks(model, [folder / f"fold_{f}" / checkpoint_name for f in folds], cache_dir,
                                          precision="bf16" if backend == "openvino-bf16" else "f32")
     return model
+
+
+def _check_same_tensors(weights: list, folds: list, folder: Path) -> None:
+    """Every fold's weights have the first fold's tensor names and shapes (they are swapped into one network)."""
+    first = {k: tuple(v.shape) for k, v in weights[0].items()}
+    for fold, w in zip(folds[1:], weights[1:]):
+        other = {k: tuple(v.shape) for k, v in w.items()}
+        if other != first:
+            diff = sorted(set(first) ^ set(other)) or [k for k in first if first[k] != other[k]]
+            raise CheckpointError(f"{folder}: fold {fold}'s weights do not match fold {folds[0]}'s "
+                                  f"(first difference: {diff[0]})")
 
 
 def _network_state(weights: dict) -> dict:

@@ -193,7 +193,8 @@ def segment(image: Image, prompts, model: LoadedModel, progress=None, cancel: Ca
             cancel.check()
         batch = tiles[start:start + batch_size]
         t0 = time.perf_counter()
-        x = np.zeros((len(batch), 2) + patch, dtype=np.float32)
+        x_tensor = model.host_buffer((len(batch), 2) + patch).zero_()  # pinned on CUDA: asynchronous upload
+        x = x_tensor.numpy()
         for b, t in enumerate(batch):
             hi = tuple(l_ + p for l_, p in zip(t.lo, patch))
             x[b, 0] = grid.extract(image.array, t.lo, hi, normalize)
@@ -206,7 +207,7 @@ def segment(image: Image, prompts, model: LoadedModel, progress=None, cancel: Ca
             # the prompt is drawn on the unpadded model grid; padding stays 0
             _zero_padding(x[b, 1], t.lo, grid)
         t1 = time.perf_counter()
-        logits = _run_with_fallback(model, torch.from_numpy(x))
+        logits = _run_with_fallback(model, x_tensor)
         timings["preprocessing"] += t1 - t0
         timings["network"] += time.perf_counter() - t1
         for b, t in enumerate(batch):

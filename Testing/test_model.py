@@ -48,6 +48,67 @@ def test_mirroring_tta_averages_flipped_predictions(tiny_model_root):
     assert torch.allclose(tta, manual / 8, atol=1e-5)
 
 
+def test_mirrorings_batched_into_one_call_equal_one_at_a_time(tiny_two_fold_root):
+    """The CUDA default sends all 8 mirrorings of a patch through the network in one call (up to
+    ``mirror_batch_limit`` patches); the result equals one mirroring per call, 2 folds, 2 patches."""
+    m = load_model(tiny_two_fold_root, "point", device="cpu", tta=True)
+    x = torch.randn(2, 2, 32, 48, 48)
+    assert m._views_per_call(2) == 1, "the CPU default: one mirroring per call"
+    one_at_a_time = m.forward(x)
+    calls = []
+    network = m.network
+    hook = network.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    try:
+        m.mirror_batch_limit = 16
+        grouped = m.forward(x)
+        m.mirror_batch_limit = 6  # 3 mirrorings per call: groups of 3, 3, 2
+        uneven = m.forward(x)
+    finally:
+        hook.remove()
+    assert calls == [16, 16] + [6, 6, 4] * 2, calls
+    assert torch.allclose(grouped, one_at_a_time, atol=1e-5, rtol=0)
+    assert torch.allclose(uneven, one_at_a_time, atol=1e-5, rtol=0)
+
+
+def test_out_of_memory_with_grouped_mirrorings_halves_the_groups(tiny_model_root):
+    """A CUDA out-of-memory error for a group of mirrorings (raised here by a network that refuses more than
+    4 patches, as a GPU with little memory would) halves the group, remembers the smaller size, and gives the
+    same logits; one patch that does not fit is re-raised for the caller's fallback."""
+    m = load_model(tiny_model_root, "point", device="cpu", tta=True)
+    x = torch.randn(1, 2, 32, 48, 48)
+    reference = m._forward_one(m.network, x)
+    seen = []
+
+    def small_gpu(batch):
+        seen.append(batch.shape[0])
+        if batch.shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return m.network(batch)
+    m.mirror_batch_limit = 8
+    with pytest.warns(UserWarning, match="out of memory with 8 patches per network call: now 4"):
+        out = m._forward_one(small_gpu, x)
+    assert seen == [8, 4, 4] and m.mirror_batch_limit == 4
+    assert torch.allclose(out, reference, atol=1e-5, rtol=0)
+    def no_memory(batch):
+        raise torch.OutOfMemoryError("not even one patch")
+    m.mirror_batch_limit = 1
+    with pytest.raises(torch.OutOfMemoryError, match="not even one patch"):
+        m._forward_one(no_memory, x)
+
+
+def test_folds_with_different_tensors_are_refused_at_load(tiny_two_fold_root, tmp_path):
+    root = shutil.copytree(tiny_two_fold_root, tmp_path / "LesionLocatorCheckpoint")
+    ckpt = root / "LesionLocatorSeg" / "point_optimized" / "fold_1" / "checkpoint_final.pth"
+    data = load_checkpoint(ckpt)
+    name = next(k for k in data["network_weights"] if k.endswith("weight"))
+    data["network_weights"][name] = torch.zeros(3)
+    torch.save(data, ckpt)
+    with pytest.raises(CheckpointError, match=rf"fold 1's weights do not match fold 0's \(first difference: "
+                                              rf"{name.replace('.', '[.]')}\)"):
+        load_model(root, "point", device="cpu")
+    assert load_model(root, "point", folds=[0], device="cpu").folds == [0]
+
+
 def test_missing_fold_and_wrong_layout_errors(tiny_model_root, tmp_path):
     with pytest.raises(ModelLayoutError, match=r"fold\(s\) \[3\] not found in .*point_optimized; available: \[0\]"):
         load_model(tiny_model_root, "point", folds=[3], device="cpu")

@@ -463,6 +463,40 @@ def _cpu_info() -> dict:
             "torch_default_threads": torch.get_num_threads(), "mkldnn": torch.backends.mkldnn.is_available()}
 
 
+def network_flops(model) -> int:
+    """Floating-point operations (2 per multiply-add) of one forward pass, batch 1, at the patch size: counted by
+    ``torch.utils.flop_counter`` on a copy of the plans' network built on the meta device (no memory, no time)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from LesionLocatorLib.model import build_network
+    net = build_network(model.plans, model.configuration_name, model.dataset_json, device="meta").eval()
+    x = torch.empty((1, 2) + tuple(model.patch_size), device="meta")
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        net(x)
+    return int(counter.get_total_flops())
+
+
+def gemm_peak(threads: int | None, n: int = 4096, runs: int = 5) -> dict:
+    """This machine's attainable dense-arithmetic rate (GFLOP/s): the median of ``runs`` n x n float32 matrix
+    products through torch (MKL/oneDNN, the threads torch uses or ``threads``), and the same in bfloat16. Direct
+    3D convolutions (what every runtime here uses for ResEnc-L: none offers 3D Winograd/FFT on a CPU) cannot do
+    more useful work per second than this, so flops / peak is a lower bound on an fp32 forward pass."""
+    if threads:
+        torch.set_num_threads(threads)
+    out = {"n": n, "threads": torch.get_num_threads()}
+    for dtype, key in ((torch.float32, "fp32_gflops"), (torch.bfloat16, "bf16_gflops")):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        for _ in range(2):
+            a @ b
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+        out[key] = 2 * n ** 3 / statistics.median(times) / 1e9
+    return out
+
+
 def _fmt(v, spec: str, width: int) -> str:
     return f"{'-':>{width}}" if v is None else f"{v:>{width}{spec}}"
 
@@ -493,6 +527,7 @@ def main() -> int:
     from LesionLocatorLib.model import load_model
     model = load_model(work / "model" / "LesionLocatorCheckpoint", "point", folds=[0], device="cpu")
     n_params = sum(p.numel() for p in model.network.parameters())
+    flops = network_flops(model)
     np.save(work / "input.npy", make_input(model.patch_size, model.intensity_properties))
     (work / "reference_logits.npy").unlink(missing_ok=True)
     shutil.rmtree(work / "inductor_cache", ignore_errors=True)  # torch.compile starts cold
@@ -500,6 +535,11 @@ def main() -> int:
     patch = model.patch_size
     del model
 
+    peak = gemm_peak(args.threads or None)
+    bound_s = flops / (peak["fp32_gflops"] * 1e9)
+    print(f"{flops / 1e12:.2f} TFLOP per forward; fp32 matrix product {peak['fp32_gflops']:.0f} GFLOP/s "
+          f"({peak['threads']} threads; bf16 {peak['bf16_gflops']:.0f}): an fp32 forward cannot take less than "
+          f"{bound_s:.1f} s here", flush=True)
     variants = ["torch-eager"] + [v for v in args.variants if v != "torch-eager"]
     skipped = {}
     if "torch-eager-t2" in variants and (args.threads or torch.get_num_threads()) == 2:
@@ -568,6 +608,8 @@ def main() -> int:
             if len(ok) > 1:
                 row["cache_load_s"] = min(r["convert_s"] for r in ok[1:])
                 row["notes"].append("load s = compile again with inductor's warm on-disk cache")
+        row["gflops"] = flops / row["median_s"] / 1e9
+        row["fraction_of_fp32_peak"] = row["gflops"] / peak["fp32_gflops"]
         if v in FP32 and row["max_abs_diff"] > 1e-3:
             row["notes"].append("ABOVE the 1e-3 fp32 target")
         rows.append(row)
@@ -582,17 +624,25 @@ def main() -> int:
           f"{n_params / 1e6:.1f} M parameters, "
           f"{info['cpus']} cpus ({info['model']}), {args.runs} runs x {args.rounds} round(s)")
     print(f"{'variant':<20}{'convert s':>10}{'load s':>7}{'disk MB':>8}{'first s':>8}{'median s':>9}{'speed-up':>9}"
-          f"{'CPU s':>7}{'CPU x':>7}{'peak MiB':>9}{'max|diff|':>10}{'Dice':>7}{'other':>6}  notes")
+          f"{'CPU s':>7}{'CPU x':>7}{'GFLOP/s':>8}{'%peak':>6}{'peak MiB':>9}{'max|diff|':>10}{'Dice':>7}{'other':>6}"
+          f"  notes")
     for r in rows:
         if "error" in r:
             print(f"{r['variant']:<20}{'failed: ' + r['error']}")
             continue
         print(f"{r['variant']:<20}{_fmt(r['convert_s'], '.1f', 10)}{_fmt(r['cache_load_s'], '.1f', 7)}"
               f"{_fmt(r['disk_mb'], '.0f', 8)}{r['first_s']:>8.1f}{r['median_s']:>9.1f}{r['speedup_vs_eager']:>8.2f}x"
-              f"{r['cpu_median_s']:>7.1f}{r['cpu_speedup_vs_eager']:>6.2f}x{r['peak_mb']:>9.0f}{r['max_abs_diff']:>10.1e}"
+              f"{r['cpu_median_s']:>7.1f}{r['cpu_speedup_vs_eager']:>6.2f}x{r['gflops']:>8.0f}"
+              f"{100 * r['fraction_of_fp32_peak']:>5.0f}%{r['peak_mb']:>9.0f}{r['max_abs_diff']:>10.1e}"
               f"{r['dice_vs_eager']:>7.4f}{r['other_load_cores']:>6.2f}  {'; '.join(r['notes'])}")
     for v, why in skipped.items():
         print(f"{v:<20}skipped: {why}")
+    if eager and "error" not in eager:
+        verdict = "possible" if eager["median_s"] / 2 >= bound_s else "below the bound"
+        print(f"Lower bound for any fp32 forward here: {flops / 1e12:.2f} TFLOP / {peak['fp32_gflops']:.0f} GFLOP/s "
+              f"(fp32 matrix product, {peak['threads']} threads) = {bound_s:.1f} s; 2x PyTorch eager would be "
+              f"{eager['median_s'] / 2:.1f} s ({verdict})."
+              f" %peak: the variant's useful GFLOP/s over that rate (above 100% only with less arithmetic or bf16)")
     print("CPU s: this process's CPU time per forward (all threads; less sensitive to other load than wall time); "
           "CPU x: eager's CPU s / this one's;\n"
           "other: other processes' CPU load during the timed runs (cores, /proc/stat busy time minus own CPU time)")
@@ -610,7 +660,7 @@ def main() -> int:
     Path(args.o).parent.mkdir(parents=True, exist_ok=True)
     Path(args.o).write_text(json.dumps({
         "rows": rows, "ab": ab, "skipped": skipped, "runs": args.runs, "rounds": args.rounds, "patch": list(patch),
-        "batch": 1, "ab_cycles": args.ab_cycles,
+        "batch": 1, "ab_cycles": args.ab_cycles, "flops": flops, "gemm_peak": peak, "fp32_lower_bound_s": bound_s,
         "parameters": n_params, "cpu": info, "cpus": info["cpus"], "versions": _versions(),
         "machine": platform.platform(), "date": time.strftime("%Y-%m-%d")}, indent=2))
     if not args.work:

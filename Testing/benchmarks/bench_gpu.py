@@ -9,7 +9,10 @@ tracking models, 5 folds) on a 512x512x300 synthetic body CT (``phantoms.synthet
   track 10 x 3                 10 lesions through 3 follow-ups (each moved), registration included
                                (``--registration``, default simpleitk on the CPU), 1 fold, no TTA
 
-Each row: median seconds of ``--repeats`` runs and the peak GPU memory (``torch.cuda.max_memory_allocated``).
+Each row: median seconds of ``--repeats`` runs, the peak GPU memory (``torch.cuda.max_memory_allocated``) and the
+last run's stages (preprocessing on the CPU, network, postprocessing on the CPU). Two reference rows in the same run
+show what the library's CUDA settings bring: the 1-fold click with ``cudnn.benchmark`` off, and the 5-fold TTA click
+with one mirroring per network call instead of all 8 together (``LoadedModel.mirror_batch_limit``).
 Accuracy rows: the network's logits for one patch in fp32 on the GPU vs fp32 on the CPU (max |difference|, target
 <= 1e-3), and the fp16-autocast mask (the library's default on CUDA; logits accumulated in fp32) vs the fp32 mask of
 the same click (Dice, target >= 0.999). Targets from the issue: <= 0.1 s per click (1 fold, no TTA), <= 1.5 s
@@ -89,11 +92,36 @@ def _timed(gpu, repeats: int, run) -> dict:
     gpu.reset()
     for _ in range(repeats):
         t0 = time.perf_counter()
-        run()
+        result = run()
         if gpu.cuda:
             gpu.torch.cuda.synchronize()
         seconds.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "peak_gpu_mib": gpu.peak_mib()}
+    stages = {k: round(v, 4) for k, v in (getattr(result, "timings", None) or {}).items()}  # the last run's
+    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "peak_gpu_mib": gpu.peak_mib(),
+            "stages_s": stages}
+
+
+def _one_mirroring_per_call(model, run):
+    """``run`` with the model's mirrorings sent through the network one at a time (the reference for the
+    library's grouped mirrorings on CUDA)."""
+    def reference():
+        model.mirror_batch_limit = 1
+        try:
+            return run()
+        finally:
+            model.mirror_batch_limit = None
+    return reference
+
+
+def _cudnn_benchmark_off(torch, run):
+    """``run`` with ``torch.backends.cudnn.benchmark`` off (the reference for the library's setting on CUDA)."""
+    def reference():
+        torch.backends.cudnn.benchmark = False
+        try:
+            return run()
+        finally:
+            torch.backends.cudnn.benchmark = True
+    return reference
 
 
 def main() -> int:
@@ -133,9 +161,14 @@ def main() -> int:
     every = load_model(root, "point", folds=list(folds), device=a.device, tta=True)
     tracker = load_model(root, "prev_mask", folds=[0], device=a.device, tta=False)
     points = [Point(i + 1, tuple(images[0].index_to_world(c))) for i, c in enumerate(centres)]
+    click_one = lambda: segment(images[0], points[:1], one)  # noqa: E731
+    click_every = lambda: segment(images[0], points[:1], every)  # noqa: E731
     rows = {
-        "click 1 fold, no TTA": _timed(gpu, a.repeats, lambda: segment(images[0], points[:1], one)),
-        "click 5 folds x 8 flips": _timed(gpu, max(1, a.repeats // 2), lambda: segment(images[0], points[:1], every)),
+        "click 1 fold, no TTA": _timed(gpu, a.repeats, click_one),
+        "  same, cudnn.benchmark off (ref.)": _timed(gpu, a.repeats, _cudnn_benchmark_off(torch, click_one)),
+        "click 5 folds x 8 flips": _timed(gpu, max(1, a.repeats // 2), click_every),
+        "  same, 1 flip per call (ref.)": _timed(gpu, max(1, a.repeats // 2), _one_mirroring_per_call(every,
+                                                                                                     click_every)),
         "batch of 10 lesions": _timed(gpu, a.repeats, lambda: segment(images[0], points, one)),
         "track 10 x 3 (with registration)": _timed(gpu, 1, lambda: track(images, labels, tracker,
                                                                           registration=a.registration)),
@@ -153,9 +186,10 @@ def main() -> int:
     device_name = torch.cuda.get_device_name() if gpu.cuda else platform.processor() or platform.machine()
     print(f"\n{'tiny network' if a.tiny else 'ResEnc-L (random weights)'}, {shape[2]}x{shape[1]}x{shape[0]} CT, "
           f"{a.device} ({device_name}), median of {a.repeats}")
-    print(f"{'case':34s} {'median s':>9s} {'min s':>8s} {'peak GPU MiB':>13s}")
+    print(f"{'case':36s} {'median s':>9s} {'min s':>8s} {'peak GPU MiB':>13s}  stages of the last run (s)")
     for name, r in rows.items():
-        print(f"{name:34s} {r['median_s']:9.3f} {r['min_s']:8.3f} {r['peak_gpu_mib']:13.0f}")
+        stages = ", ".join(f"{k} {v:.3f}" for k, v in r["stages_s"].items())
+        print(f"{name:36s} {r['median_s']:9.3f} {r['min_s']:8.3f} {r['peak_gpu_mib']:13.0f}  {stages}")
     print(f"fp32 logits on {a.device} vs CPU: max |diff| {accuracy['max_abs_logit_diff_fp32_vs_cpu']:.1e} "
           f"(target <= 1e-3); fp16 autocast vs fp32 mask: Dice {accuracy['dice_fp16_vs_fp32']:.4f} (target >= 0.999)")
     Path(a.o).parent.mkdir(parents=True, exist_ok=True)
