@@ -138,9 +138,10 @@ class LoadedModel:
         on CUDA, so :meth:`forward` copies it to the GPU asynchronously. Fill it through ``.numpy()``."""
         return torch.empty(shape, dtype=torch.float32, pin_memory=self.device.type == "cuda")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, C, z, y, x) float32 on CPU for an input batch (B, 2, *patch):
-        averaged over folds and, if ``use_tta``, over the allowed mirrorings."""
+    def forward(self, x: torch.Tensor, on_device: bool = False) -> torch.Tensor:
+        """Logits (B, C, z, y, x) float32 for an input batch (B, 2, *patch), averaged over folds and, if
+        ``use_tta``, over the allowed mirrorings: on the CPU, or with ``on_device`` left on the model's device
+        (so that resampling them back to the scan can run there too)."""
         x = x.to(self.device, non_blocking=x.is_pinned())
         total = None
         for i, weights in enumerate(self.fold_weights):
@@ -152,7 +153,8 @@ class LoadedModel:
                 network = self.network
             out = self._forward_one(network, x)
             total = out if total is None else total + out
-        return _to_host(total / len(self.fold_weights))
+        total = total / len(self.fold_weights)
+        return total.float() if on_device else _to_host(total)
 
     def _views_per_call(self, batch: int) -> int:
         """How many mirrorings of a batch of ``batch`` patches go through the network in one call."""

@@ -153,11 +153,12 @@ def _weights(n_in, n_out, method):
 
 
 def apply_axes(block: torch.Tensor, mats: dict) -> torch.Tensor:
-    """Apply matrices {axis: (rows_out, cols_in)} to the last three dims of ``block``, in the given order."""
+    """Apply matrices {axis: (rows_out, cols_in)} to the last three dims of ``block``, in the given order, on the
+    block's device."""
     out = block
     for axis, m in mats.items():
         dim = out.dim() - 3 + axis
-        mt = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))
+        mt = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32)).to(out.device)
         out = torch.movedim(torch.tensordot(out, mt, dims=([dim], [1])), -1, dim)
     return out
 

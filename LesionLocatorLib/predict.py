@@ -122,7 +122,8 @@ def _track_background(grid: ModelGrid, lo, block: torch.Tensor) -> tuple:
             return lo, block
         new_lo.append(min(int(cols[0]) + grid.pad_lo[a], lo[a]))
         new_hi.append(max(int(cols[-1]) + 1 + grid.pad_lo[a], lo[a] + block.shape[a + 1]))
-    out = torch.zeros((block.shape[0],) + tuple(h - l_ for l_, h in zip(new_lo, new_hi)), dtype=block.dtype)
+    out = torch.zeros((block.shape[0],) + tuple(h - l_ for l_, h in zip(new_lo, new_hi)), dtype=block.dtype,
+                      device=block.device)
     out[0] = 1.0
     out[(slice(None),) + tuple(slice(l_ - n, l_ - n + s) for l_, n, s in zip(lo, new_lo, block.shape[1:]))] = block
     return tuple(new_lo), out
@@ -207,7 +208,9 @@ def segment(image: Image, prompts, model: LoadedModel, progress=None, cancel: Ca
             # the prompt is drawn on the unpadded model grid; padding stays 0
             _zero_padding(x[b, 1], t.lo, grid)
         t1 = time.perf_counter()
-        logits = _run_with_fallback(model, x_tensor)
+        logits = _run_with_fallback(model, x_tensor)  # stays on the model's device: resampled there
+        if logits.is_cuda:
+            torch.cuda.synchronize(logits.device)  # so that "network" holds the network's time
         timings["preprocessing"] += t1 - t0
         timings["network"] += time.perf_counter() - t1
         for b, t in enumerate(batch):
@@ -226,10 +229,10 @@ def segment(image: Image, prompts, model: LoadedModel, progress=None, cancel: Ca
         prob = np.zeros(image.shape, dtype=np.float32)
         mask = np.zeros(image.shape, dtype=bool)
         if slices is not None:
-            prob[slices] = (1.0 - torch.softmax(orig, 0)[0]).numpy()
+            prob[slices] = (1.0 - torch.softmax(orig, 0)[0]).cpu().numpy()
             # argmax != 0, exactly (ties go to background, as argmax takes the first maximum), without
             # argmax's slow strided reduction over the channel axis
-            mask[slices] = (orig[1:].amax(0) > orig[0]).numpy()
+            mask[slices] = (orig[1:].amax(0) > orig[0]).cpu().numpy()
         masks[vp.id], probs[vp.id], regions[vp.id] = mask, prob, slices
     labels, overlaps = instance_labels(masks, probs, image, regions)
     empty = [pid for pid, m in masks.items() if regions[pid] is None or not m[regions[pid]].any()]
@@ -258,22 +261,25 @@ def _blend(tiles, gaussian, patch) -> tuple:
     Gaussian-weighted average over the union of several tiles."""
     if len(tiles) == 1:
         return tiles[0]
+    device = tiles[0][1].device  # the model's (a tile that fell back to the CPU is moved there)
     lo = tuple(min(t[0][a] for t in tiles) for a in range(3))
     hi = tuple(max(t[0][a] + patch[a] for t in tiles) for a in range(3))
     shape = tuple(h - l_ for l_, h in zip(lo, hi))
-    total = torch.zeros((tiles[0][1].shape[0],) + shape)
-    weight = torch.zeros(shape)
+    total = torch.zeros((tiles[0][1].shape[0],) + shape, device=device)
+    weight = torch.zeros(shape, device=device)
+    gaussian = gaussian.to(device)
     for start, logits in tiles:
         sl = tuple(slice(a - b, a - b + p) for a, b, p in zip(start, lo, patch))
-        total[(slice(None),) + sl] += logits * gaussian
+        total[(slice(None),) + sl] += logits.to(device) * gaussian
         weight[sl] += gaussian
     return lo, total / weight
 
 
 def _run_with_fallback(model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
-    """Forward pass; on CUDA out-of-memory retry with smaller batches, then on CPU."""
+    """Forward pass, logits left on the model's device; on CUDA out-of-memory retry with smaller batches, then on
+    the CPU (those logits are then on the CPU)."""
     try:
-        return model.forward(x)
+        return model.forward(x, on_device=True)
     except torch.OutOfMemoryError:
         if model.device.type != "cuda":
             raise MemoryError("out of memory running the network on the CPU; use a smaller batch_size "
@@ -282,13 +288,14 @@ def _run_with_fallback(model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > 1:
             warnings.warn("CUDA out of memory: retrying with a smaller batch", stacklevel=2)
             half = x.shape[0] // 2
-            return torch.cat([_run_with_fallback(model, x[:half]), _run_with_fallback(model, x[half:])])
+            first, second = _run_with_fallback(model, x[:half]), _run_with_fallback(model, x[half:])
+            return torch.cat([first, second.to(first.device)])
         warnings.warn("CUDA out of memory even for one patch: running this patch on the CPU", stacklevel=2)
         device = model.device
         model.network.to("cpu")
         model.device = torch.device("cpu")
         try:
-            return model.forward(x)
+            return model.forward(x, on_device=True)
         finally:
             model.network.to(device)
             model.device = device

@@ -377,9 +377,9 @@ def _run_ours_track(case: str, track_model):
                       "orig": None if out is None else out.clone()})
         return slices, out
 
-    def spy_forward(x):
+    def spy_forward(x, **kwargs):
         inputs.extend(x.clone())
-        return original_forward(x)
+        return original_forward(x, **kwargs)
 
     modelgrid.ModelGrid.logits_to_original = spy_l2o
     track_model.forward = spy_forward
