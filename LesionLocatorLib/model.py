@@ -120,6 +120,7 @@ class LoadedModel:
     cuda_fp16: bool = True  # on CUDA, run the network under fp16 autocast (logits summed in fp32); False: fp32
     # patches per network call when mirroring (TTA): None = up to 8 on CUDA, one mirroring at a time on the CPU
     mirror_batch_limit: int | None = None
+    network_fold: int = 0  # index into fold_weights of the weights ``network`` holds now (built with the first)
 
     @property
     def patch_size(self) -> tuple:
@@ -148,8 +149,9 @@ class LoadedModel:
             if self.runtime is not None:
                 network = lambda batch, i=i: self.runtime(i, batch)  # noqa: E731
             else:
-                if len(self.fold_weights) > 1 or total is None:
-                    self.network.load_state_dict(weights)  # on CUDA a copy on the GPU (weights kept there)
+                if self.network_fold != i:  # one fold: never; several: on CUDA a copy on the GPU (weights kept there)
+                    self.network.load_state_dict(weights)
+                    self.network_fold = i
                 network = self.network
             out = self._forward_one(network, x)
             total = out if total is None else total + out

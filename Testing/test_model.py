@@ -33,6 +33,25 @@ def test_fold_ensemble_is_the_mean_of_single_folds(tiny_two_fold_root):
     assert torch.allclose(both, (f0 + f1) / 2, atol=1e-5)
 
 
+def test_weights_are_copied_into_the_network_only_when_the_fold_changes(tiny_model_root, tiny_two_fold_root):
+    """One fold: the network keeps its weights (no 400 MB copy per batch, on CUDA a host-to-GPU transfer); two
+    folds: one copy per fold switch, and the ensemble still equals the mean of the single folds."""
+    x = torch.randn(1, 2, 32, 48, 48)
+    for root, expected in ((tiny_model_root, [0, 0, 0]), (tiny_two_fold_root, [1, 2, 2])):
+        m = load_model(root, "point", device="cpu")
+        loads = []
+        m.network.register_load_state_dict_post_hook(lambda module, keys: loads.append(1))
+        counts = []
+        for _ in range(3):
+            m.forward(x)
+            counts.append(len(loads))
+            loads.clear()
+        assert counts == expected, (root, counts)
+    f0 = load_model(tiny_two_fold_root, "point", folds=[0], device="cpu").forward(x)
+    f1 = load_model(tiny_two_fold_root, "point", folds=[1], device="cpu").forward(x)
+    assert torch.allclose(m.forward(x), (f0 + f1) / 2, atol=1e-5)
+
+
 def test_mirroring_tta_averages_flipped_predictions(tiny_model_root):
     m = load_model(tiny_model_root, "point", device="cpu", tta=True)
     x = torch.randn(1, 2, 32, 48, 48)
