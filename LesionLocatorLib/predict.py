@@ -312,7 +312,6 @@ def instance_labels(masks: dict, probabilities: dict, reference: Image, regions:
     """
     from scipy import ndimage
     labels = np.zeros(reference.shape, dtype=np.uint16)
-    best = np.zeros(reference.shape, dtype=np.float32)
     overlaps = {}
     for pid in sorted(masks):
         if regions is not None and pid in regions:
@@ -324,14 +323,16 @@ def instance_labels(masks: dict, probabilities: dict, reference: Image, regions:
         m = np.asarray(masks[pid])[region]
         if not m.any():
             continue
-        lab, top, prob = labels[region], best[region], np.asarray(probabilities[pid])[region]
+        lab = labels[region]
+        take = m & (lab == 0)
         clash = m & (lab > 0)
-        if clash.any():
+        if clash.any():  # a voxel goes to this lesion if it is more probable than the lesion holding it
+            prob = np.asarray(probabilities[pid])[region]
             for other in np.unique(lab[clash]):
-                overlaps[(int(other), int(pid))] = int(np.sum(clash & (lab == other)))
-        take = m & ((lab == 0) | (prob > top))
-        lab[take] = pid
-        top[take] = prob[take]
+                where = np.nonzero(clash & (lab == other))
+                overlaps[(int(other), int(pid))] = int(where[0].size)
+                take[where] = prob[where] > np.asarray(probabilities[int(other)])[region][where]
+        np.copyto(lab, pid, where=take)
     if overlaps:
         warnings.warn("overlapping lesion masks resolved by highest probability (ids: voxels) "
                       + ", ".join(f"{a}/{b}: {n}" for (a, b), n in overlaps.items())

@@ -23,6 +23,8 @@ that the script works; the test suite runs it), and the accuracy rows compare CP
 
 Usage: python Testing/benchmarks/bench_gpu.py WORKDIR [--device cuda] [--repeats 3] [--tiny]
        [-o results/bench_gpu.json]
+On a lent GPU machine without package registries: ``Testing/benchmarks/gpu_wheels.sh`` prepares the two wheels
+it lacks (SimpleITK, dynamic-network-architectures) and says how to carry them in two calls and run this script.
 """
 from __future__ import annotations
 
