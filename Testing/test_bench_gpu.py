@@ -36,3 +36,19 @@ def test_bench_gpu_says_how_to_check_it_without_a_gpu(tmp_path):
                        text=True, timeout=300)
     assert p.returncode == 2
     assert "no CUDA GPU here: run with --device cpu --tiny to check the script" in p.stderr
+
+
+def test_bench_gpu_keeps_the_other_rows_when_one_fails(tmp_path):
+    """On a lent GPU machine every minute counts: a row that fails is reported and the others still run and land in
+    the JSON (written after every row); the exit status says something failed."""
+    out = tmp_path / "bench_gpu.json"
+    p = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "work"), "--device", "cpu", "--tiny",
+                        "--repeats", "1", "--registration", "nonsense", "-o", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 1, p.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert rows["track 10 x 3 (with registration)"] == {
+        "error": "ValueError: unknown registration backend 'nonsense'; choose one of simpleitk, none, greedy, "
+                 "unigradicon"}
+    assert all(r["median_s"] > 0 for name, r in rows.items() if not name.startswith("track"))
+    assert "track 10 x 3 (with registration)     failed: ValueError" in p.stdout

@@ -135,6 +135,7 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="the tiny test network on a small volume (a quick check)")
     ap.add_argument("-o", default=str(HERE / "results" / "bench_gpu.json"))
     a = ap.parse_args()
+    started = time.perf_counter()
     import torch
 
     from build_test_models import build_resencl_checkpoint, build_tiny_checkpoint
@@ -165,41 +166,54 @@ def main() -> int:
     points = [Point(i + 1, tuple(images[0].index_to_world(c))) for i, c in enumerate(centres)]
     click_one = lambda: segment(images[0], points[:1], one)  # noqa: E731
     click_every = lambda: segment(images[0], points[:1], every)  # noqa: E731
-    rows = {
-        "click 1 fold, no TTA": _timed(gpu, a.repeats, click_one),
-        "  same, cudnn.benchmark off (ref.)": _timed(gpu, a.repeats, _cudnn_benchmark_off(torch, click_one)),
-        "click 5 folds x 8 flips": _timed(gpu, max(1, a.repeats // 2), click_every),
-        "  same, 1 flip per call (ref.)": _timed(gpu, max(1, a.repeats // 2), _one_mirroring_per_call(every,
-                                                                                                     click_every)),
-        "batch of 10 lesions": _timed(gpu, a.repeats, lambda: segment(images[0], points, one)),
-        "track 10 x 3 (with registration)": _timed(gpu, 1, lambda: track(images, labels, tracker,
-                                                                          registration=a.registration)),
+    cases = {
+        "click 1 fold, no TTA": (a.repeats, click_one),
+        "  same, cudnn.benchmark off (ref.)": (a.repeats, _cudnn_benchmark_off(torch, click_one)),
+        "click 5 folds x 8 flips": (max(1, a.repeats // 2), click_every),
+        "  same, 1 flip per call (ref.)": (max(1, a.repeats // 2), _one_mirroring_per_call(every, click_every)),
+        "batch of 10 lesions": (a.repeats, lambda: segment(images[0], points, one)),
+        "track 10 x 3 (with registration)": (1, lambda: track(images, labels, tracker, registration=a.registration)),
     }
-    # accuracy: one patch in fp32 on this device vs the CPU, and fp16 autocast vs fp32 masks
-    x = torch.randn((1, 2) + one.patch_size, generator=torch.Generator().manual_seed(0))
-    cpu = load_model(root, "point", folds=[0], device="cpu", tta=False)
-    reference = cpu.forward(x)
-    fp16_mask = segment(images[0], points[:1], one).masks[1]
-    one.cuda_fp16 = False  # fp32 on the GPU
-    one_fp32 = one.forward(x)
-    fp32_mask = segment(images[0], points[:1], one).masks[1]
-    accuracy = {"max_abs_logit_diff_fp32_vs_cpu": float((one_fp32 - reference).abs().max()),
-                "dice_fp16_vs_fp32": float(dice(fp16_mask, fp32_mask))}
     device_name = torch.cuda.get_device_name() if gpu.cuda else platform.processor() or platform.machine()
+    result = {"device": a.device, "device_name": device_name, "tiny": a.tiny, "shape": shape, "rows": {},
+              "accuracy": None, "setup_s": round(time.perf_counter() - started, 1), "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d %H:%M")}
     print(f"\n{'tiny network' if a.tiny else 'ResEnc-L (random weights)'}, {shape[2]}x{shape[1]}x{shape[0]} CT, "
-          f"{a.device} ({device_name}), median of {a.repeats}")
-    print(f"{'case':36s} {'median s':>9s} {'min s':>8s} {'peak GPU MiB':>13s}  stages of the last run (s)")
-    for name, r in rows.items():
-        stages = ", ".join(f"{k} {v:.3f}" for k, v in r["stages_s"].items())
-        print(f"{name:36s} {r['median_s']:9.3f} {r['min_s']:8.3f} {r['peak_gpu_mib']:13.0f}  {stages}")
-    print(f"fp32 logits on {a.device} vs CPU: max |diff| {accuracy['max_abs_logit_diff_fp32_vs_cpu']:.1e} "
-          f"(target <= 1e-3); fp16 autocast vs fp32 mask: Dice {accuracy['dice_fp16_vs_fp32']:.4f} (target >= 0.999)")
-    Path(a.o).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.o).write_text(json.dumps({"device": a.device, "device_name": device_name, "tiny": a.tiny, "shape": shape,
-                                     "rows": rows, "accuracy": accuracy, "torch": torch.__version__,
-                                     "date": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
+          f"{a.device} ({device_name}), median of {a.repeats}; set-up {result['setup_s']} s")
+    print(f"{'case':36s} {'median s':>9s} {'min s':>8s} {'peak GPU MiB':>13s}  stages of the last run (s)", flush=True)
+    for name, (repeats, run) in cases.items():  # one failing row (out of memory, ...) does not cost the others
+        try:
+            r = _timed(gpu, repeats, run)
+            stages = ", ".join(f"{k} {v:.3f}" for k, v in r["stages_s"].items())
+            print(f"{name:36s} {r['median_s']:9.3f} {r['min_s']:8.3f} {r['peak_gpu_mib']:13.0f}  {stages}", flush=True)
+        except Exception as e:  # noqa: BLE001 - reported in the table and the JSON
+            r = {"error": f"{type(e).__name__}: {e}"[:500]}
+            print(f"{name:36s} failed: {r['error']}", flush=True)
+        result["rows"][name] = r
+        _write(a.o, result)  # after every row: a run cut short still leaves its rows
+    try:  # accuracy: one patch in fp32 on this device vs the CPU, and fp16 autocast vs fp32 masks
+        x = torch.randn((1, 2) + one.patch_size, generator=torch.Generator().manual_seed(0))
+        reference = load_model(root, "point", folds=[0], device="cpu", tta=False).forward(x)
+        fp16_mask = segment(images[0], points[:1], one).masks[1]
+        one.cuda_fp16 = False  # fp32 on the GPU
+        one_fp32 = one.forward(x)
+        fp32_mask = segment(images[0], points[:1], one).masks[1]
+        result["accuracy"] = {"max_abs_logit_diff_fp32_vs_cpu": float((one_fp32 - reference).abs().max()),
+                              "dice_fp16_vs_fp32": float(dice(fp16_mask, fp32_mask))}
+        print(f"fp32 logits on {a.device} vs CPU: max |diff| "
+              f"{result['accuracy']['max_abs_logit_diff_fp32_vs_cpu']:.1e} (target <= 1e-3); fp16 autocast vs fp32 "
+              f"mask: Dice {result['accuracy']['dice_fp16_vs_fp32']:.4f} (target >= 0.999)")
+    except Exception as e:  # noqa: BLE001
+        result["accuracy"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        print(f"accuracy rows failed: {result['accuracy']['error']}")
+    _write(a.o, result)
     print(f"wrote {a.o}")
-    return 0
+    return 0 if all("error" not in r for r in result["rows"].values()) and "error" not in result["accuracy"] else 1
+
+
+def _write(path: str, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
