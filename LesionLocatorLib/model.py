@@ -155,8 +155,8 @@ class LoadedModel:
                 network = self.network
             out = self._forward_one(network, x)
             total = out if total is None else total + out
-        total = total / len(self.fold_weights)
-        return total.float() if on_device else _to_host(total)
+        total = total / len(self.fold_weights)  # float32: _forward_one sums in fp32
+        return total if on_device else _to_host(total)
 
     def _views_per_call(self, batch: int) -> int:
         """How many mirrorings of a batch of ``batch`` patches go through the network in one call."""
@@ -207,8 +207,7 @@ def _flip(x: torch.Tensor, dims: tuple) -> torch.Tensor:
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """float32 on the CPU; from CUDA through page-locked memory (one asynchronous copy, then a wait)."""
-    t = t.float()
+    """A float32 tensor on the CPU; from CUDA through page-locked memory (one asynchronous copy, then a wait)."""
     if t.device.type != "cuda":
         return t.cpu()
     host = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)

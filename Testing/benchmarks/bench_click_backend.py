@@ -56,13 +56,18 @@ def _peak_mb() -> float:
     return float("nan")
 
 
+def _click(image):
+    """The benchmark's click: one point prompt at the CT's centre (voxel z, y, x)."""
+    from LesionLocatorLib.prompts import VoxelPrompt
+    return VoxelPrompt(1, "point", [image.shape[0] // 2, image.shape[1] // 2, image.shape[2] // 2])
+
+
 def child(work: str, variant: str) -> None:
     """One click in this process; prints a JSON line and saves the mask and probabilities."""
     t0 = time.perf_counter()
     from LesionLocatorLib.image import read_image
     from LesionLocatorLib.model import load_model
     from LesionLocatorLib.predict import segment
-    from LesionLocatorLib.prompts import VoxelPrompt
 
     work = Path(work)
     backend = "torch" if variant == "torch" else variant.replace("-cold", "")
@@ -74,7 +79,7 @@ def child(work: str, variant: str) -> None:
     t_load = time.perf_counter() - t0
     image = read_image(work / "ct.nrrd")
     t_read = time.perf_counter() - t0 - t_load
-    prompt = VoxelPrompt(1, "point", [image.shape[0] // 2, 256, 256])
+    prompt = _click(image)
     t1 = time.perf_counter()
     result = segment(image, [prompt], model, check_intensities=False)
     t_segment = time.perf_counter() - t1
@@ -89,32 +94,28 @@ def child(work: str, variant: str) -> None:
 
 
 def _compare(work: Path, variant: str) -> dict:
+    """Dice of the variant's mask against the torch run's, and (ours only) the max probability difference."""
+    from LesionLocatorLib.evaluate import dice
     ref = np.load(work / "out_torch.npz")
     if variant == "upstream":
         from LesionLocatorLib.image import read_image
-        b = read_image(work / "upstream_out" / "ct_lesion_1.nii.gz").array > 0
-    else:
-        got = np.load(work / f"out_{variant}.npz")
-        b = got["mask"]
-    a = ref["mask"]
-    dice = 2 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1)
-    out = {"dice_vs_torch": float(dice)}
-    if variant != "upstream":
-        out["max_prob_diff"] = float(np.abs(ref["probabilities"] - got["probabilities"]).max())
-    return out
+        return {"dice_vs_torch": dice(read_image(work / "upstream_out" / "ct_lesion_1.nii.gz").array, ref["mask"])}
+    got = np.load(work / f"out_{variant}.npz")
+    return {"dice_vs_torch": dice(got["mask"], ref["mask"]),
+            "max_prob_diff": float(np.abs(ref["probabilities"] - got["probabilities"]).max())}
 
 
 def _prepare_upstream(work: Path) -> None:
     """The CT as .nii.gz and the click as upstream prompt JSON (voxel z, y, x), named alike, once."""
     from LesionLocatorLib.image import read_image, write_image
-    from LesionLocatorLib.prompts import VoxelPrompt, write_upstream_json
+    from LesionLocatorLib.prompts import write_upstream_json
     image_dir, prompt_dir = work / "upstream_in", work / "upstream_prompts"
     if not (image_dir / "ct.nii.gz").is_file():
         image_dir.mkdir(exist_ok=True)
         prompt_dir.mkdir(exist_ok=True)
         image = read_image(work / "ct.nrrd")
         write_image(image, image_dir / "ct.nii.gz")
-        write_upstream_json([VoxelPrompt(1, "point", [image.shape[0] // 2, 256, 256])], prompt_dir / "ct.json")
+        write_upstream_json([_click(image)], prompt_dir / "ct.json")
 
 
 def _run_process(argv: list) -> tuple:
@@ -123,13 +124,13 @@ def _run_process(argv: list) -> tuple:
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status, usage = os.wait4(proc.pid, 0)  # reaped here for its rusage: tell Popen so
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        return proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"), wall, \
-            usage.ru_maxrss / 1024
+        return proc.returncode, out.read().decode(errors="replace"), \
+            err.read().decode(errors="replace"), wall, usage.ru_maxrss / 1024
 
 
 def _run_variant(work: Path, variant: str, upstream_python: str | None) -> dict:

@@ -103,26 +103,16 @@ def _timed(gpu, repeats: int, run) -> dict:
             "stages_s": stages}
 
 
-def _one_mirroring_per_call(model, run):
-    """``run`` with the model's mirrorings sent through the network one at a time (the reference for the
-    library's grouped mirrorings on CUDA)."""
+def _with_attribute(owner, name: str, value, run):
+    """``run`` with ``owner.name`` set to ``value`` for its duration (the previous value restored after): the
+    reference rows, e.g. ``torch.backends.cudnn.benchmark`` off or ``LoadedModel.mirror_batch_limit`` 1."""
     def reference():
-        model.mirror_batch_limit = 1
+        before = getattr(owner, name)
+        setattr(owner, name, value)
         try:
             return run()
         finally:
-            model.mirror_batch_limit = None
-    return reference
-
-
-def _cudnn_benchmark_off(torch, run):
-    """``run`` with ``torch.backends.cudnn.benchmark`` off (the reference for the library's setting on CUDA)."""
-    def reference():
-        torch.backends.cudnn.benchmark = False
-        try:
-            return run()
-        finally:
-            torch.backends.cudnn.benchmark = True
+            setattr(owner, name, before)
     return reference
 
 
@@ -168,9 +158,11 @@ def main() -> int:
     click_every = lambda: segment(images[0], points[:1], every)  # noqa: E731
     cases = {
         "click 1 fold, no TTA": (a.repeats, click_one),
-        "  same, cudnn.benchmark off (ref.)": (a.repeats, _cudnn_benchmark_off(torch, click_one)),
+        "  same, cudnn.benchmark off (ref.)": (a.repeats, _with_attribute(torch.backends.cudnn, "benchmark", False,
+                                                                           click_one)),
         "click 5 folds x 8 flips": (max(1, a.repeats // 2), click_every),
-        "  same, 1 flip per call (ref.)": (max(1, a.repeats // 2), _one_mirroring_per_call(every, click_every)),
+        "  same, 1 flip per call (ref.)": (max(1, a.repeats // 2), _with_attribute(every, "mirror_batch_limit", 1,
+                                                                                     click_every)),
         "batch of 10 lesions": (a.repeats, lambda: segment(images[0], points, one)),
         "track 10 x 3 (with registration)": (1, lambda: track(images, labels, tracker, registration=a.registration)),
     }
